@@ -1,0 +1,386 @@
+"""Crystals <-> point clouds: the PCCD representation (paper Fig. 7, Supplemental Fig. S1).
+
+A crystal of at most 3 elements and 16 sites becomes a float32 array of shape (3, 128, 3),
+an "image" with three channels of 128 points x 3 values, every value in [0, 1]:
+
+    channel 0  fractional coordinates (x, y, z) of the atoms; atom i fills 128 // n
+               consecutive points (the 128 % n spare points go one each to the first atoms)
+    channel 1  the one-hot slot of each point's element among `elements` (1-3 symbols)
+    channel 2  lattice: rows 0-63 hold the angles (alpha, beta, gamma), rows 64-127 the
+               lengths (a, b, c), normalised as below
+
+`decode` goes back: per element, a periodic DBSCAN groups the points into atoms, and the
+lattice rows are averaged into a, b, c, alpha, beta, gamma and turned into vectors with
+Eqs. S1-S3 (`lattice_from_parameters`).
+
+Where this differs from the paper, and why
+- Lengths. The paper divides lengths by a fixed 15 A, so 3.5% of the MP-20 sample (cells up to
+  40.9 A) are clipped, and the common 3-10 A cells use only a sliver of the range. Here a length
+  L is stored as (log L - log lo) / (log hi - log lo), where (lo, hi) is `length_range`, fitted
+  to the training data (`fit_length_range`) and saved in the checkpoint. Nothing in the training
+  data is clipped, and relative precision is the same for every length.
+- Angles are stored as degrees / 180 (the paper: radians / 2 pi), which spreads the real range
+  (11-167 degrees in MP-20) over [0, 1] instead of [0, 0.5].
+- Clustering. The paper's DBSCAN works in plain fractional coordinates, so points at 0.01 and
+  0.99 (one atom on the cell face) become two atoms. Our DBSCAN measures minimum-image distances,
+  averages a cluster with the circular mean, and splits a cluster that holds several atoms'
+  worth of points (every atom owns about 128 / n of them).
+
+numpy and pymatgen only: porting PCCD to another framework never touches this file.
+"""
+import csv
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from pymatgen.core import Composition, Element, Lattice, Structure
+
+N_POINTS = 128       # points per channel (the paper's W)
+MAX_ELEMENTS = 3     # slots in channel 1
+MAX_SITES = 16       # the paper's filter: at most 16 atoms in the cell
+# Lengths (A) spanned by channel 2 when no model says otherwise. It is what `fit_length_range`
+# gives for the bundled MP-20 training sample (2.47-40.9 A) with room to spare, and it also
+# covers the Perov-5 and Carbon-24 samples (2.41-12.0 A). A trained model carries its own.
+DEFAULT_LENGTH_RANGE = (2.0, 50.0)
+
+# Conditions of the model (paper: "band gap and magnetic ordering as the primary control
+# variables"). 'unknown' is a real value: the MP-20 rows carry no magnetic ordering.
+BAND_GAP_CLASSES = ("metal", "small", "large", "unknown")  # 0 eV, < 1.5 eV, >= 1.5 eV
+MAGNETIC_ORDERINGS = ("NM", "FM", "FiM", "AFM", "unknown")
+
+
+@dataclass
+class Crystal:
+    """One usable structure with what PCCD conditions on."""
+    structure: Structure
+    material_id: str = ""
+    band_gap: float = float("nan")      # eV; NaN when the source has none
+    ordering: str = "unknown"           # magnetic ordering, one of MAGNETIC_ORDERINGS
+
+    @property
+    def band_gap_class(self):
+        return band_gap_class(self.band_gap)
+
+
+def band_gap_class(band_gap):
+    """The original code's three band-gap bins, plus 'unknown' for a missing value."""
+    if band_gap is None or not np.isfinite(band_gap):
+        return "unknown"
+    if band_gap <= 1e-6:
+        return "metal"
+    return "small" if band_gap < 1.5 else "large"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
+
+
+def _is_structure_file(name):
+    base = os.path.basename(name)
+    return base.lower().endswith(STRUCTURE_SUFFIXES) or base.startswith(("POSCAR", "CONTCAR"))
+
+
+def _parse_structure(text, fmt):
+    with warnings.catch_warnings():      # pymatgen warns about rounding in most CIFs
+        warnings.simplefilter("ignore")
+        return Structure.from_str(text, fmt=fmt)
+
+
+def _read_rows(path):
+    """Yield (name, fmt, text, properties) for each structure in a CSV, a folder or a file."""
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if _is_structure_file(name):
+                yield from _read_rows(os.path.join(path, name))
+    elif path.lower().endswith(".csv"):
+        csv.field_size_limit(2**31 - 1)
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if "cif" not in (reader.fieldnames or []):
+                raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
+            for i, row in enumerate(reader):
+                yield row.get("material_id") or f"row {i}", "cif", row["cif"], row
+    else:
+        fmt = "cif" if path.lower().endswith(".cif") else "poscar"
+        with open(path) as f:
+            yield os.path.basename(path), fmt, f.read(), {}
+
+
+def load_structures(path, verbose=True):
+    """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
+    `material_id`, `band_gap`, `ordering`), a folder of CIF/POSCAR files, or one such file.
+
+    Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter); a bad row is counted
+    and skipped, never fatal. Prints one line saying what was kept and skipped.
+    Returns a list of `Crystal`.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    kept, skipped = [], {}
+    for name, fmt, text, props in _read_rows(path):
+        try:
+            structure = _parse_structure(text, fmt)
+        except Exception:
+            skipped["unreadable"] = skipped.get("unreadable", 0) + 1
+            continue
+        reason = unencodable_reason(structure)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        ordering = (props.get("ordering") or "unknown").strip()
+        kept.append(Crystal(
+            structure=structure,
+            material_id=props.get("material_id") or name,
+            band_gap=_to_float(props.get("band_gap")),
+            ordering=ordering if ordering in MAGNETIC_ORDERINGS else "unknown",
+        ))
+    if verbose:
+        total = len(kept) + sum(skipped.values())
+        why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
+        print(f"{path}: kept {len(kept)} of {total} structures (skipped: {why})", file=sys.stderr)
+    return kept
+
+
+def _to_float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def unencodable_reason(structure):
+    """Why PCCD cannot encode this structure, in a few words, or '' when it can."""
+    if not structure.is_ordered:
+        return "disordered (partial occupancies)"
+    if len(structure.composition.elements) > MAX_ELEMENTS:
+        return f"with > {MAX_ELEMENTS} elements"
+    if len(structure) > MAX_SITES:
+        return f"with > {MAX_SITES} sites"
+    return ""
+
+
+def fit_length_range(structures, margin=1.25):
+    """(lo, hi) in A covering every lattice length of `structures`, widened by `margin` on a log
+    scale, so nothing in the training data is clipped and generation has some room."""
+    lengths = np.array([s.lattice.abc for s in structures], dtype=float)
+    return float(lengths.min() / margin), float(lengths.max() * margin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding: crystal -> (3, 128, 3) cloud
+# ----------------------------------------------------------------------------------------------
+
+def default_elements(structure):
+    """The slot order of channel 1 when none is given: by electronegativity, as in a formula
+    (Mg, Mn, O)."""
+    return [el.symbol for el in sorted(structure.composition.elements, key=lambda e: e.X)]
+
+
+def check_elements(elements):
+    """Validate a list of element symbols; returns it as a list of str."""
+    elements = [str(e) for e in elements]
+    if not 1 <= len(elements) <= MAX_ELEMENTS:
+        raise ValueError(f"{len(elements)} elements ({' '.join(elements) or 'none'}); "
+                         f"PCCD encodes 1 to {MAX_ELEMENTS}")
+    for symbol in elements:
+        if not Element.is_valid_symbol(symbol):
+            raise ValueError(f"'{symbol}' is not a chemical element symbol")
+    if len(set(elements)) != len(elements):
+        raise ValueError(f"repeated element in {' '.join(elements)}")
+    return elements
+
+
+def _normalise_lengths(abc, length_range):
+    lo, hi = np.log(length_range[0]), np.log(length_range[1])
+    return (np.log(abc) - lo) / (hi - lo)
+
+
+def _denormalise_lengths(u, length_range):
+    lo, hi = np.log(length_range[0]), np.log(length_range[1])
+    return np.exp(lo + np.asarray(u, dtype=float) * (hi - lo))
+
+
+def point_owner(n_atoms):
+    """Which atom each of the 128 points belongs to: atom i owns 128 // n consecutive points,
+    and the first 128 % n atoms one spare point each. Shape (128,)."""
+    counts = np.full(n_atoms, N_POINTS // n_atoms)
+    counts[: N_POINTS % n_atoms] += 1
+    return np.repeat(np.arange(n_atoms), counts)
+
+
+def encode(structure, elements=None, length_range=DEFAULT_LENGTH_RANGE):
+    """Crystal -> (cloud, elements): `cloud` float32 (3, 128, 3) in [0, 1] (Fig. 7).
+
+    `elements` fixes the slot order of channel 1 (default: by electronegativity). Raises
+    ValueError for a structure PCCD cannot encode.
+    """
+    reason = unencodable_reason(structure)
+    if reason:
+        raise ValueError(f"{structure.composition.reduced_formula} ({len(structure)} sites) "
+                         f"cannot be encoded: {reason.replace('with ', 'it has ')}")
+    elements = check_elements(elements or default_elements(structure))
+    species = [site.specie.symbol for site in structure]
+    missing = sorted(set(species) - set(elements))
+    if missing:
+        raise ValueError(f"{structure.composition.reduced_formula} contains {' '.join(missing)}, "
+                         f"not in the given elements {' '.join(elements)}")
+    abc = np.array(structure.lattice.abc)
+    lo, hi = length_range
+    if abc.min() < lo or abc.max() > hi:
+        raise ValueError(f"lattice lengths {abc.round(2).tolist()} A fall outside the model's "
+                         f"range {lo:g}-{hi:g} A")
+
+    # Atoms grouped by element slot, so each element's points are contiguous (easier to read).
+    order = sorted(range(len(structure)), key=lambda i: elements.index(species[i]))
+    owner = np.array(order)[point_owner(len(structure))]              # (128,) site index
+    cloud = np.zeros((3, N_POINTS, 3), dtype=np.float32)
+    cloud[0] = np.mod(structure.frac_coords[owner], 1.0)              # positions
+    slot = np.array([elements.index(species[i]) for i in owner])
+    cloud[1, np.arange(N_POINTS), slot] = 1.0                         # element one-hot
+    cloud[2, : N_POINTS // 2] = np.array(structure.lattice.angles) / 180.0
+    cloud[2, N_POINTS // 2:] = _normalise_lengths(abc, length_range)
+    return cloud, elements
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding: cloud -> crystal
+# ----------------------------------------------------------------------------------------------
+
+def periodic_difference(a, b):
+    """Minimum-image difference a - b of fractional coordinates, each component in [-0.5, 0.5)."""
+    d = np.asarray(a) - np.asarray(b)
+    return d - np.round(d)
+
+
+def dbscan(points, eps, min_samples, periodic=True):
+    """DBSCAN (Ester et al., 1996) on (N, D) points; returns labels (N,), -1 for noise.
+
+    A point with at least `min_samples` points (itself included) within `eps` is a core point;
+    clusters are the core points linked through such neighbourhoods, plus the border points
+    they reach. With periodic=True, distances are minimum-image distances in the unit cell,
+    so 0.01 and 0.99 are 0.02 apart.
+    """
+    points = np.asarray(points, dtype=float)
+    diff = points[:, None, :] - points[None, :, :]                    # (N, N, D)
+    if periodic:
+        diff -= np.round(diff)
+    neighbours = np.sqrt((diff ** 2).sum(-1)) <= eps                  # (N, N) bool
+    is_core = neighbours.sum(1) >= min_samples
+    labels = np.full(len(points), -1)
+    cluster = 0
+    for seed in np.flatnonzero(is_core):
+        if labels[seed] != -1:
+            continue
+        labels[seed] = cluster
+        frontier = [seed]
+        while frontier:                                               # breadth-first growth
+            p = frontier.pop()
+            if not is_core[p]:
+                continue                                              # border points stop here
+            for q in np.flatnonzero(neighbours[p] & (labels == -1)):
+                labels[q] = cluster
+                frontier.append(q)
+        cluster += 1
+    return labels
+
+
+def circular_mean(points):
+    """Mean of fractional coordinates on the circle, so 0.01 and 0.99 average to 0.0."""
+    angle = 2 * np.pi * np.asarray(points)
+    mean = np.arctan2(np.sin(angle).mean(0), np.cos(angle).mean(0))
+    return np.mod(mean / (2 * np.pi), 1.0)
+
+
+def _periodic_kmeans(points, k, iterations=20):
+    """Split one cluster's points into k atoms (k-means with minimum-image distances),
+    started from mutually farthest points. Returns k centres."""
+    middle = circular_mean(points)
+    centres = [points[np.argmax(np.linalg.norm(periodic_difference(points, middle), axis=1))]]
+    for _ in range(k - 1):
+        dist = np.min([np.linalg.norm(periodic_difference(points, c), axis=1) for c in centres], 0)
+        centres.append(points[np.argmax(dist)])
+    centres = np.array(centres)
+    for _ in range(iterations):
+        dist = np.linalg.norm(periodic_difference(points[:, None], centres[None]), axis=2)
+        nearest = dist.argmin(1)
+        centres = np.array([circular_mean(points[nearest == j]) if np.any(nearest == j)
+                            else centres[j] for j in range(k)])
+    return centres
+
+
+def lattice_from_parameters(a, b, c, alpha, beta, gamma):
+    """Lattice vectors (rows of a 3x3 matrix) from lengths and angles in degrees, Eqs. S1-S3:
+        a_vec = a (1, 0, 0)                                                      (S1)
+        b_vec = b (cos g, sin g, 0)                                              (S2)
+        c_vec = c (cos b, (cos a - cos b cos g) / sin g,
+                   sqrt(1 + 2 cos a cos b cos g - cos^2 a - cos^2 b - cos^2 g) / sin g)   (S3)
+    Raises ValueError when the six numbers describe no cell (the square root's argument <= 0).
+    """
+    al, be, ga = np.radians([alpha, beta, gamma])
+    volume_term = 1 + 2 * np.cos(al) * np.cos(be) * np.cos(ga) \
+        - np.cos(al) ** 2 - np.cos(be) ** 2 - np.cos(ga) ** 2
+    if not np.all(np.isfinite([a, b, c, alpha, beta, gamma])):
+        raise ValueError("lattice parameters are not finite numbers")
+    if min(a, b, c) <= 0 or volume_term <= 1e-8 or np.sin(ga) == 0:
+        raise ValueError(f"no cell has lengths {a:.2f} {b:.2f} {c:.2f} A and angles "
+                         f"{alpha:.1f} {beta:.1f} {gamma:.1f} degrees (degenerate lattice)")
+    return np.array([
+        [a, 0.0, 0.0],                                                               # (S1)
+        [b * np.cos(ga), b * np.sin(ga), 0.0],                                       # (S2)
+        [c * np.cos(be), c * (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga),    # (S3)
+         c * np.sqrt(volume_term) / np.sin(ga)],
+    ])
+
+
+def decode_lattice(cloud, length_range=DEFAULT_LENGTH_RANGE):
+    """(a, b, c, alpha, beta, gamma) from channel 2: the mean of the angle rows and of the
+    length rows (the paper's "calculations average for every column")."""
+    angles = np.asarray(cloud[2, : N_POINTS // 2], dtype=float).mean(0) * 180.0
+    lengths = _denormalise_lengths(np.asarray(cloud[2, N_POINTS // 2:]).mean(0), length_range)
+    return (*lengths, *angles)
+
+
+def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.06, min_samples=3):
+    """(3, 128, 3) cloud -> pymatgen Structure; the inverse of `encode`.
+
+    Each point takes the element of its largest channel-1 value (among the given elements); the
+    points of each element are clustered by a periodic DBSCAN, and a cluster becomes one atom at
+    the circular mean of its points -- or m atoms when it holds m atoms' worth of points (an
+    atom owns about 128 / n points; m is judged against the median cluster size). Raises
+    ValueError with a reason when no structure can be made.
+    """
+    elements = check_elements(elements)
+    cloud = np.asarray(cloud, dtype=float)
+    if cloud.shape != (3, N_POINTS, 3):
+        raise ValueError(f"a PCCD cloud has shape (3, {N_POINTS}, 3), not {cloud.shape}")
+    if not np.all(np.isfinite(cloud)):
+        raise ValueError("the cloud contains NaN or infinite values")
+    lattice = lattice_from_parameters(*decode_lattice(cloud, length_range))
+
+    positions = np.mod(cloud[0], 1.0)
+    slots = cloud[1, :, : len(elements)].argmax(1)
+    clusters = []                                       # (element, points of one cluster)
+    for slot, symbol in enumerate(elements):
+        pts = positions[slots == slot]
+        if len(pts) == 0:
+            continue
+        labels = dbscan(pts, eps, min_samples)
+        clusters += [(symbol, pts[labels == k]) for k in range(labels.max() + 1)]
+    if not clusters:
+        raise ValueError("no atoms found: the points form no cluster (too noisy?)")
+
+    unit = np.median([len(pts) for _, pts in clusters])  # points per atom
+    species, coords = [], []
+    for symbol, pts in clusters:
+        m = max(1, int(round(len(pts) / unit)))
+        centres = _periodic_kmeans(pts, m) if m > 1 else [circular_mean(pts)]
+        species += [symbol] * len(centres)
+        coords += list(centres)
+    if len(species) > MAX_SITES:
+        raise ValueError(f"{len(species)} atoms found; PCCD makes at most {MAX_SITES}")
+    return Structure(Lattice(lattice), species, coords)
