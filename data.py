@@ -73,6 +73,18 @@ def band_gap_class(band_gap):
     return "small" if band_gap < 1.5 else "large"
 
 
+def encode_condition(elements, band_gap="unknown", ordering="unknown"):
+    """The model's condition as integers: atomic numbers of the element slots (0 = empty slot,
+    taken from pymatgen, never a hand-typed table), the band-gap class index and the magnetic
+    ordering index. Returns ([Z1, Z2, Z3], band_gap_index, ordering_index)."""
+    if band_gap not in BAND_GAP_CLASSES:
+        raise ValueError(f"band gap class {band_gap!r} is not one of {', '.join(BAND_GAP_CLASSES)}")
+    if ordering not in MAGNETIC_ORDERINGS:
+        raise ValueError(f"magnetic ordering {ordering!r} is not one of {', '.join(MAGNETIC_ORDERINGS)}")
+    z = [Element(e).Z for e in check_elements(elements)]
+    return z + [0] * (MAX_ELEMENTS - len(z)), BAND_GAP_CLASSES.index(band_gap), MAGNETIC_ORDERINGS.index(ordering)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
@@ -111,12 +123,12 @@ def _read_rows(path):
             yield os.path.basename(path), fmt, f.read(), {}
 
 
-def load_structures(path, verbose=True):
+def load_structures(path, verbose=True, only_encodable=True):
     """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
     `material_id`, `band_gap`, `ordering`), a folder of CIF/POSCAR files, or one such file.
 
-    Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter); a bad row is counted
-    and skipped, never fatal. Prints one line saying what was kept and skipped.
+    Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter; only_encodable=False
+    keeps every readable one); a bad row is counted and skipped, never fatal. Prints one line saying what was kept and skipped.
     Returns a list of `Crystal`.
     """
     if not os.path.exists(path):
@@ -128,7 +140,7 @@ def load_structures(path, verbose=True):
         except Exception:
             skipped["unreadable"] = skipped.get("unreadable", 0) + 1
             continue
-        reason = unencodable_reason(structure)
+        reason = unencodable_reason(structure) if only_encodable else ""
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue

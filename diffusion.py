@@ -1,1 +1,149 @@
-"""The DDPM: cosine schedule, q_sample, training loss, sampling (paper Eqs. 1-6, S4). Filled by the model issue."""
+"""The denoising diffusion probabilistic model (DDPM) of PCCD: paper Eqs. (1)-(6) and (S4),
+following Ho et al. (2020) and their notation, with a cosine schedule (Nichol & Dhariwal, 2021),
+classifier-free guidance (Ho & Salimans, 2022) and DDIM sampling (Song et al., 2021).
+
+The network is whatever it is handed: any `model(x, t, elements, band_gap, magnetic, drop)`
+that returns a tensor shaped like x. Clouds live in [0, 1] (data.py); the model sees them in
+[-1, 1]. `to_model` and `from_model` are the one place where that mapping happens.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def to_model(cloud):
+    """[0, 1] cloud -> [-1, 1], the range the Gaussian noise is scaled for."""
+    return cloud * 2.0 - 1.0
+
+
+def from_model(x):
+    """[-1, 1] -> [0, 1] cloud."""
+    return (x + 1.0) / 2.0
+
+
+def cosine_beta_schedule(T, s=0.008):
+    """betas_1..T such that alphas_cumprod follows cos^2 (Nichol & Dhariwal, Eq. 17)."""
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=0.999)
+
+
+class Diffusion:
+    """The forward process q and the reverse process p_theta over T steps. Index t = 0 .. T-1
+    here stands for the paper's t = 1 .. T."""
+
+    def __init__(self, T=1000):
+        self.T = T
+        self.betas = cosine_beta_schedule(T)                               # beta_t
+        self.alphas = 1.0 - self.betas                                     # alpha_t = 1 - beta_t
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)                # abar_t = prod alpha_s
+        self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)
+        # variance of q(x_{t-1} | x_t, x_0), Ho et al. Eq. (7): the sigma_t^2 of Eq. (6)
+        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+
+    def _at(self, values, t, x):
+        """values[t] shaped to broadcast against x: (B,) -> (B, 1, 1, 1)."""
+        return values.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+
+    # ---- forward process and training -----------------------------------------------------
+
+    def q_sample(self, x0, t, noise):
+        """Eq. (3): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        abar = self._at(self.alphas_cumprod, t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=0.2):
+        """Eq. (S4): E_{t, x0, eps} | eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) |,
+        the mean absolute error. The condition is dropped (replaced by the null embedding) for a
+        fraction `cond_drop` of the batch, so the same network also learns eps_theta(x_t, t)."""
+        B = x0.shape[0]
+        t = torch.randint(0, self.T, (B,), device=x0.device)
+        noise = torch.randn_like(x0)
+        drop = torch.rand(B, device=x0.device) < cond_drop
+        eps = model(self.q_sample(x0, t, noise), t, elements, band_gap, magnetic, drop)
+        return (noise - eps).abs().mean()
+
+    # ---- reverse process ---------------------------------------------------------------------
+
+    def predict_noise(self, model, x, t, condition, guidance):
+        """eps = eps_uncond + w (eps_cond - eps_uncond). Both passes run as one batch; w = 1 is
+        the plain conditional model and needs only one pass."""
+        elements, band_gap, magnetic = condition
+        B = x.shape[0]
+        tt = torch.full((B,), t, device=x.device, dtype=torch.long)
+        if guidance == 1.0:
+            return model(x, tt, elements, band_gap, magnetic, None)
+        drop = torch.arange(2 * B, device=x.device) >= B                  # second half: unconditional
+        eps = model(torch.cat([x, x]), torch.cat([tt, tt]), elements.repeat(2, 1),
+                    band_gap.repeat(2), magnetic.repeat(2), drop)
+        eps_cond, eps_uncond = eps.chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    def predict_x0(self, x, t, eps):
+        """Invert Eq. (3) for x_0, clipped to the data range [-1, 1]."""
+        abar = self.alphas_cumprod[t].item()
+        return ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def p_sample(self, model, x, t, condition, guidance=1.0, generator=None):
+        """One ancestral step x_t -> x_{t-1}, Eq. (6):
+            x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta) + sigma_t z.
+        Written through the predicted x_0 (Ho et al. Eqs. 7 and 15) so that x_0 can be clipped
+        to the data range; without clipping the two forms are identical."""
+        eps = self.predict_noise(model, x, t, condition, guidance)
+        x0 = self.predict_x0(x, t, eps)
+        abar, abar_prev = self.alphas_cumprod[t].item(), self.alphas_cumprod_prev[t].item()
+        beta, alpha = self.betas[t].item(), self.alphas[t].item()
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 \
+            + (math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)) * x
+        if t == 0:
+            return mean
+        z = torch.randn(x.shape, generator=generator, device=x.device)
+        return mean + math.sqrt(self.posterior_variance[t].item()) * z
+
+    @torch.no_grad()
+    def ddim_step(self, model, x, t, t_prev, condition, guidance=1.0):
+        """Deterministic DDIM step x_t -> x_{t_prev} (Song et al. Eq. 12 with sigma = 0)."""
+        eps = self.predict_noise(model, x, t, condition, guidance)
+        x0 = self.predict_x0(x, t, eps)
+        abar = self.alphas_cumprod[t].item()
+        eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)        # consistent with clipped x0
+        abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+        return math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
+
+    @torch.no_grad()
+    def sample(self, model, condition, x_T=None, t_start=None, sampler="ddpm", steps=None,
+               guidance=1.0, generator=None, progress=None, trajectory=None):
+        """Denoise from step t_start (default T-1: pure noise) to a [0, 1] cloud (B, 3, 128, 3).
+
+        condition: (elements (B, 3), band_gap (B,), magnetic (B,)) long tensors.
+        x_T: the starting noisy cloud in model units; drawn from N(0, I) when None.
+        sampler: 'ddpm' (ancestral, every step) or 'ddim' (`steps` evenly spaced steps).
+        progress(i, n): called after each step. trajectory: a dict that receives {t: cloud}.
+        """
+        elements = condition[0]
+        B, device = elements.shape[0], elements.device
+        t_start = self.T - 1 if t_start is None else t_start
+        x = x_T if x_T is not None else torch.randn((B, 3, 128, 3), generator=generator, device=device)
+        if sampler == "ddpm":
+            timesteps = list(range(t_start, -1, -1))
+        elif sampler == "ddim":
+            n = min(steps or 100, t_start + 1)
+            timesteps = sorted({round(t_start * (1 - i / n)) for i in range(n)}, reverse=True)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
+        model.eval()
+        for i, t in enumerate(timesteps):
+            if sampler == "ddpm":
+                x = self.p_sample(model, x, t, condition, guidance, generator)
+            else:
+                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+                x = self.ddim_step(model, x, t, t_prev, condition, guidance)
+            if trajectory is not None:
+                trajectory[t] = from_model(x).cpu()
+            if progress:
+                progress(i + 1, len(timesteps))
+        return from_model(x).clamp(0, 1)

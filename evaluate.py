@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Composition
 
 import data
 
@@ -37,3 +38,226 @@ def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANG
     n = len(crystals)
     return dict(n=n, matched=matched, match_rate=matched / max(n, 1),
                 ms_per_decode=1000 * decode_seconds / max(n, 1), failures=failures)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction (paper Fig. 1, Table 1, Fig. 2)
+# ----------------------------------------------------------------------------------------------
+
+def greedy_match(frac_coords_a, frac_coords_b, lattice=None):
+    """The paper's atom matcher: all pairwise distances under translational symmetry (minimum
+    image, so (0, 0, 0) and (1, 1, 1) coincide), then repeatedly pair the closest two atoms that
+    are both still unmatched. Distances are Cartesian (A) when a pymatgen Lattice (or 3x3
+    matrix) is given, else in fractional units. Returns [(i, j, distance)], closest first."""
+    a = np.atleast_2d(np.asarray(frac_coords_a, dtype=float))
+    b = np.atleast_2d(np.asarray(frac_coords_b, dtype=float))
+    diff = data.periodic_difference(a[:, None, :], b[None, :, :])              # (Na, Nb, 3)
+    if lattice is not None:
+        diff = diff @ np.asarray(getattr(lattice, "matrix", lattice))
+    dist = np.linalg.norm(diff, axis=-1)
+    pairs, used_a, used_b = [], set(), set()
+    for flat in np.argsort(dist, axis=None, kind="stable"):
+        i, j = np.unravel_index(flat, dist.shape)
+        if i not in used_a and j not in used_b:
+            pairs.append((int(i), int(j), float(dist[i, j])))
+            used_a.add(i), used_b.add(j)
+            if len(pairs) == min(len(a), len(b)):
+                break
+    return pairs
+
+
+def box_statistics(values):
+    """Table 1's box-plot numbers: whisker limits Q3 + 1.5 IQR and Q1 - 1.5 IQR, and the
+    'efficiency', the share of values inside them."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return dict(n=0, q1=np.nan, median=np.nan, q3=np.nan, upper=np.nan, lower=np.nan, efficiency=np.nan)
+    q1, median, q3 = np.percentile(v, [25, 50, 75])
+    upper, lower = q3 + 1.5 * (q3 - q1), q1 - 1.5 * (q3 - q1)
+    return dict(n=int(v.size), q1=q1, median=median, q3=q3, upper=upper, lower=lower,
+                efficiency=float(np.mean((v >= lower) & (v <= upper))))
+
+
+def compare_reconstruction(original, reconstructed):
+    """Per-pair numbers of the reconstruction experiment. Lattice errors are relative,
+    (a_hat - a) / a. Atoms are paired with `greedy_match` when the counts agree; the paper's
+    coordinate error is the plain difference of fractional coordinates (so 0.99 vs 0.01 counts
+    as 0.98, the artefact the paper describes), ours the minimum-image difference."""
+    out = dict(n_original=len(original), n_reconstructed=len(reconstructed) if reconstructed else 0)
+    out["same_count"] = reconstructed is not None and len(original) == len(reconstructed)
+    if reconstructed is None:
+        return out
+    out["lattice_original"] = list(original.lattice.abc)
+    out["lattice_reconstructed"] = list(reconstructed.lattice.abc)
+    out["lattice_rel_error"] = list((np.array(reconstructed.lattice.abc) - original.lattice.abc) / original.lattice.abc)
+    if out["same_count"]:
+        fa, fb = np.mod(original.frac_coords, 1), np.mod(reconstructed.frac_coords, 1)
+        pairs = greedy_match(fa, fb, original.lattice)
+        i, j = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        out["coords_original"] = fa[i].tolist()
+        out["coords_reconstructed"] = fb[j].tolist()
+        out["coord_error_paper"] = (fb[j] - fa[i]).tolist()
+        out["coord_error_periodic"] = data.periodic_difference(fb[j], fa[i]).tolist()
+        out["mean_match_distance"] = float(np.mean([p[2] for p in pairs]))
+    return out
+
+
+def cdvae_matcher():
+    """The field's reconstruction matcher (CDVAE's and DiffCSP's compute_metrics.py)."""
+    return StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
+
+
+def rms_distance(original, reconstructed, matcher=None):
+    """get_rms_dist()[0] under the CDVAE matcher, or None when the two do not match."""
+    if reconstructed is None:
+        return None
+    try:
+        rms = (matcher or cdvae_matcher()).get_rms_dist(reconstructed, original)
+    except Exception:              # pymatgen can fail on degenerate cells: count as no match
+        return None
+    return None if rms is None else float(rms[0])
+
+
+def rms_anonymous_distance(original, reconstructed):
+    """Fig. 2e: RMS distance after the best mapping of species onto species (StructureMatcher's
+    get_rms_anonymous), or None when no mapping fits."""
+    try:
+        rms, _ = StructureMatcher().get_rms_anonymous(reconstructed, original)
+    except Exception:
+        return None
+    return None if rms is None else float(rms)
+
+
+def crystalnn_fingerprint(structure, max_cn=24):
+    """A structure fingerprint from pymatgen's CrystalNN: for every site, the CrystalNN weights
+    of coordination numbers 1..max_cn; the structure's fingerprint is their mean over sites."""
+    from pymatgen.analysis.local_env import CrystalNN
+    cnn = CrystalNN()
+    fingerprint = np.zeros(max_cn)
+    for i in range(len(structure)):
+        for cn, weight in cnn.get_nn_data(structure, i).cn_weights.items():
+            if 1 <= cn <= max_cn:
+                fingerprint[cn - 1] += weight
+    return fingerprint / max(len(structure), 1)
+
+
+def crystalnn_distance(original, reconstructed):
+    """Fig. 2c (in spirit): Euclidean distance between the CrystalNN coordination fingerprints."""
+    try:
+        return float(np.linalg.norm(crystalnn_fingerprint(original) - crystalnn_fingerprint(reconstructed)))
+    except Exception:
+        return None
+
+
+def most_common_count_baseline(test_compositions, train_compositions):
+    """The share of test crystals whose atom count equals the most common atom count of
+    training crystals with the same element set (or of all training crystals, when the set is
+    new): what 'reconstruction' at t = T scores with no model at all."""
+    from collections import Counter
+    by_set, overall = {}, Counter()
+    for comp in train_compositions:
+        comp = Composition(comp)
+        key = frozenset(e.symbol for e in comp.elements)
+        by_set.setdefault(key, Counter())[int(comp.num_atoms)] += 1
+        overall[int(comp.num_atoms)] += 1
+    hits = 0
+    for comp in test_compositions:
+        comp = Composition(comp)
+        counts = by_set.get(frozenset(e.symbol for e in comp.elements), overall)
+        hits += counts.most_common(1)[0][0] == int(comp.num_atoms)
+    return hits / max(len(test_compositions), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Screening generated crystals (the paper's "initial screening", Table 2)
+# ----------------------------------------------------------------------------------------------
+
+def shortest_distance(structure):
+    """Shortest distance (A) between two different sites, periodic images included; inf for a
+    one-atom cell (CDVAE's convention: a site's own images are not counted)."""
+    if len(structure) < 2:
+        return float("inf")
+    d = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
+    return float(d.min())
+
+
+def structurally_valid(structure, cutoff=0.5):
+    """CDVAE's structural validity: every interatomic distance >= 0.5 A, volume >= 0.1 A^3."""
+    return shortest_distance(structure) >= cutoff and structure.volume >= 0.1
+
+
+def compositionally_valid(composition):
+    """A charge-balanced assignment of common oxidation states exists (pymatgen's
+    oxi_state_guesses), or the compound is one element or all metals (an alloy)."""
+    composition = Composition(composition)
+    elements = composition.elements
+    if len(elements) == 1 or all(e.is_metal for e in elements):
+        return True
+    return len(composition.oxi_state_guesses()) > 0
+
+
+def unique_flags(structures):
+    """True for the first structure of each group that StructureMatcher finds equivalent."""
+    matcher = StructureMatcher()
+    flags, kept = [], []
+    for s in structures:
+        is_new = not any(s.composition.reduced_formula == k.composition.reduced_formula
+                         and matcher.fit(s, k) for k in kept)
+        flags.append(is_new)
+        if is_new:
+            kept.append(s)
+    return flags
+
+
+def novel_flags(structures, reference):
+    """True where no reference (training) structure of the same reduced composition matches
+    under StructureMatcher: the paper's 'novel discoveries'."""
+    matcher = StructureMatcher()
+    by_formula = {}
+    for r in reference:
+        by_formula.setdefault(r.composition.reduced_formula, []).append(r)
+    return [not any(matcher.fit(s, r) for r in by_formula.get(s.composition.reduced_formula, []))
+            for s in structures]
+
+
+def screen(structures, reference):
+    """Per-structure screening rows (None entries are crystals that could not be decoded) and a
+    Table-2-style summary."""
+    decoded = [s for s in structures if s is not None]
+    unique = iter(unique_flags(decoded))
+    novel = iter(novel_flags(decoded, reference))
+    rows = []
+    for s in structures:
+        if s is None:
+            rows.append(dict(decoded=False))
+            continue
+        structural = structurally_valid(s)
+        compositional = compositionally_valid(s.composition)
+        rows.append(dict(decoded=True, structural=structural, compositional=compositional,
+                         valid=structural and compositional, unique=next(unique), novel=next(novel)))
+    return rows, summarise_screening(rows)
+
+
+def summarise_screening(rows):
+    n = len(rows)
+    ok = [r for r in rows if r["decoded"]]
+    valid = [r for r in ok if r["valid"]]
+    count = lambda rs, key: sum(r[key] for r in rs)  # noqa: E731
+    return dict(generated=n, decoded=len(ok), structural=count(ok, "structural"),
+                compositional=count(ok, "compositional"), valid=len(valid),
+                unique=count(ok, "unique"), novel=count(ok, "novel"),
+                valid_unique=count(valid, "unique"), valid_novel=count(valid, "novel"),
+                valid_unique_novel=sum(r["unique"] and r["novel"] for r in valid))
+
+
+def format_screening(summary):
+    """The summary in the layout of Table 2's first rows."""
+    n = max(summary["generated"], 1)
+    lines = [f"{'generated':<34}{summary['generated']:>6}"]
+    for key, label in (("decoded", "decodable"), ("structural", "structurally valid"),
+                       ("compositional", "compositionally valid"), ("valid", "valid (both)"),
+                       ("unique", "unique"), ("novel", "novel"), ("valid_unique", "valid and unique"),
+                       ("valid_novel", "valid and novel"),
+                       ("valid_unique_novel", "valid, unique and novel")):
+        lines.append(f"{label:<34}{summary[key]:>6}  {100 * summary[key] / n:6.2f}%")
+    return "\n".join(lines)

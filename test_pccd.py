@@ -167,3 +167,322 @@ def test_a_folder_of_cif_and_poscar_files_loads(tmp_path, mp20):
     crystals = data.load_structures(str(tmp_path), verbose=False)
     assert len(crystals) == 2
     assert StructureMatcher().fit(crystals[0].structure, mp20[0].structure)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network, the DDPM and training (paper Methods, Eqs. 3-6, S4, Table S1)
+# ----------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+import diffusion  # noqa: E402
+import pccd  # noqa: E402
+import unet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_csv(tmp_path_factory):
+    """The first 40 rows of the bundled training CSV (about 30 usable crystals)."""
+    path = tmp_path_factory.mktemp("data") / "small.csv"
+    with open(TRAIN_CSV) as f:
+        text = f.read()
+    import csv
+    import io
+    rows = list(csv.DictReader(io.StringIO(text)))[:40]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def train(csv_path, out, steps, *extra):
+    return pccd.main(["train", "--data", csv_path, "--steps", str(steps), "--batch-size", "16",
+                      "--out", str(out), "--device", "cpu", "--save-every", "10", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(small_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train(small_csv, out, 60) == 0
+    return out
+
+
+def test_alphas_cumprod_of_the_cosine_schedule_falls_monotonically_from_1_to_0():
+    ddpm = diffusion.Diffusion(T=1000)
+    abar = ddpm.alphas_cumprod
+    assert torch.all(abar[1:] < abar[:-1])
+    assert abar[0] > 0.999 and abar[-1] < 1e-4
+    assert torch.all((ddpm.betas > 0) & (ddpm.betas <= 0.999))
+
+
+def test_q_sample_is_the_input_at_t_0_and_pure_noise_at_t_T():
+    ddpm = diffusion.Diffusion(T=1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(64, 3, 128, 3, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    first = ddpm.q_sample(x0, torch.zeros(64, dtype=torch.long), noise)
+    last = ddpm.q_sample(x0, torch.full((64,), 999), noise)
+    assert (first - x0).std() < 0.01 and (first - x0).abs().max() < 0.05
+    assert (last - noise).std() < 0.01 and (last - noise).abs().max() < 0.05
+    assert abs(torch.corrcoef(torch.stack([last.flatten(), x0.flatten()]))[0, 1]) < 0.02
+
+
+def test_to_model_and_from_model_are_inverse_maps_between_0_1_and_minus1_1():
+    x = torch.tensor([0.0, 0.25, 1.0])
+    assert torch.equal(diffusion.to_model(x), torch.tensor([-1.0, -0.5, 1.0]))
+    assert torch.equal(diffusion.from_model(diffusion.to_model(x)), x)
+
+
+def _random_inputs(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 3, 128, 3, generator=g), torch.randint(0, 1000, (B,), generator=g))
+
+
+def test_a_dropped_condition_has_no_effect_and_a_kept_one_does():
+    torch.manual_seed(0)
+    model = unet.UNet().eval()
+    with torch.no_grad():                          # make the null embedding differ from zero
+        model.condition.null.normal_()
+    x, t = _random_inputs()
+    bg, mag = torch.zeros(4, dtype=torch.long), torch.full((4,), 4)
+    mg_mn_o = torch.tensor([[12, 25, 8]] * 4)
+    na_cl = torch.tensor([[11, 17, 0]] * 4)
+    dropped, kept = torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, mg_mn_o, bg, mag, dropped), model(x, t, na_cl, bg + 2, mag, dropped))
+        assert not torch.allclose(model(x, t, mg_mn_o, bg, mag, kept), model(x, t, na_cl, bg, mag, kept))
+        assert not torch.allclose(model(x, t, mg_mn_o, bg, mag, kept), model(x, t, mg_mn_o, bg + 2, mag, kept))
+
+
+def test_the_training_loss_really_drops_the_condition_for_cond_drop_of_the_batch():
+    seen = []
+
+    def spy(x, t, elements, band_gap, magnetic, drop):
+        seen.append(drop.float().mean().item())
+        return torch.zeros_like(x)
+    ddpm = diffusion.Diffusion()
+    x0 = torch.zeros(4096, 3, 128, 3)
+    cond = (torch.ones(4096, 3, dtype=torch.long), torch.zeros(4096, dtype=torch.long), torch.zeros(4096, dtype=torch.long))
+    ddpm.loss(spy, x0, *cond, cond_drop=0.2)
+    ddpm.loss(spy, x0, *cond, cond_drop=0.0)
+    assert seen[0] == pytest.approx(0.2, abs=0.03) and seen[1] == 0.0
+
+
+def test_guidance_combines_conditional_and_unconditional_noise():
+    def fake(x, t, elements, band_gap, magnetic, drop):
+        # conditional pass predicts 1, unconditional 0 (drop=None means conditional)
+        if drop is None:
+            return torch.ones_like(x)
+        return (~drop).float().view(-1, 1, 1, 1).expand_as(x)
+    ddpm = diffusion.Diffusion()
+    x = torch.zeros(2, 3, 128, 3)
+    cond = (torch.ones(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    for w in (0.0, 1.0, 3.0):
+        assert torch.allclose(ddpm.predict_noise(fake, x, 10, cond, w), torch.full_like(x, w))
+
+
+def test_a_tiny_model_learns_and_its_samples_decode_or_fail_clearly(tiny_run):
+    ckpt = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
+    losses = ckpt["losses"]
+    assert len(losses) == 60 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    assert (tiny_run / "loss.png").stat().st_size > 1000
+    model, ckpt = pccd.load_checkpoint(str(tiny_run))
+    z, bg, mag = data.encode_condition(["Mg", "O"])
+    cond = (torch.tensor([z] * 4), torch.tensor([bg] * 4), torch.tensor([mag] * 4))
+    clouds = diffusion.Diffusion().sample(model, cond, sampler="ddim", steps=10,
+                                          generator=torch.Generator().manual_seed(0))
+    assert clouds.shape == (4, 3, 128, 3) and torch.isfinite(clouds).all()
+    assert clouds.min() >= 0 and clouds.max() <= 1
+    for cloud in clouds.numpy():
+        try:
+            s = data.decode(cloud, ["Mg", "O"], length_range=ckpt["length_range"])
+            assert {e.symbol for e in s.composition.elements} <= {"Mg", "O"}
+        except ValueError as e:
+            assert str(e)                                             # a reason, not a crash
+
+
+def test_the_checkpoint_holds_what_sampling_needs_and_reloads_identically(tiny_run):
+    model, ckpt = pccd.load_checkpoint(str(tiny_run))
+    for key in ("model_config", "ema", "length_range", "train_ids", "train_compositions", "optimizer"):
+        assert key in ckpt
+    again, _ = pccd.load_checkpoint(str(tiny_run / "checkpoint.pt"))
+    x, t = _random_inputs()
+    cond = (torch.tensor([[12, 8, 0]] * 4), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        assert torch.equal(model(x, t, *cond), again(x, t, *cond))
+    assert not list(tiny_run.glob("*.tmp"))                           # atomic writes leave no temp file
+
+
+def test_same_seed_same_loss_curve_and_resume_continues_it_exactly(small_csv, tiny_run, tmp_path):
+    assert train(small_csv, tmp_path / "a", 30) == 0
+    assert train(small_csv, tmp_path / "a", 60, "--resume") == 0
+    resumed = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    straight = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 60
+    assert resumed["losses"] == straight["losses"]
+
+
+def test_train_refuses_to_overwrite_a_run(small_csv, tiny_run, capsys):
+    assert train(small_csv, tiny_run, 5) == 1
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["missing.csv", "empty"])
+def test_train_on_bad_data_exits_with_one_clear_line(bad, tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / bad
+    if bad == "empty":
+        path.mkdir()
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "train", "--data", str(path),
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("pccd.py train: error:")
+
+
+# ----------------------------------------------------------------------------------------------
+# The reconstruction experiment (Fig. 1, Table 1, Fig. 2)
+# ----------------------------------------------------------------------------------------------
+
+def test_greedy_match_gives_zero_distances_for_identical_sets():
+    f = np.array([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5], [0.9, 0.0, 0.7]])
+    pairs = evaluate.greedy_match(f, f[::-1])
+    assert sorted((i, j) for i, j, _ in pairs) == [(0, 2), (1, 1), (2, 0)]
+    assert all(d == 0 for _, _, d in pairs)
+
+
+def test_greedy_match_sees_a_copy_shifted_by_a_lattice_vector_at_zero_distance():
+    f = np.array([[0.0, 0.0, 0.0], [0.25, 0.5, 0.75]])
+    pairs = evaluate.greedy_match(f, f + [1, 0, -1], lattice=Lattice.cubic(5.0))
+    assert [(i, j) for i, j, _ in pairs] == [(0, 0), (1, 1)] or sorted(p[:2] for p in pairs) == [(0, 0), (1, 1)]
+    assert max(d for _, _, d in pairs) < 1e-9
+
+
+def test_greedy_match_measures_0_02_and_0_98_as_0_04_apart():
+    (i, j, d), = evaluate.greedy_match([[0.02, 0, 0]], [[0.98, 0, 0]])
+    assert d == pytest.approx(0.04)
+    (_, _, d), = evaluate.greedy_match([[0.02, 0, 0]], [[0.98, 0, 0]], lattice=Lattice.cubic(10.0))
+    assert d == pytest.approx(0.4)
+
+
+def test_greedy_match_takes_the_closest_pair_first():
+    # a0 is closest to b0 (0.01); a1 then gets b1 even though b0 is nearer to it
+    pairs = evaluate.greedy_match([[0.10, 0, 0], [0.13, 0, 0]], [[0.11, 0, 0], [0.30, 0, 0]])
+    assert [(i, j) for i, j, _ in pairs] == [(0, 0), (1, 1)]
+
+
+def test_box_statistics_match_numpys_percentiles():
+    v = np.random.default_rng(0).normal(size=1001)
+    v[:20] = 50                                                     # outliers
+    stats = evaluate.box_statistics(v)
+    q1, q3 = np.percentile(v, [25, 75])
+    assert stats["upper"] == pytest.approx(q3 + 1.5 * (q3 - q1))
+    assert stats["lower"] == pytest.approx(q1 - 1.5 * (q3 - q1))
+    inside = np.mean((v >= stats["lower"]) & (v <= stats["upper"]))
+    assert stats["efficiency"] == pytest.approx(inside) and stats["efficiency"] < 0.99
+
+
+def test_the_count_baseline_predicts_the_most_common_count_of_each_element_set():
+    train = ["Na1 Cl1", "Na4 Cl4", "Na4 Cl4", "Mg2 O2"]
+    assert evaluate.most_common_count_baseline(["Na4 Cl4", "Na1 Cl1", "Mg1 O1"], train) == pytest.approx(1 / 3)
+
+
+def test_reconstruct_end_to_end_writes_the_table_the_json_and_fig1(tiny_run, small_csv, tmp_path, capsys):
+    import json
+    out = tmp_path / "rec"
+    assert pccd.main(["reconstruct", "--checkpoint", str(tiny_run), "--data", small_csv, "--n", "6",
+                      "--t", "50", "--sampler", "ddim", "--steps", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "atom count right" in printed and "Efficiency" in printed and "paper" in printed
+    result = json.load(open(out / "results.json"))
+    summary = result["summary"]
+    assert summary["n"] == len(result["pairs"]) == 6
+    assert 0 <= summary["atom_count_accuracy"] <= 1
+    assert sum(p["same_count"] for p in result["pairs"]) == round(6 * summary["atom_count_accuracy"])
+    assert (out / "fig1.png").stat().st_size > 10000
+    assert np.load(out / "noised.npz")["x_t"].shape == (6, 3, 128, 3)
+    # never overwrite: the same --out again makes a new folder
+    assert pccd.main(["reconstruct", "--checkpoint", str(tiny_run), "--data", small_csv, "--n", "2",
+                      "--t", "10", "--sampler", "ddim", "--steps", "2", "--no-fig2", "--out", str(out)]) == 0
+    assert (tmp_path / "rec-2" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and screening (Fig. 3, Table 2)
+# ----------------------------------------------------------------------------------------------
+
+def test_a_real_mp_structure_is_valid_and_atoms_0_3_angstrom_apart_are_not(mp20):
+    s = mp20[0].structure
+    assert evaluate.structurally_valid(s)
+    close = Structure(Lattice.cubic(5.0), ["Na", "Cl"], [[0, 0, 0], [0.06, 0, 0]])   # 0.3 A
+    assert not evaluate.structurally_valid(close)
+    assert evaluate.shortest_distance(close) == pytest.approx(0.3)
+
+
+def test_nacl_is_charge_balanced_and_nacl2_is_not():
+    assert evaluate.compositionally_valid("NaCl")
+    assert not evaluate.compositionally_valid("NaCl2")
+    assert evaluate.compositionally_valid("Fe3Al")          # an alloy
+    assert evaluate.compositionally_valid("Si")             # one element
+
+
+def test_a_structure_is_never_novel_against_itself_and_duplicates_are_not_unique(mp20):
+    a, b = mp20[0].structure, mp20[1].structure
+    assert evaluate.novel_flags([a, b], [a]) == [False, True]
+    shifted = a.copy()
+    shifted.translate_sites(list(range(len(a))), [0.1, 0.2, 0.3])
+    assert evaluate.unique_flags([a, b, shifted]) == [True, True, False]
+
+
+def test_the_pools_follow_the_papers_three_batches():
+    rng = np.random.default_rng(0)
+    for s in pccd.draw_element_sets("rare-earth-oxides", 50, rng):
+        assert s[-1] == "O" and 2 <= len(s) <= 3 and not set(s[:-1]) & {"O"}
+    all_sets = pccd.draw_element_sets("all", 200, rng)
+    used = {e for s in all_sets for e in s}
+    assert not used & (pccd.NOBLE_GASES | pccd.RADIOACTIVE)
+    assert all(1 <= len(s) <= 3 and len(set(s)) == len(s) for s in all_sets)
+    assert {e for s in pccd.draw_element_sets("common", 100, rng) for e in s} <= pccd.COMMON
+
+
+def test_generate_writes_parseable_files_of_only_the_requested_elements(tiny_run, tmp_path):
+    import csv
+    out = tmp_path / "gen"
+    assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "O", "Mg", "--n", "5",
+                      "--sampler", "ddim", "--steps", "8", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 5
+    for row in rows:
+        if row["decoded"] == "True":
+            s = Structure.from_file(out / (row["name"] + ".cif"))
+            assert {e.symbol for e in s.composition.elements} <= {"Mg", "O"}
+            assert Structure.from_file(out / (row["name"] + ".vasp")).composition == s.composition
+        else:
+            assert row["reason"]                              # failures are listed with why
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--elements", "Xx"], "not a chemical element"),
+    (["--elements", "Mg", "Mn", "O", "Fe"], "4 elements"),
+    (["--elements", "Mg", "--checkpoint", "nowhere/checkpoint.pt"], "no checkpoint"),
+])
+def test_generate_refuses_bad_input_with_one_line(argv, message, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "generate", *argv,
+                        "--out", str(tmp_path / "g")], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_evaluate_screens_a_folder_of_another_generators_cifs(tmp_path, mp20, capsys):
+    for i, c in enumerate(mp20[:3]):
+        c.structure.to(filename=str(tmp_path / f"{i}.cif"))
+    assert pccd.main(["evaluate", str(tmp_path), "--reference", TRAIN_CSV]) == 0
+    printed = capsys.readouterr().out
+    assert "novel" in printed
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "screening.csv")))
+    assert len(rows) == 3 and all(r["novel"] == "False" for r in rows)   # they are training structures

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 @dataclass
 class UNetConfig:
-    widths: tuple = (64, 128, 256)   # channels at 128, 64 and 32 points
+    widths: tuple = (32, 64, 128)    # channels at 128, 64 and 32 points
     attention_heads: int = 4
     embed_dim: int = 128             # time and condition embeddings
     n_atomic_numbers: int = 119      # 0 = empty element slot, 1-118 = H ... Og
@@ -112,6 +112,9 @@ class UNet(nn.Module):
         self.time = nn.Sequential(nn.Linear(E, E), nn.SiLU(), nn.Linear(E, E))
         self.condition = ConditionEmbedding(cfg)
         self.stem = nn.Conv1d(9, w1, 3, padding=1)
+        # The layout is fixed (atoms in blocks, angle rows 0-63, length rows 64-127), but convs
+        # and attention cannot tell one point from another: a learned embedding per point can.
+        self.position = nn.Parameter(torch.zeros(1, w1, 128))
         # encoder
         self.down1 = ResidualBlock(w1, w1, E)                    # 128 points
         self.down2 = ResidualBlock(w1, w2, E)                    # 64 points
@@ -137,7 +140,7 @@ class UNet(nn.Module):
         emb = self.time(sinusoidal_embedding(t, self.cfg.embed_dim)) \
             + self.condition(elements, band_gap, magnetic, drop)             # (B, E)
         h = x.permute(0, 1, 3, 2).reshape(B, 9, 128)                         # (B, 9, 128)
-        h = self.stem(h)                                                     # (B, w1, 128)
+        h = self.stem(h) + self.position                                     # (B, w1, 128)
         s1 = self.down1(h, emb)                                              # (B, w1, 128)
         s2 = self.attn2(self.down2(F.avg_pool1d(s1, 2), emb))                # (B, w2, 64)
         s3 = self.attn3(self.down3(F.avg_pool1d(s2, 2), emb))                # (B, w3, 32)
