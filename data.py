@@ -158,6 +158,53 @@ def load_structures(path, verbose=True, only_encodable=True):
     return kept
 
 
+CSV_FIELDS = ["material_id", "pretty_formula", "band_gap", "ordering", "formation_energy_per_atom",
+              "e_above_hull", "elements", "cif"]
+
+
+def mp_documents_to_rows(documents):
+    """Materials Project summary documents (dicts with a pymatgen Structure or its dict under
+    'structure') -> rows of the CDVAE-style CSV that `load_structures` reads, with the magnetic
+    ordering in an `ordering` column. Documents without a structure are left out."""
+    rows = []
+    for doc in documents:
+        structure = doc.get("structure")
+        if structure is None:
+            continue
+        if isinstance(structure, dict):
+            structure = Structure.from_dict(structure)
+        rows.append(dict(
+            material_id=str(doc.get("material_id", "")),
+            pretty_formula=structure.composition.reduced_formula,
+            band_gap=doc.get("band_gap", ""),
+            ordering=str(doc.get("ordering") or "unknown"),
+            formation_energy_per_atom=doc.get("formation_energy_per_atom", ""),
+            e_above_hull=doc.get("energy_above_hull", ""),
+            elements=str(sorted(e.symbol for e in structure.composition.elements)),
+            cif=structure.to(fmt="cif"),
+        ))
+    return rows
+
+
+def split_of(material_id, fractions=(0.8, 0.1, 0.1)):
+    """'train', 'val' or 'test', decided by a hash of the id: deterministic, and a crystal keeps
+    its split when the database grows."""
+    import zlib
+    u = zlib.crc32(material_id.encode()) / 2**32
+    return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def write_csv(path, rows):
+    """Write rows with CSV_FIELDS to a temporary file, then rename: an interrupted write never
+    leaves a half file posing as a dataset."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def _to_float(value):
     try:
         return float(value)
@@ -357,13 +404,14 @@ def decode_lattice(cloud, length_range=DEFAULT_LENGTH_RANGE):
     return (*lengths, *angles)
 
 
-def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.06, min_samples=3):
+def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.08, min_samples=3):
     """(3, 128, 3) cloud -> pymatgen Structure; the inverse of `encode`.
 
     Each point takes the element of its largest channel-1 value (among the given elements); the
     points of each element are clustered by a periodic DBSCAN, and a cluster becomes one atom at
     the circular mean of its points -- or m atoms when it holds m atoms' worth of points (an
-    atom owns about 128 / n points; m is judged against the median cluster size). Raises
+    atom owns about 128 / n points; m is judged against the median cluster size, and a cluster
+    of less than half that size is stray points, not an atom). Raises
     ValueError with a reason when no structure can be made.
     """
     elements = check_elements(elements)
@@ -389,8 +437,8 @@ def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.06, min_sam
     unit = np.median([len(pts) for _, pts in clusters])  # points per atom
     species, coords = [], []
     for symbol, pts in clusters:
-        m = max(1, int(round(len(pts) / unit)))
-        centres = _periodic_kmeans(pts, m) if m > 1 else [circular_mean(pts)]
+        m = int(round(len(pts) / unit))                  # 0: a few stray points, not an atom
+        centres = _periodic_kmeans(pts, m) if m > 1 else [circular_mean(pts)] * m
         species += [symbol] * len(centres)
         coords += list(centres)
     if len(species) > MAX_SITES:

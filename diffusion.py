@@ -122,7 +122,7 @@ class Diffusion:
         condition: (elements (B, 3), band_gap (B,), magnetic (B,)) long tensors.
         x_T: the starting noisy cloud in model units; drawn from N(0, I) when None.
         sampler: 'ddpm' (ancestral, every step) or 'ddim' (`steps` evenly spaced steps).
-        progress(i, n): called after each step. trajectory: a dict that receives {t: cloud}.
+        progress(i, n): called after each step. trajectory: a dict that receives {t: first cloud}.
         """
         elements = condition[0]
         B, device = elements.shape[0], elements.device
@@ -142,8 +142,8 @@ class Diffusion:
             else:
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 x = self.ddim_step(model, x, t, t_prev, condition, guidance)
-            if trajectory is not None:
-                trajectory[t] = from_model(x).cpu()
+            if trajectory is not None:                    # the first cloud only: Fig. S2
+                trajectory[t] = from_model(x[0]).cpu()
             if progress:
                 progress(i + 1, len(timesteps))
         return from_model(x).clamp(0, 1)

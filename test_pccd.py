@@ -78,7 +78,7 @@ def test_an_atom_split_across_the_cell_boundary_decodes_to_one_atom():
 
 
 def test_a_cluster_of_two_atoms_worth_of_points_becomes_two_atoms():
-    # Two O atoms 0.04 apart: DBSCAN (eps 0.06) joins them; their point count splits them.
+    # Two O atoms 0.04 apart: DBSCAN (eps 0.08) joins them; their point count splits them.
     s = Structure(Lattice.cubic(10.0), ["Mg", "O", "O", "Mg"],
                   [[0, 0, 0], [0.5, 0.5, 0.48], [0.5, 0.5, 0.52], [0.25, 0.25, 0.25]])
     decoded = data.decode(*data.encode(s))
@@ -90,7 +90,8 @@ def test_a_cluster_of_two_atoms_worth_of_points_becomes_two_atoms():
 def test_decode_explains_why_a_cloud_cannot_be_decoded():
     cloud = np.zeros((3, 128, 3), dtype=np.float32)
     cloud[2] = 0.5
-    cloud[0] = np.random.default_rng(0).random((128, 3))             # scattered: no cluster
+    grid = np.stack(np.meshgrid(*[np.arange(5) / 5] * 3), -1).reshape(-1, 3)
+    cloud[0] = np.concatenate([grid, grid[:3] + 0.1])                # points 0.17+ apart: no cluster
     with pytest.raises(ValueError, match="no atoms"):
         data.decode(cloud, ["Si"])
     cloud[2, :64] = [0.9, 0.9, 0.9]                                   # 162 degrees: no cell
@@ -486,3 +487,60 @@ def test_evaluate_screens_a_folder_of_another_generators_cifs(tmp_path, mp20, ca
     import csv
     rows = list(csv.DictReader(open(tmp_path / "screening.csv")))
     assert len(rows) == 3 and all(r["novel"] == "False" for r in rows)   # they are training structures
+
+
+# ----------------------------------------------------------------------------------------------
+# The Materials Project dataset and the teaching figures (Fig. S1, S2)
+# ----------------------------------------------------------------------------------------------
+
+def test_mp_documents_become_rows_that_load_back_with_their_properties(mp20, tmp_path):
+    orderings = ["FM", "NM", "AFM", None]
+    documents = [dict(material_id=c.material_id, band_gap=0.5 * i, ordering=orderings[i],
+                      formation_energy_per_atom=-1.0, energy_above_hull=0.0,
+                      structure=c.structure if i % 2 else c.structure.as_dict())
+                 for i, c in enumerate(mp20[:4])]
+    documents.append(dict(material_id="mp-0", band_gap=1.0))          # no structure: left out
+    rows = data.mp_documents_to_rows(documents)
+    path = str(tmp_path / "mp.csv")
+    data.write_csv(path, rows)
+    loaded = data.load_structures(path, verbose=False)
+    assert [c.material_id for c in loaded] == [c.material_id for c in mp20[:4]]
+    assert [c.ordering for c in loaded] == ["FM", "NM", "AFM", "unknown"]
+    assert [c.band_gap for c in loaded] == [0.0, 0.5, 1.0, 1.5]
+    assert [c.band_gap_class for c in loaded] == ["metal", "small", "small", "large"]
+    for a, b in zip(loaded, mp20[:4]):
+        assert StructureMatcher().fit(a.structure, b.structure)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_split_is_deterministic_and_roughly_80_10_10():
+    ids = [f"mp-{i}" for i in range(5000)]
+    splits = [data.split_of(i) for i in ids]
+    assert splits == [data.split_of(i) for i in ids]
+    share = {s: splits.count(s) / len(ids) for s in ("train", "val", "test")}
+    assert abs(share["train"] - 0.8) < 0.03 and abs(share["val"] - 0.1) < 0.02
+
+
+def test_download_without_a_key_exits_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("MP_API_KEY", "PMG_MAPI_KEY")}
+    env["HOME"] = str(tmp_path)                                       # no ~/.pmgrc.yaml
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "download", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "API key" in r.stderr.strip().splitlines()[-1]
+
+
+def test_show_draws_the_three_channels_of_a_bundled_structure(mp20, tmp_path):
+    cif = tmp_path / "s.cif"
+    mp20[0].structure.to(filename=str(cif))
+    assert pccd.main(["show", str(cif), "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 10000
+
+
+def test_generate_trajectory_draws_the_denoising_of_one_sample(tiny_run, tmp_path):
+    out = tmp_path / "traj"
+    assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                      "--sampler", "ddim", "--steps", "6", "--trajectory", "--out", str(out)]) == 0
+    assert (out / "trajectory.png").stat().st_size > 10000

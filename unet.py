@@ -14,6 +14,7 @@ and a condition embedding made of
   - the 1-3 elements by atomic number, in the slot order of channel 1 (0 = empty slot),
   - the band-gap class (metal, < 1.5 eV, >= 1.5 eV, unknown),
   - the magnetic ordering (NM, FM, FiM, AFM, unknown).
+The condition also enters at the input, as a learned per-point pattern (see UNet.__init__).
 For classifier-free guidance (Ho & Salimans, 2022) the whole condition embedding is replaced by
 a learned null embedding where `drop` is True: in training with probability `cond_drop`, in
 sampling for the unconditional pass. (The original code computed the dropped embedding and then
@@ -115,6 +116,11 @@ class UNet(nn.Module):
         # The layout is fixed (atoms in blocks, angle rows 0-63, length rows 64-127), but convs
         # and attention cannot tell one point from another: a learned embedding per point can.
         self.position = nn.Parameter(torch.zeros(1, w1, 128))
+        # The condition also writes a per-point pattern: what the clean cloud of these elements
+        # looks like point by point (which slot owns which points, the lattice rows) is the
+        # first thing the network must know, and FiLM alone (one scale per channel) is slow to
+        # learn it.
+        self.condition_pattern = nn.Linear(E, w1 * 128)
         # encoder
         self.down1 = ResidualBlock(w1, w1, E)                    # 128 points
         self.down2 = ResidualBlock(w1, w2, E)                    # 64 points
@@ -137,10 +143,11 @@ class UNet(nn.Module):
         """x (B, 3, 128, 3) noisy cloud in [-1, 1] units, t (B,) timesteps -> predicted noise
         (B, 3, 128, 3)."""
         B = x.shape[0]
-        emb = self.time(sinusoidal_embedding(t, self.cfg.embed_dim)) \
-            + self.condition(elements, band_gap, magnetic, drop)             # (B, E)
+        c = self.condition(elements, band_gap, magnetic, drop)               # (B, E)
+        emb = self.time(sinusoidal_embedding(t, self.cfg.embed_dim)) + c     # (B, E)
+        pattern = self.condition_pattern(c).view(B, -1, 128)                 # (B, w1, 128)
         h = x.permute(0, 1, 3, 2).reshape(B, 9, 128)                         # (B, 9, 128)
-        h = self.stem(h) + self.position                                     # (B, w1, 128)
+        h = self.stem(h) + self.position + pattern                           # (B, w1, 128)
         s1 = self.down1(h, emb)                                              # (B, w1, 128)
         s2 = self.attn2(self.down2(F.avg_pool1d(s1, 2), emb))                # (B, w2, 64)
         s3 = self.attn3(self.down3(F.avg_pool1d(s2, 2), emb))                # (B, w3, 32)
