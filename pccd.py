@@ -421,8 +421,8 @@ def plot_reconstruction(pairs, table, coord_ours, path, summary):
     ax[3].set(title="d. lattice length relative error (%)", ylim=(-30, 30))
     coord_paper = [100 * np.concatenate([np.array(p["coord_error_paper"])[:, k] for p in same]) if same else [] for k in range(3)]
     ax[4].boxplot(coord_paper + [100 * coord_ours[:, k] for k in range(3)], showfliers=True)
-    ax[4].set_xticks(range(1, 7), ["x", "y", "z", "x\nmin-image", "y\nmin-image", "z\nmin-image"])
-    ax[4].set(title="e. coordinate error (% of the cell)", ylim=(-30, 30))
+    ax[4].set_xticks(range(1, 7), ["x", "y", "z", "x*", "y*", "z*"])
+    ax[4].set(title="e. coordinate error (% of the cell; * minimum-image)", ylim=(-30, 30))
     rms = [p["rms"] for p in pairs if p["rms"] is not None]
     ax[5].hist(rms, bins=20)
     ax[5].set(title=f"RMS distance of matched pairs ({100 * summary['match_rate']:.1f}% matched)",
