@@ -106,7 +106,12 @@ def _parse_structure(text, fmt):
 def _read_rows(path):
     """Yield (name, fmt, text, properties) for each structure in a CSV, a folder or a file."""
     if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
+        names = sorted(os.listdir(path))
+        cif_stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".cif")}
+        for name in names:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() != ".cif" and stem in cif_stems:
+                continue                      # X.cif and X.vasp of one crystal count once
             if _is_structure_file(name):
                 yield from _read_rows(os.path.join(path, name))
     elif path.lower().endswith(".csv"):

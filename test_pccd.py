@@ -481,6 +481,7 @@ def test_generate_refuses_bad_input_with_one_line(argv, message, tmp_path):
 def test_evaluate_screens_a_folder_of_another_generators_cifs(tmp_path, mp20, capsys):
     for i, c in enumerate(mp20[:3]):
         c.structure.to(filename=str(tmp_path / f"{i}.cif"))
+        c.structure.to(filename=str(tmp_path / f"{i}.vasp"), fmt="poscar")   # as generate writes
     assert pccd.main(["evaluate", str(tmp_path), "--reference", TRAIN_CSV]) == 0
     printed = capsys.readouterr().out
     assert "novel" in printed
