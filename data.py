@@ -133,7 +133,8 @@ def load_structures(path, verbose=True, only_encodable=True):
     `material_id`, `band_gap`, `ordering`), a folder of CIF/POSCAR files, or one such file.
 
     Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter; only_encodable=False
-    keeps every readable one); a bad row is counted and skipped, never fatal. Prints one line saying what was kept and skipped.
+    keeps every readable one); a bad row is counted and skipped, never fatal. Prints one line
+    saying what was kept and skipped.
     Returns a list of `Crystal`.
     """
     if not os.path.exists(path):
