@@ -243,7 +243,13 @@ def fit_length_range(structures, margin=1.25):
 def default_elements(structure):
     """The slot order of channel 1 when none is given: by electronegativity, as in a formula
     (Mg, Mn, O)."""
-    return [el.symbol for el in sorted(structure.composition.elements, key=lambda e: e.X)]
+    return canonical_order(el.symbol for el in structure.composition.elements)
+
+
+def canonical_order(symbols):
+    """Element symbols in the slot order the model is trained with: by electronegativity
+    (Mg Mn O), so that `generate --elements O Mg Mn` asks for what training saw as Mg Mn O."""
+    return sorted((str(s) for s in symbols), key=lambda s: Element(s).X)
 
 
 def check_elements(elements):
@@ -361,6 +367,22 @@ def circular_mean(points):
     return np.mod(mean / (2 * np.pi), 1.0)
 
 
+MIN_SEPARATION = 0.5   # A: no two atoms of a real crystal are closer (CDVAE's validity cutoff)
+
+
+def _split_cluster(points, m, lattice):
+    """One cluster's points -> m atoms, or fewer: m atoms only if k-means puts their centres at
+    least MIN_SEPARATION apart. Points piled on one spot are one atom, however many there are:
+    the model put two atoms' points there, and two atoms cannot sit 0.3 A apart."""
+    while m > 1:
+        centres = _periodic_kmeans(points, m)
+        gaps = np.linalg.norm(periodic_difference(centres[:, None], centres[None]) @ lattice, axis=-1)
+        if gaps[~np.eye(m, dtype=bool)].min() >= MIN_SEPARATION:
+            return list(centres)
+        m -= 1
+    return [circular_mean(points)] * m
+
+
 def _periodic_kmeans(points, k, iterations=20):
     """Split one cluster's points into k atoms (k-means with minimum-image distances),
     started from mutually farthest points. Returns k centres."""
@@ -417,7 +439,8 @@ def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.08, min_sam
     points of each element are clustered by a periodic DBSCAN, and a cluster becomes one atom at
     the circular mean of its points -- or m atoms when it holds m atoms' worth of points (an
     atom owns about 128 / n points; m is judged against the median cluster size, and a cluster
-    of less than half that size is stray points, not an atom). Raises
+    of less than half that size is stray points, not an atom) that k-means can place at least
+    MIN_SEPARATION (0.5 A) apart. Raises
     ValueError with a reason when no structure can be made.
     """
     elements = check_elements(elements)
@@ -444,7 +467,7 @@ def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.08, min_sam
     species, coords = [], []
     for symbol, pts in clusters:
         m = int(round(len(pts) / unit))                  # 0: a few stray points, not an atom
-        centres = _periodic_kmeans(pts, m) if m > 1 else [circular_mean(pts)] * m
+        centres = _split_cluster(pts, m, lattice)
         species += [symbol] * len(centres)
         coords += list(centres)
     if len(species) > MAX_SITES:
