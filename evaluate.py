@@ -107,6 +107,12 @@ def cdvae_matcher():
     return StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
 
 
+def default_matcher():
+    """pymatgen's StructureMatcher() at its default tolerances (stol 0.3, ltol 0.2, angle_tol 5):
+    stricter than the field's reconstruction matcher."""
+    return StructureMatcher()
+
+
 def rms_distance(original, reconstructed, matcher=None):
     """get_rms_dist()[0] under the CDVAE matcher, or None when the two do not match."""
     if reconstructed is None:

@@ -6,6 +6,7 @@
     python pccd.py evaluate DIR         screen any folder of CIF/POSCAR files
     python pccd.py download             the paper's dataset from the Materials Project
     python pccd.py show FILE            draw a crystal's point cloud (Fig. S1)
+    python pccd.py export RUN --out F   a small sampling-only checkpoint (the shipped one)
     python pccd.py bench                parameter count and time per training / sampling step
     python pccd.py roundtrip            encode -> decode fidelity of the representation
     python pccd.py <command> --help     what each command does and takes
@@ -30,7 +31,29 @@ BUNDLED_TRAIN = os.path.join(HERE, "datasets", "mp20_train.csv")
 BUNDLED_VAL = os.path.join(HERE, "datasets", "mp20_val.csv")
 DEFAULT_RUN = os.path.join("runs", "default")
 CHECKPOINT = "checkpoint.pt"
-DEFAULT_CHECKPOINT = os.path.join(DEFAULT_RUN, CHECKPOINT)
+SHIPPED_CHECKPOINT = os.path.join(HERE, "checkpoints", "pccd_mp20.pt")
+
+
+def default_checkpoint():
+    """What reconstruct and generate use without --checkpoint: the model `python pccd.py train`
+    left in runs/default, or else the one shipped in the repository."""
+    own = os.path.join(DEFAULT_RUN, CHECKPOINT)
+    return own if os.path.exists(own) else SHIPPED_CHECKPOINT
+
+
+def checkpoint_for(args):
+    """--checkpoint, or the default one; says which when it was not named."""
+    if args.checkpoint is None:
+        args.checkpoint = default_checkpoint()
+        print(f"checkpoint: {os.path.relpath(args.checkpoint)}", file=sys.stderr)
+    return args.checkpoint
+
+
+# Training presets (measured in the README). Explicit flags override them.
+PRESETS = {
+    "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant"),
+    "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine"),
+}
 
 
 class UserError(Exception):
@@ -109,6 +132,24 @@ def load_checkpoint(path, device="cpu"):
 # train (paper Table S1, Eq. S4, Fig. S4)
 # ----------------------------------------------------------------------------------------------
 
+def learning_rate(args, step):
+    """The learning rate at `step`: constant, or cosine-decayed from --lr to 0 over --steps."""
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+    return args.lr
+
+
+def drop_properties(band_gap, magnetic, p):
+    """Replace each crystal's band-gap class, and separately its magnetic ordering, by 'unknown'
+    with probability p. The MP-20 rows all carry a band gap, so without this the 'unknown' class
+    (generate's default) would be an embedding that training never touched."""
+    unknown_bg = data.BAND_GAP_CLASSES.index("unknown")
+    unknown_mag = data.MAGNETIC_ORDERINGS.index("unknown")
+    band_gap = torch.where(torch.rand(band_gap.shape) < p, unknown_bg, band_gap)
+    magnetic = torch.where(torch.rand(magnetic.shape) < p, unknown_mag, magnetic)
+    return band_gap, magnetic
+
+
 def cmd_train(args):
     device = pick_device(args.device)
     path = os.path.join(args.out, CHECKPOINT)
@@ -118,6 +159,12 @@ def cmd_train(args):
         raise UserError(f"--resume: no checkpoint at {path}")
 
     resumed = load_checkpoint(path)[1] if args.resume else None
+    # Settings not given on the command line: the resumed run's, else the preset's.
+    earlier = resumed.get("args", {}) if resumed else {}
+    args.preset = earlier.get("preset", args.preset)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, earlier.get(key, value))
     data_path = resolve_path(resumed["data"]) if resumed else args.data
     crystals = load_or_fail(data_path)
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
@@ -143,7 +190,8 @@ def cmd_train(args):
     ddpm = diffusion.Diffusion(T=1000)
     n_params = unet.count_parameters(model)
     print(f"training a {n_params / 1e6:.2f} M-parameter U-Net on {len(crystals)} crystals, "
-          f"device {device}, steps {step} -> {args.steps}, batch {args.batch_size}, lr {args.lr:g}",
+          f"device {device}, steps {step} -> {args.steps}, batch {args.batch_size}, lr {args.lr:g} "
+          f"({args.schedule})",
           flush=True)
 
     def checkpoint_state():
@@ -159,8 +207,11 @@ def cmd_train(args):
     model.train()
     while step < args.steps:
         idx = torch.randint(0, len(x0_all), (args.batch_size,), generator=batches)
+        bg, mag = drop_properties(band_gap[idx], magnetic[idx], args.property_drop)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args, step)
         loss = ddpm.loss(model, x0_all[idx].to(device), elements[idx].to(device),
-                         band_gap[idx].to(device), magnetic[idx].to(device), args.cond_drop)
+                         bg.to(device), mag.to(device), args.cond_drop)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -181,6 +232,23 @@ def cmd_train(args):
     plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  "
           f"(final loss, mean of last 50 steps: {np.mean(losses[-50:]):.4f})")
+
+
+def cmd_export(args):
+    """A run's checkpoint -> a small file for sampling only: the EMA weights (half precision
+    unless --float32), the model configuration, the length range and the training set's
+    identities; no optimizer state, so it cannot be resumed."""
+    if os.path.exists(args.out):
+        raise UserError(f"{args.out} exists: remove it or choose another --out")
+    _, ckpt = load_checkpoint(args.source)
+    dtype = torch.float32 if args.float32 else torch.float16
+    small = {k: ckpt[k] for k in ("model_config", "length_range", "data", "seed", "train_ids",
+                                  "train_compositions", "losses", "step", "args") if k in ckpt}
+    small["ema"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_checkpoint(args.out, small)
+    print(f"{args.out}: {os.path.getsize(args.out) / 1e6:.1f} MB, EMA weights in {str(dtype)[6:]}, "
+          f"step {small.get('step')}")
 
 
 def plot_loss(losses, path):
@@ -275,7 +343,7 @@ PAPER_TABLE1 = dict(efficiency=[88.48, 90.55, 89.40, 70.83, 71.60, 72.02],
 def cmd_reconstruct(args):
     import json
     device = pick_device(args.device)
-    model, ckpt = load_checkpoint(args.checkpoint, device)
+    model, ckpt = load_checkpoint(checkpoint_for(args), device)
     length_range = ckpt["length_range"]
     crystals = load_or_fail(args.data)
     rng = np.random.default_rng(args.seed)
@@ -308,12 +376,13 @@ def cmd_reconstruct(args):
     recon, reasons = decode_all(clouds, [e for e, _, _ in conditions], length_range)
 
     print(f"measuring {len(recon)} pairs (StructureMatcher, CrystalNN) ...", file=sys.stderr, flush=True)
-    matcher = evaluate.cdvae_matcher()
+    matcher, strict = evaluate.cdvae_matcher(), evaluate.default_matcher()
     pairs = []
     for (c, _), s, why in zip(usable, recon, reasons):
         row = evaluate.compare_reconstruction(c.structure, s)
         row.update(material_id=c.material_id, formula=c.structure.composition.formula,
-                   decode_error=why, rms=evaluate.rms_distance(c.structure, s, matcher))
+                   decode_error=why, rms=evaluate.rms_distance(c.structure, s, matcher),
+                   match_default=evaluate.rms_distance(c.structure, s, strict) is not None)
         if s is not None and args.fig2:
             row.update(rms_anonymous=evaluate.rms_anonymous_distance(c.structure, s),
                        crystalnn=evaluate.crystalnn_distance(c.structure, s))
@@ -338,6 +407,7 @@ def cmd_reconstruct(args):
         seconds=seconds, decoded=sum(s is not None for s in recon),
         atom_count_accuracy=len(same) / n, count_baseline_accuracy=baseline,
         match_rate=len(matched) / n, mean_rms=float(np.mean(matched)) if matched else None,
+        match_rate_default=sum(p["match_default"] for p in pairs) / n,
         table1={k: v for k, v in zip("abcxyz", table)},
         table1_periodic_coords={k: v for k, v in zip("xyz", table_periodic)},
     )
@@ -355,7 +425,7 @@ def cmd_reconstruct(args):
 
 def write_reconstruction_csv(path, pairs):
     import csv
-    fields = ["material_id", "formula", "n_original", "n_reconstructed", "same_count", "rms",
+    fields = ["material_id", "formula", "n_original", "n_reconstructed", "same_count", "rms", "match_default",
               "rms_anonymous", "crystalnn", "mean_match_distance", "decode_error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -374,6 +444,8 @@ def print_reconstruction(summary, table, table_periodic):
     rms = summary["mean_rms"]
     print(f"  StructureMatcher match        {100 * summary['match_rate']:6.2f}%   "
           f"mean RMS {'-' if rms is None else f'{rms:.4f}'}  (stol 0.5, ltol 0.3, angle_tol 10)")
+    print(f"  StructureMatcher() match      {100 * summary['match_rate_default']:6.2f}%   "
+          f"(pymatgen's default tolerances: stol 0.3, ltol 0.2, angle_tol 5)")
     for key, name in (("mean_rms_anonymous", "RMS anonymous distance"), ("mean_crystalnn", "CrystalNN fingerprint distance")):
         if summary.get(key) is not None:
             print(f"  mean {name:<25}{summary[key]:8.4f}")
@@ -505,11 +577,20 @@ def cmd_generate(args):
     if bool(args.elements) == bool(args.pool):
         raise UserError("give either --elements (1-3 symbols) or --pool")
     try:
-        element_sets = [data.check_elements(args.elements)] * args.n if args.elements else \
-            draw_element_sets(args.pool, args.n, np.random.default_rng(args.seed))
+        if args.elements:
+            data.check_elements(args.elements)
     except ValueError as e:
         raise UserError(str(e))
-    model, ckpt = load_checkpoint(args.checkpoint, device)
+    model, ckpt = load_checkpoint(checkpoint_for(args), device)
+    rng = np.random.default_rng(args.seed)
+    if args.elements:
+        element_sets = [args.elements] * args.n
+    elif args.pool == "train":              # element sets of randomly drawn training crystals
+        compositions = rng.choice(ckpt["train_compositions"], size=args.n)
+        element_sets = [[e.symbol for e in Composition(c).elements] for c in compositions]
+    else:
+        element_sets = draw_element_sets(args.pool, args.n, rng)
+    element_sets = [data.canonical_order(s) for s in element_sets]   # the slot order of training
     seen = {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements}
     unseen = sorted({e for s in element_sets for e in s} - seen)
     if unseen:
@@ -743,16 +824,22 @@ def build_parser():
                        "steps and at the end) and OUT/loss.png (Fig. S4).")
     p.add_argument("--data", default=BUNDLED_TRAIN, help="training crystals: CDVAE CSV, folder or "
                    "file (default: the bundled MP-20 train split; the val split stays unseen)")
-    p.add_argument("--steps", type=int, default=3000, help="total optimisation steps (default 3000, "
-                   "about 9 minutes on a 2-core CPU)")
-    p.add_argument("--batch-size", type=int, default=64, help="default 64 (Table S1: 128; smaller "
-                   "batches learn more per CPU-minute here: see README)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3; Table S1 "
-                   "has 1e-4, which learns much slower on this data: see README)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick: 3000 steps, "
+                   "batch 64, constant lr 2e-3 (~9 min on a 2-core CPU). hour: 8600 steps, batch 128, "
+                   "cosine-decayed lr 2e-3 (~1 h; the shipped checkpoint). The flags below override it.")
+    p.add_argument("--steps", type=int, help="total optimisation steps")
+    p.add_argument("--batch-size", type=int, help="crystals per step (Table S1: 128)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (Table S1 has 1e-4, which learns much "
+                   "slower on this data: see README)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate over the run: "
+                   "constant, or cosine-decayed to 0 at --steps")
     p.add_argument("--ema", type=float, default=0.995, help="decay of the weights' moving average "
                    "used for sampling (default 0.995)")
     p.add_argument("--cond-drop", type=float, default=0.2, help="probability of dropping the "
                    "condition, for classifier-free guidance (default 0.2)")
+    p.add_argument("--property-drop", type=float, default=0.3, help="probability of replacing the "
+                   "band-gap class, and separately the magnetic ordering, by 'unknown', so that "
+                   "'unknown' means 'any' when sampling (default 0.3)")
     p.add_argument("--widths", type=int, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points (default {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
@@ -762,12 +849,20 @@ def build_parser():
     p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
     p.set_defaults(run=cmd_train)
 
+    p = sub.add_parser("export", help="a small sampling-only copy of a run's checkpoint (how the "
+                       "shipped one was made)", description=cmd_export.__doc__)
+    p.add_argument("source", metavar="RUN", help="run folder or checkpoint.pt (e.g. runs/hour)")
+    p.add_argument("--out", required=True, help="file to write (never overwritten)")
+    p.add_argument("--float32", action="store_true", help="keep full precision")
+    p.set_defaults(run=cmd_export)
+
     p = sub.add_parser("reconstruct", help="the paper's reconstruction experiment (Fig. 1, Table 1)",
                        description="Noise N structures to step t with the forward process (stored in "
                        "noised.npz), denoise them with the model conditioned on their own elements, "
                        "decode, and compare with the originals: atom counts, Table 1's box-plot "
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="default: %(default)s")
+    p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
+                   f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
     p.add_argument("--data", default=BUNDLED_TRAIN, help="structures to reconstruct (default: the "
                    "training split, as the paper; use datasets/mp20_val.csv for unseen ones)")
     p.add_argument("--n", type=int, default=256, help="how many structures (default 256)")
@@ -785,7 +880,8 @@ def build_parser():
                        "POSCAR each and summary.csv, and screen them: structural and compositional "
                        "validity, uniqueness, novelty against the training data (Table 2).")
     p.add_argument("--elements", nargs="+", metavar="EL", help="1-3 element symbols, e.g. Mg Mn O")
-    p.add_argument("--pool", choices=sorted(POOLS), help="all: every element but noble gases and "
+    p.add_argument("--pool", choices=sorted(POOLS) + ["train"], help="train: the element sets of "
+                   "randomly drawn training crystals. all: every element but noble gases and "
                    "radioactive ones; rare-earth-oxides: O plus 1-2 rare-earth, alkaline-earth or "
                    "transition metals; common: " + " ".join(POOLS["common"]))
     p.add_argument("--n", type=int, default=64, help="how many crystals (default 64)")
@@ -793,7 +889,8 @@ def build_parser():
                    help="metal, small (< 1.5 eV), large (>= 1.5 eV) or unknown (default)")
     p.add_argument("--magnetic", choices=data.MAGNETIC_ORDERINGS, default="unknown",
                    help="magnetic ordering (default unknown)")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="default: %(default)s")
+    p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
+                   f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
     p.add_argument("--reference", default=None, help="training structures for the novelty check "
                    "(default: the checkpoint's training data)")
     add_sampling_arguments(p)
