@@ -230,8 +230,10 @@ def cmd_train(args):
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(path, checkpoint_state())
     plot_loss(losses, os.path.join(args.out, "loss.png"))
+    minutes = (time.time() - start) / 60
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  "
-          f"(final loss, mean of last 50 steps: {np.mean(losses[-50:]):.4f})")
+          f"(final loss, mean of last 50 steps: {np.mean(losses[-50:]):.4f}; "
+          f"{step - first_step} steps in {minutes:.1f} min)")
 
 
 def cmd_export(args):
