@@ -17,6 +17,10 @@ import os
 import sys
 import time
 
+# spglib (under pymatgen's space-group analysis) prints "spglib: ... failed." for odd cells
+# while screening; the screening handles them, so the lines are noise.
+os.environ.setdefault("SPGLIB_WARNING", "OFF")
+
 import numpy as np
 import torch
 from pymatgen.core import Composition, Element
