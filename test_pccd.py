@@ -650,3 +650,13 @@ def test_the_shipped_checkpoint_is_small_and_generates_valid_crystals_of_a_train
             s = Structure.from_file(out / (row["name"] + ".cif"))
             assert {e.symbol for e in s.composition.elements} <= {"Li", "Co", "O"}
     assert sum(row["structural"] == "True" for row in rows) >= SHIPPED_MIN_STRUCTURAL
+
+
+def test_resume_keeps_the_runs_own_preset_and_settings(small_csv, tmp_path):
+    import torch
+    out = tmp_path / "r"
+    common = ["--data", small_csv, "--out", str(out), "--device", "cpu"]
+    assert pccd.main(["train", *common, "--preset", "hour", "--steps", "4", "--batch-size", "8"]) == 0
+    assert pccd.main(["train", *common, "--steps", "6", "--resume"]) == 0      # no preset, no batch size
+    args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
+    assert (args["preset"], args["batch_size"], args["schedule"], args["steps"]) == ("hour", 8, "cosine", 6)
