@@ -807,6 +807,8 @@ def cmd_roundtrip(args):
 # ----------------------------------------------------------------------------------------------
 
 def add_sampling_arguments(p, batch_size=256):
+    p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
+                   f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm: ancestral sampling over every step (Eq. 6, the paper's); ddim: "
                    "deterministic, --steps steps (default %(default)s)")
@@ -867,8 +869,6 @@ def build_parser():
                        "noised.npz), denoise them with the model conditioned on their own elements, "
                        "decode, and compare with the originals: atom counts, Table 1's box-plot "
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
-    p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
-                   f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
     p.add_argument("--data", default=BUNDLED_TRAIN, help="structures to reconstruct (default: the "
                    "training split, as the paper; use datasets/mp20_val.csv for unseen ones)")
     p.add_argument("--n", type=int, default=256, help="how many structures (default 256)")
@@ -895,8 +895,6 @@ def build_parser():
                    help="metal, small (< 1.5 eV), large (>= 1.5 eV) or unknown (default)")
     p.add_argument("--magnetic", choices=data.MAGNETIC_ORDERINGS, default="unknown",
                    help="magnetic ordering (default unknown)")
-    p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
-                   f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
     p.add_argument("--reference", default=None, help="training structures for the novelty check "
                    "(default: the checkpoint's training data)")
     add_sampling_arguments(p)
