@@ -35,8 +35,13 @@ class Diffusion:
     """The forward process q and the reverse process p_theta over T steps. Index t = 0 .. T-1
     here stands for the paper's t = 1 .. T."""
 
-    def __init__(self, T=1000):
-        self.T = T
+    def __init__(self, T=1000, prediction="eps"):
+        """prediction: what the network outputs. 'eps' (the paper's, Eq. S4) is the noise;
+        'v' is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho, 2022), which at
+        large t is mostly -x_0, so the network must say there what crystal it is making."""
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}: use 'eps' or 'v'")
+        self.T, self.prediction = T, prediction
         self.betas = cosine_beta_schedule(T)                               # beta_t
         self.alphas = 1.0 - self.betas                                     # alpha_t = 1 - beta_t
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)                # abar_t = prod alpha_s
@@ -63,8 +68,11 @@ class Diffusion:
         t = torch.randint(0, self.T, (B,), device=x0.device)
         noise = torch.randn_like(x0)
         drop = torch.rand(B, device=x0.device) < cond_drop
-        eps = model(self.q_sample(x0, t, noise), t, elements, band_gap, magnetic, drop)
-        return (noise - eps).abs().mean()
+        out = model(self.q_sample(x0, t, noise), t, elements, band_gap, magnetic, drop)
+        if self.prediction == "v":
+            abar = self._at(self.alphas_cumprod, t, x0)
+            return (abar.sqrt() * noise - (1 - abar).sqrt() * x0 - out).abs().mean()
+        return (noise - out).abs().mean()
 
     # ---- reverse process ---------------------------------------------------------------------
 
@@ -75,12 +83,16 @@ class Diffusion:
         B = x.shape[0]
         tt = torch.full((B,), t, device=x.device, dtype=torch.long)
         if guidance == 1.0:
-            return model(x, tt, elements, band_gap, magnetic, None)
-        drop = torch.arange(2 * B, device=x.device) >= B                  # second half: unconditional
-        eps = model(torch.cat([x, x]), torch.cat([tt, tt]), elements.repeat(2, 1),
-                    band_gap.repeat(2), magnetic.repeat(2), drop)
-        eps_cond, eps_uncond = eps.chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+            out = model(x, tt, elements, band_gap, magnetic, None)
+        else:
+            drop = torch.arange(2 * B, device=x.device) >= B              # second half: unconditional
+            out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), elements.repeat(2, 1),
+                                         band_gap.repeat(2), magnetic.repeat(2), drop).chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        if self.prediction == "v":                  # eps = sqrt(1 - abar) x_t + sqrt(abar) v
+            abar = self.alphas_cumprod[t].item()
+            return math.sqrt(1 - abar) * x + math.sqrt(abar) * out
+        return out
 
     def predict_x0(self, x, t, eps):
         """Invert Eq. (3) for x_0, clipped to the data range [-1, 1]."""

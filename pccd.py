@@ -55,8 +55,8 @@ def checkpoint_for(args):
 
 # Training presets (measured in the README). Explicit flags override them.
 PRESETS = {
-    "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant"),
-    "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine"),
+    "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant", translate=False, prediction="eps"),
+    "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False, prediction="eps"),
 }
 
 
@@ -116,6 +116,11 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def diffusion_of(ckpt):
+    """The diffusion process a checkpoint's network was trained for (T = 1000; what it predicts)."""
+    return diffusion.Diffusion(T=1000, prediction=ckpt.get("args", {}).get("prediction") or "eps")
+
+
 def load_checkpoint(path, device="cpu"):
     """Returns (model with EMA weights, in eval mode, on device; the checkpoint dict)."""
     if os.path.isdir(path):
@@ -152,6 +157,16 @@ def drop_properties(band_gap, magnetic, p):
     band_gap = torch.where(torch.rand(band_gap.shape) < p, unknown_bg, band_gap)
     magnetic = torch.where(torch.rand(magnetic.shape) < p, unknown_mag, magnetic)
     return band_gap, magnetic
+
+
+def translate_randomly(x0):
+    """Augmentation: shift every atom of each crystal by one random fractional vector (modulo 1).
+    A crystal has no origin, so the shifted cloud is the same crystal; without this the model
+    can learn where the training crystals' atoms sit rather than how atoms sit relative to each
+    other. x0 is in the model's range [-1, 1], shape (B, 3, 128, 3); only channel 0 moves."""
+    shift = torch.rand(len(x0), 1, 3)
+    positions = (diffusion.from_model(x0[:, 0]) + shift) % 1.0
+    return torch.cat([diffusion.to_model(positions)[:, None], x0[:, 1:]], 1)
 
 
 def cmd_train(args):
@@ -191,11 +206,11 @@ def cmd_train(args):
         step, losses = resumed["step"], resumed["losses"]
         torch.set_rng_state(resumed["rng"]["torch"])
         batches.set_state(resumed["rng"]["batches"])
-    ddpm = diffusion.Diffusion(T=1000)
+    ddpm = diffusion.Diffusion(T=1000, prediction=args.prediction)
     n_params = unet.count_parameters(model)
     print(f"training a {n_params / 1e6:.2f} M-parameter U-Net on {len(crystals)} crystals, "
           f"device {device}, steps {step} -> {args.steps}, batch {args.batch_size}, lr {args.lr:g} "
-          f"({args.schedule})",
+          f"({args.schedule}), predicting {args.prediction}{', random translations' if args.translate else ''}",
           flush=True)
 
     def checkpoint_state():
@@ -212,9 +227,10 @@ def cmd_train(args):
     while step < args.steps:
         idx = torch.randint(0, len(x0_all), (args.batch_size,), generator=batches)
         bg, mag = drop_properties(band_gap[idx], magnetic[idx], args.property_drop)
+        x0 = translate_randomly(x0_all[idx]) if args.translate else x0_all[idx]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args, step)
-        loss = ddpm.loss(model, x0_all[idx].to(device), elements[idx].to(device),
+        loss = ddpm.loss(model, x0.to(device), elements[idx].to(device),
                          bg.to(device), mag.to(device), args.cond_drop)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -362,7 +378,7 @@ def cmd_reconstruct(args):
             print(f"skipping {c.material_id}: {e}", file=sys.stderr)
     if not usable:
         raise UserError("no structure to reconstruct")
-    ddpm = diffusion.Diffusion(T=1000)
+    ddpm = diffusion_of(ckpt)
     t = ddpm.T if args.t is None else args.t
     if not 1 <= t <= ddpm.T:
         raise UserError(f"--t must be between 1 and {ddpm.T}")
@@ -563,13 +579,14 @@ def describe(structure):
         spacegroup = "?"
     return dict(formula=structure.composition.reduced_formula, n_atoms=len(structure),
                 spacegroup=spacegroup, density=round(float(structure.density), 4),
-                shortest_distance=round(evaluate.shortest_distance(structure), 4))
+                shortest_distance=round(evaluate.shortest_distance(structure), 4),
+                atoms_merged=structure.properties.get("atoms_merged", ""))
 
 
 def write_screening(out, names, structures, reasons, rows):
     import csv
     fields = ["name", "elements", "formula", "n_atoms", "spacegroup", "density", "shortest_distance",
-              "decoded", "structural", "compositional", "valid", "unique", "novel", "reason"]
+              "atoms_merged", "decoded", "structural", "compositional", "valid", "unique", "novel", "reason"]
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -603,7 +620,7 @@ def cmd_generate(args):
         print(f"warning: the model never saw {' '.join(unseen)} in training; expect poor structures",
               file=sys.stderr)
     out = fresh_dir(args.out)
-    ddpm = diffusion.Diffusion(T=1000)
+    ddpm = diffusion_of(ckpt)
     conditions = [(s, args.band_gap, args.magnetic) for s in element_sets]
     trajectory = {} if args.trajectory else None
     clouds, seconds = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory)
@@ -611,6 +628,8 @@ def cmd_generate(args):
         times = sorted(trajectory, reverse=True)
         plot_trajectory(trajectory, element_sets[0], os.path.join(out, "trajectory.png"),
                         times=times[:: max(1, len(times) // 5)] + [times[-1]])
+    np.savez_compressed(os.path.join(out, "clouds.npz"), clouds=clouds,   # to decode again later
+                        elements=np.array([" ".join(e) for e in element_sets]))
     structures, reasons = decode_all(clouds, element_sets, ckpt["length_range"])
     names = []
     for i, s in enumerate(structures):
@@ -623,6 +642,7 @@ def cmd_generate(args):
     rows, summary = evaluate.screen(structures, reference or [])
     for r, s in zip(rows, element_sets):
         r["elements"] = " ".join(s)
+    summary["atoms_merged"] = sum(s.properties["atoms_merged"] > 0 for s in structures if s is not None)
     write_screening(out, names, structures, reasons, rows)
     summary.update(seconds=seconds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    seed=args.seed, checkpoint=os.path.abspath(args.checkpoint), novelty_checked=reference is not None)
@@ -631,7 +651,7 @@ def cmd_generate(args):
     print(f"\nGenerated {args.n} crystals in {seconds:.0f} s "
           f"({args.sampler}{'' if args.sampler == 'ddpm' else ' ' + str(args.steps) + ' steps'}, guidance {args.guidance:g})")
     print(evaluate.format_screening(summary))
-    print(f"structures and summary.csv: {out}/")
+    print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
 
 
 def cmd_evaluate(args):
@@ -834,7 +854,8 @@ def build_parser():
                    "file (default: the bundled MP-20 train split; the val split stays unseen)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick: 3000 steps, "
                    "batch 64, constant lr 2e-3 (~9 min on a 2-core CPU). hour: 8600 steps, batch 128, "
-                   "cosine-decayed lr 2e-3 (~1 h; the shipped checkpoint). The flags below override it.")
+                   "cosine-decayed lr 2e-3 (~1 h; with --translate, the shipped checkpoint). Both predict "
+                   "eps. The flags below override it.")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--batch-size", type=int, help="crystals per step (Table S1: 128)")
     p.add_argument("--lr", type=float, help="Adam learning rate (Table S1 has 1e-4, which learns much "
@@ -848,6 +869,10 @@ def build_parser():
     p.add_argument("--property-drop", type=float, default=0.3, help="probability of replacing the "
                    "band-gap class, and separately the magnetic ordering, by 'unknown', so that "
                    "'unknown' means 'any' when sampling (default 0.3)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="what the network predicts: eps, the "
+                   "noise (the paper's), or v = sqrt(abar) eps - sqrt(1 - abar) x0 (default: the preset's)")
+    p.add_argument("--translate", action=argparse.BooleanOptionalAction, help="augment every "
+                   "batch by random periodic translations of each crystal (default off)")
     p.add_argument("--widths", type=int, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points (default {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
