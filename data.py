@@ -368,6 +368,15 @@ def circular_mean(points):
 
 
 MIN_SEPARATION = 0.5   # A: no two atoms of a real crystal are closer (CDVAE's validity cutoff)
+_IMAGES = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)])
+
+
+def cartesian_gap(a, b, lattice):
+    """Shortest distance (A) between fractional positions a and b (..., 3) over periodic images.
+    The minimum image in fractional coordinates is not always the nearest one in a skewed cell,
+    so the 27 images around it are all measured."""
+    d = periodic_difference(a, b)[..., None, :] + _IMAGES                # (..., 27, 3)
+    return np.linalg.norm(d @ lattice, axis=-1).min(-1)
 
 
 def _split_cluster(points, m, lattice):
@@ -376,7 +385,7 @@ def _split_cluster(points, m, lattice):
     the model put two atoms' points there, and two atoms cannot sit 0.3 A apart."""
     while m > 1:
         centres = _periodic_kmeans(points, m)
-        gaps = np.linalg.norm(periodic_difference(centres[:, None], centres[None]) @ lattice, axis=-1)
+        gaps = cartesian_gap(centres[:, None], centres[None], lattice)
         if gaps[~np.eye(m, dtype=bool)].min() >= MIN_SEPARATION:
             return list(centres)
         m -= 1
@@ -391,7 +400,7 @@ def _one_atom_per_spot(atoms, lattice):
     cluster's element."""
     species, coords = [], []
     for _, symbol, centre in sorted(atoms, key=lambda atom: -atom[0]):
-        gaps = [np.linalg.norm(periodic_difference(centre, c) @ lattice) for c in coords]
+        gaps = [cartesian_gap(centre, c, lattice) for c in coords]
         if min(gaps, default=np.inf) >= MIN_SEPARATION:
             species.append(symbol)
             coords.append(centre)

@@ -117,6 +117,17 @@ def test_two_elements_on_one_spot_become_the_atom_with_more_points():
     assert decoded.properties["atoms_merged"] == 0
 
 
+def test_the_gap_between_atoms_is_the_nearest_periodic_image_even_in_a_skewed_cell():
+    # gamma = 5 degrees: the fractional minimum image of (0.49, 0.49, 0) is 4.9 A away, the
+    # image at (-0.51, 0.49, 0) only 0.24 A. pymatgen's distance is the reference.
+    lattice = Lattice.from_parameters(5, 5, 5, 90, 90, 5)
+    a, b = np.zeros(3), np.array([0.49, 0.49, 0.0])
+    naive = np.linalg.norm(data.periodic_difference(b, a) @ lattice.matrix)
+    gap = data.cartesian_gap(a, b, lattice.matrix)
+    assert naive > 4 and gap == pytest.approx(lattice.get_distance_and_image(a, b)[0], abs=1e-9)
+    assert gap < 0.5
+
+
 def test_decode_explains_why_a_cloud_cannot_be_decoded():
     cloud = np.zeros((3, 128, 3), dtype=np.float32)
     cloud[2] = 0.5
