@@ -266,7 +266,7 @@ def format_screening(summary):
                        ("valid_novel", "valid and novel"),
                        ("valid_unique_novel", "valid, unique and novel")):
         lines.append(f"{label:<34}{summary[key]:>6}  {100 * summary[key] / n:6.2f}%")
-    if "atoms_merged" in summary:   # generate only: decoded by this project's decoder
-        lines.append(f"{'(decoder merged atoms on one spot)':<34}{summary['atoms_merged']:>6}  "
-                     f"{100 * summary['atoms_merged'] / n:6.2f}%")
+    if "crystals_with_merges" in summary:   # generate only: decoded by this project's decoder
+        merged = summary["crystals_with_merges"]
+        lines.append(f"{'(decoder merged atoms on one spot)':<34}{merged:>6}  {100 * merged / n:6.2f}%")
     return "\n".join(lines)

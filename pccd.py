@@ -642,7 +642,7 @@ def cmd_generate(args):
     rows, summary = evaluate.screen(structures, reference or [])
     for r, s in zip(rows, element_sets):
         r["elements"] = " ".join(s)
-    summary["atoms_merged"] = sum(s.properties["atoms_merged"] > 0 for s in structures if s is not None)
+    summary["crystals_with_merges"] = sum(s.properties["atoms_merged"] > 0 for s in structures if s is not None)
     write_screening(out, names, structures, reasons, rows)
     summary.update(seconds=seconds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    seed=args.seed, checkpoint=os.path.abspath(args.checkpoint), novelty_checked=reference is not None)
