@@ -56,8 +56,11 @@ def checkpoint_for(args):
 # Training presets (measured in the README). Explicit flags override them.
 PRESETS = {
     "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant", translate=False, prediction="eps"),
-    "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False, prediction="eps"),
+    "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False, prediction="v"),
 }
+
+# What a run saved before these flags existed did (its checkpoint says None).
+SAVED_BEFORE_THE_FLAG = dict(translate=False, prediction="eps")
 
 
 class UserError(Exception):
@@ -183,7 +186,11 @@ def cmd_train(args):
     args.preset = earlier.get("preset", args.preset)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
-            setattr(args, key, earlier.get(key, value))
+            if earlier.get(key) is not None:
+                value = earlier[key]                      # the resumed run's own setting
+            elif resumed and key in SAVED_BEFORE_THE_FLAG:
+                value = SAVED_BEFORE_THE_FLAG[key]        # a run saved before the flag existed
+            setattr(args, key, value)
     data_path = resolve_path(resumed["data"]) if resumed else args.data
     crystals = load_or_fail(data_path)
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
@@ -853,9 +860,9 @@ def build_parser():
     p.add_argument("--data", default=BUNDLED_TRAIN, help="training crystals: CDVAE CSV, folder or "
                    "file (default: the bundled MP-20 train split; the val split stays unseen)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick: 3000 steps, "
-                   "batch 64, constant lr 2e-3 (~9 min on a 2-core CPU). hour: 8600 steps, batch 128, "
-                   "cosine-decayed lr 2e-3 (~1 h; with --translate, the shipped checkpoint). Both predict "
-                   "eps. The flags below override it.")
+                   "batch 64, constant lr 2e-3, predicting eps (~9 min on a 2-core CPU). hour: 8600 steps, batch 128, "
+                   "cosine-decayed lr 2e-3, predicting v (~50 min; the shipped checkpoint is this with "
+                   "--translate --prediction eps). The flags below override it.")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--batch-size", type=int, help="crystals per step (Table S1: 128)")
     p.add_argument("--lr", type=float, help="Adam learning rate (Table S1 has 1e-4, which learns much "

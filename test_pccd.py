@@ -688,7 +688,7 @@ SHIPPED_MIN_STRUCTURAL = 7     # of 8: seeds 0-4 gave 8, 8, 8, 7, 8 with 20 DDIM
 
 
 def test_the_shipped_checkpoint_is_small_and_generates_valid_crystals_of_a_training_element_set(tmp_path):
-    """The model in checkpoints/ (python pccd.py train --preset hour --translate, then export) samples
+    """The model in checkpoints/ (train --preset hour --translate --prediction eps, then export) samples
     crystals of Li, Co and O (a bundled training set: LiCoO2) that pass structural validity."""
     import csv
     assert os.path.getsize(pccd.SHIPPED_CHECKPOINT) <= 10e6
@@ -714,6 +714,20 @@ def test_resume_keeps_the_runs_own_preset_and_settings(small_csv, tmp_path):
     assert pccd.main(["train", *common, "--steps", "6", "--resume"]) == 0      # no preset, no batch size
     args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
     assert (args["preset"], args["batch_size"], args["schedule"], args["steps"]) == ("hour", 8, "cosine", 6)
+
+
+def test_resuming_a_run_saved_before_the_prediction_flag_keeps_predicting_eps(small_csv, tmp_path):
+    import torch
+    out = tmp_path / "old"
+    common = ["--data", small_csv, "--out", str(out), "--device", "cpu", "--batch-size", "8"]
+    assert pccd.main(["train", *common, "--preset", "hour", "--steps", "2", "--prediction", "eps"]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt["args"]["prediction"] = ckpt["args"]["translate"] = None        # as such a run saved them
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert pccd.PRESETS["hour"]["prediction"] == "v"                   # what a fresh hour run predicts
+    assert pccd.main(["train", *common, "--steps", "3", "--resume"]) == 0
+    args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
+    assert (args["preset"], args["prediction"], args["translate"]) == ("hour", "eps", False)
 
 
 def test_translation_augmentation_moves_the_atoms_but_keeps_the_crystal(mp20):
