@@ -121,7 +121,8 @@ def save_checkpoint(path, state):
 
 def diffusion_of(ckpt):
     """The diffusion process a checkpoint's network was trained for (T = 1000; what it predicts)."""
-    return diffusion.Diffusion(T=1000, prediction=ckpt.get("args", {}).get("prediction") or "eps")
+    prediction = ckpt.get("args", {}).get("prediction") or SAVED_BEFORE_THE_FLAG["prediction"]
+    return diffusion.Diffusion(T=1000, prediction=prediction)
 
 
 def load_checkpoint(path, device="cpu"):
