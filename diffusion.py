@@ -60,12 +60,13 @@ class Diffusion:
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=0.2):
+    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=0.2, t=None):
         """Eq. (S4): E_{t, x0, eps} | eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) |,
         the mean absolute error. The condition is dropped (replaced by the null embedding) for a
-        fraction `cond_drop` of the batch, so the same network also learns eps_theta(x_t, t)."""
+        fraction `cond_drop` of the batch, so the same network also learns eps_theta(x_t, t).
+        t: the step of each crystal, (B,); drawn uniformly from 0 .. T-1 when None."""
         B = x0.shape[0]
-        t = torch.randint(0, self.T, (B,), device=x0.device)
+        t = torch.randint(0, self.T, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0)
         drop = torch.rand(B, device=x0.device) < cond_drop
         out = model(self.q_sample(x0, t, noise), t, elements, band_gap, magnetic, drop)

@@ -55,12 +55,14 @@ def checkpoint_for(args):
 
 # Training presets (measured in the README). Explicit flags override them.
 PRESETS = {
-    "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant", translate=False, prediction="eps"),
-    "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False, prediction="v"),
+    "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant", translate=False,
+                  translate_below=None, prediction="eps"),
+    "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False,
+                 translate_below=None, prediction="v"),
 }
 
 # What a run saved before these flags existed did (its checkpoint says None).
-SAVED_BEFORE_THE_FLAG = dict(translate=False, prediction="eps")
+SAVED_BEFORE_THE_FLAG = dict(translate=False, translate_below=None, prediction="eps")
 
 
 class UserError(Exception):
@@ -173,6 +175,13 @@ def translate_randomly(x0):
     return torch.cat([diffusion.to_model(positions)[:, None], x0[:, 1:]], 1)
 
 
+def translations(args):
+    """How a run augments, in words, for its first line."""
+    if not args.translate:
+        return ""
+    return ", random translations" + (f" below step {args.translate_below}" if args.translate_below else "")
+
+
 def cmd_train(args):
     device = pick_device(args.device)
     path = os.path.join(args.out, CHECKPOINT)
@@ -181,6 +190,12 @@ def cmd_train(args):
     if args.resume and not os.path.exists(path):
         raise UserError(f"--resume: no checkpoint at {path}")
 
+    if args.translate_below is not None:                  # --translate-below STEP implies --translate
+        if not 1 <= args.translate_below <= 1000:
+            raise UserError(f"--translate-below {args.translate_below}: give a step from 1 to 1000")
+        if args.translate is False:
+            raise UserError("--translate-below translates; it contradicts --no-translate")
+        args.translate = True
     resumed = load_checkpoint(path)[1] if args.resume else None
     # Settings not given on the command line: the resumed run's, else the preset's.
     earlier = resumed.get("args", {}) if resumed else {}
@@ -218,7 +233,7 @@ def cmd_train(args):
     n_params = unet.count_parameters(model)
     print(f"training a {n_params / 1e6:.2f} M-parameter U-Net on {len(crystals)} crystals, "
           f"device {device}, steps {step} -> {args.steps}, batch {args.batch_size}, lr {args.lr:g} "
-          f"({args.schedule}), predicting {args.prediction}{', random translations' if args.translate else ''}",
+          f"({args.schedule}), predicting {args.prediction}{translations(args)}",
           flush=True)
 
     def checkpoint_state():
@@ -235,11 +250,15 @@ def cmd_train(args):
     while step < args.steps:
         idx = torch.randint(0, len(x0_all), (args.batch_size,), generator=batches)
         bg, mag = drop_properties(band_gap[idx], magnetic[idx], args.property_drop)
-        x0 = translate_randomly(x0_all[idx]) if args.translate else x0_all[idx]
+        x0 = x0_all[idx]
+        moved = translate_randomly(x0) if args.translate else x0
+        t = torch.randint(0, ddpm.T, (len(idx),), device=device)      # the diffusion steps trained at
+        below = (t.cpu() < (args.translate_below or ddpm.T)).view(-1, 1, 1, 1)
+        x0 = torch.where(below, moved, x0)                # translated only where noise is below that step
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args, step)
         loss = ddpm.loss(model, x0.to(device), elements[idx].to(device),
-                         bg.to(device), mag.to(device), args.cond_drop)
+                         bg.to(device), mag.to(device), args.cond_drop, t=t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -881,6 +900,10 @@ def build_parser():
                    "noise (the paper's), or v = sqrt(abar) eps - sqrt(1 - abar) x0 (default: the preset's)")
     p.add_argument("--translate", action=argparse.BooleanOptionalAction, help="augment every "
                    "batch by random periodic translations of each crystal (default off)")
+    p.add_argument("--translate-below", type=int, metavar="STEP", help="translate only the crystals "
+                   "noised to a diffusion step below STEP (implies --translate), so that the high-noise steps, "
+                   "where the network decides what crystal it makes, keep the training crystals' own frame "
+                   "(default 1000: all steps)")
     p.add_argument("--widths", type=int, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points (default {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")

@@ -751,3 +751,34 @@ def test_train_translate_flag_is_recorded_and_kept_on_resume(small_csv, tmp_path
     assert pccd.main(["train", *common, "--steps", "3", "--translate"]) == 0
     assert pccd.main(["train", *common, "--steps", "5", "--resume"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=False)["args"]["translate"] is True
+
+
+def test_translate_below_moves_only_the_crystals_noised_below_that_step(small_csv, tmp_path, monkeypatch):
+    import torch
+    seen, real_loss = [], diffusion.Diffusion.loss
+
+    def spy(self, model, x0, *rest, t=None):
+        seen.append((x0.clone(), t.clone()))
+        return real_loss(self, model, x0, *rest, t=t)
+    monkeypatch.setattr(diffusion.Diffusion, "loss", spy)
+    assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "b"), "--device", "cpu",
+                      "--batch-size", "32", "--steps", "2", "--translate-below", "500"]) == 0
+    crystals = pccd.load_or_fail(small_csv)
+    clouds = pccd.encode_dataset(crystals, data.fit_length_range([c.structure for c in crystals]))[0]
+    training_set = diffusion.to_model(clouds)
+    x0, t = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
+    as_encoded = [any(torch.equal(row, c) for c in training_set) for row in x0]
+    assert 0 < int((t < 500).sum()) < len(t)
+    assert as_encoded == (t >= 500).tolist()           # the low-noise crystals, and only they, moved
+    assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "c"), "--no-translate",
+                      "--translate-below", "500"]) == 1                    # a contradiction, said so
+
+
+def test_a_run_trained_with_translate_below_keeps_it_on_resume(small_csv, tmp_path):
+    import torch
+    out = tmp_path / "tb"
+    assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--device", "cpu", "--batch-size", "8",
+                      "--steps", "2", "--translate-below", "300"]) == 0
+    assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--steps", "3", "--resume"]) == 0
+    args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
+    assert (args["steps"], args["translate"], args["translate_below"]) == (3, True, 300)
