@@ -251,6 +251,8 @@ def cmd_train(args):
         idx = torch.randint(0, len(x0_all), (args.batch_size,), generator=batches)
         bg, mag = drop_properties(band_gap[idx], magnetic[idx], args.property_drop)
         x0 = x0_all[idx]
+        # The shifts are drawn before the steps, as before --translate-below existed, so that
+        # earlier runs (the shipped checkpoint's among them) replay the same random numbers.
         moved = translate_randomly(x0) if args.translate else x0
         t = torch.randint(0, ddpm.T, (len(idx),), device=device)      # the diffusion steps trained at
         below = (t.cpu() < (args.translate_below or ddpm.T)).view(-1, 1, 1, 1)
