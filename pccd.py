@@ -56,13 +56,13 @@ def checkpoint_for(args):
 # Training presets (measured in the README). Explicit flags override them.
 PRESETS = {
     "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant", translate=False,
-                  translate_below=None, prediction="eps"),
+                  translate_below=None, translate_share=1.0, prediction="eps"),
     "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False,
-                 translate_below=None, prediction="v"),
+                 translate_below=None, translate_share=1.0, prediction="v"),
 }
 
 # What a run saved before these flags existed did (its checkpoint says None).
-SAVED_BEFORE_THE_FLAG = dict(translate=False, translate_below=None, prediction="eps")
+SAVED_BEFORE_THE_FLAG = dict(translate=False, translate_below=None, translate_share=1.0, prediction="eps")
 
 
 class UserError(Exception):
@@ -179,7 +179,8 @@ def translations(args):
     """How a run augments, in words, for its first line."""
     if not args.translate:
         return ""
-    return ", random translations" + (f" below step {args.translate_below}" if args.translate_below else "")
+    share = f" of {args.translate_share:.0%} of the crystals" if args.translate_share < 1 else ""
+    return ", random translations" + share + (f" below step {args.translate_below}" if args.translate_below else "")
 
 
 def cmd_train(args):
@@ -195,6 +196,12 @@ def cmd_train(args):
             raise UserError(f"--translate-below {args.translate_below}: give a step from 1 to 1000")
         if args.translate is False:
             raise UserError("--translate-below translates; it contradicts --no-translate")
+        args.translate = True
+    if args.translate_share is not None:                  # so does --translate-share P
+        if not 0 < args.translate_share <= 1:
+            raise UserError(f"--translate-share {args.translate_share:g}: give a share in (0, 1]")
+        if args.translate is False:
+            raise UserError("--translate-share translates; it contradicts --no-translate")
         args.translate = True
     resumed = load_checkpoint(path)[1] if args.resume else None
     # Settings not given on the command line: the resumed run's, else the preset's.
@@ -255,8 +262,10 @@ def cmd_train(args):
         # earlier runs (the shipped checkpoint's among them) replay the same random numbers.
         moved = translate_randomly(x0) if args.translate else x0
         t = torch.randint(0, ddpm.T, (len(idx),), device=device)      # the diffusion steps trained at
-        below = (t.cpu() < (args.translate_below or ddpm.T)).view(-1, 1, 1, 1)
-        x0 = torch.where(below, moved, x0)                # translated only where noise is below that step
+        chosen = t.cpu() < (args.translate_below or ddpm.T)        # noised below that step ...
+        if args.translate_share < 1:                                 # ... and drawn into the share
+            chosen &= torch.rand(len(idx)) < args.translate_share
+        x0 = torch.where(chosen.view(-1, 1, 1, 1), moved, x0)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args, step)
         loss = ddpm.loss(model, x0.to(device), elements[idx].to(device),
@@ -906,6 +915,9 @@ def build_parser():
                    "noised to a diffusion step below STEP (implies --translate), so that the high-noise steps, "
                    "where the network decides what crystal it makes, keep the training crystals' own frame "
                    "(default 1000: all steps)")
+    p.add_argument("--translate-share", type=float, metavar="P", help="translate only a random share P "
+                   "of the crystals (of those below --translate-below, if given; implies --translate), so that "
+                   "the network still sees the training crystals in their own frame at every step (default 1: all)")
     p.add_argument("--widths", type=int, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points (default {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")

@@ -774,11 +774,36 @@ def test_translate_below_moves_only_the_crystals_noised_below_that_step(small_cs
                       "--translate-below", "500"]) == 1                    # a contradiction, said so
 
 
-def test_a_run_trained_with_translate_below_keeps_it_on_resume(small_csv, tmp_path):
+def test_translate_share_moves_only_part_of_the_crystals_below_the_step(small_csv, tmp_path, monkeypatch):
+    import torch
+    seen, real_loss = [], diffusion.Diffusion.loss
+
+    def spy(self, model, x0, *rest, t=None):
+        seen.append((x0.clone(), t.clone()))
+        return real_loss(self, model, x0, *rest, t=t)
+    monkeypatch.setattr(diffusion.Diffusion, "loss", spy)
+    assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "s"), "--device", "cpu",
+                      "--batch-size", "32", "--steps", "3", "--translate-below", "500",
+                      "--translate-share", "0.5"]) == 0
+    crystals = pccd.load_or_fail(small_csv)
+    clouds = pccd.encode_dataset(crystals, data.fit_length_range([c.structure for c in crystals]))[0]
+    training_set = diffusion.to_model(clouds)
+    x0, t = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
+    as_encoded = torch.tensor([any(torch.equal(row, c) for c in training_set) for row in x0])
+    assert as_encoded[t >= 500].all()                       # high noise: always the training frame
+    low = as_encoded[t < 500]
+    assert 0 < int((~low).sum()) < len(low)                 # low noise: some moved, some kept their frame
+    for bad in (["--translate-share", "0"], ["--translate-share", "1.5"],
+                ["--no-translate", "--translate-share", "0.5"]):
+        assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "c")] + bad) == 1
+
+
+def test_a_run_trained_with_translate_below_and_share_keeps_them_on_resume(small_csv, tmp_path):
     import torch
     out = tmp_path / "tb"
     assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--device", "cpu", "--batch-size", "8",
-                      "--steps", "2", "--translate-below", "300"]) == 0
+                      "--steps", "2", "--translate-below", "300", "--translate-share", "0.25"]) == 0
     assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--steps", "3", "--resume"]) == 0
     args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
-    assert (args["steps"], args["translate"], args["translate_below"]) == (3, True, 300)
+    assert (args["steps"], args["translate"], args["translate_below"], args["translate_share"]) == \
+        (3, True, 300, 0.25)
