@@ -191,17 +191,15 @@ def cmd_train(args):
     if args.resume and not os.path.exists(path):
         raise UserError(f"--resume: no checkpoint at {path}")
 
-    if args.translate_below is not None:                  # --translate-below STEP implies --translate
-        if not 1 <= args.translate_below <= 1000:
-            raise UserError(f"--translate-below {args.translate_below}: give a step from 1 to 1000")
+    for flag, value, fits, wanted in (                    # each of these implies --translate
+            ("--translate-below", args.translate_below, lambda v: 1 <= v <= 1000, "a step from 1 to 1000"),
+            ("--translate-share", args.translate_share, lambda v: 0 < v <= 1, "a share in (0, 1]")):
+        if value is None:
+            continue
+        if not fits(value):
+            raise UserError(f"{flag} {value:g}: give {wanted}")
         if args.translate is False:
-            raise UserError("--translate-below translates; it contradicts --no-translate")
-        args.translate = True
-    if args.translate_share is not None:                  # so does --translate-share P
-        if not 0 < args.translate_share <= 1:
-            raise UserError(f"--translate-share {args.translate_share:g}: give a share in (0, 1]")
-        if args.translate is False:
-            raise UserError("--translate-share translates; it contradicts --no-translate")
+            raise UserError(f"{flag} translates; it contradicts --no-translate")
         args.translate = True
     resumed = load_checkpoint(path)[1] if args.resume else None
     # Settings not given on the command line: the resumed run's, else the preset's.
