@@ -753,7 +753,9 @@ def test_train_translate_flag_is_recorded_and_kept_on_resume(small_csv, tmp_path
     assert torch.load(out / "checkpoint.pt", weights_only=False)["args"]["translate"] is True
 
 
-def test_translate_below_moves_only_the_crystals_noised_below_that_step(small_csv, tmp_path, monkeypatch):
+def train_and_see_which_crystals_moved(small_csv, out, monkeypatch, flags):
+    """Train 32-crystal batches with `flags`, spying on the loss: the diffusion step of every crystal
+    the loss saw, and whether it was exactly as encoded (True) or translated (False)."""
     import torch
     seen, real_loss = [], diffusion.Diffusion.loss
 
@@ -761,35 +763,28 @@ def test_translate_below_moves_only_the_crystals_noised_below_that_step(small_cs
         seen.append((x0.clone(), t.clone()))
         return real_loss(self, model, x0, *rest, t=t)
     monkeypatch.setattr(diffusion.Diffusion, "loss", spy)
-    assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "b"), "--device", "cpu",
-                      "--batch-size", "32", "--steps", "2", "--translate-below", "500"]) == 0
+    assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--device", "cpu",
+                      "--batch-size", "32", *flags]) == 0
     crystals = pccd.load_or_fail(small_csv)
     clouds = pccd.encode_dataset(crystals, data.fit_length_range([c.structure for c in crystals]))[0]
     training_set = diffusion.to_model(clouds)
     x0, t = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
-    as_encoded = [any(torch.equal(row, c) for c in training_set) for row in x0]
+    return t, torch.tensor([any(torch.equal(row, c) for c in training_set) for row in x0])
+
+
+def test_translate_below_moves_only_the_crystals_noised_below_that_step(small_csv, tmp_path, monkeypatch):
+    t, as_encoded = train_and_see_which_crystals_moved(small_csv, tmp_path / "b", monkeypatch,
+                                                       ["--steps", "2", "--translate-below", "500"])
     assert 0 < int((t < 500).sum()) < len(t)
-    assert as_encoded == (t >= 500).tolist()           # the low-noise crystals, and only they, moved
+    assert as_encoded.tolist() == (t >= 500).tolist()  # the low-noise crystals, and only they, moved
     assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "c"), "--no-translate",
                       "--translate-below", "500"]) == 1                    # a contradiction, said so
 
 
 def test_translate_share_moves_only_part_of_the_crystals_below_the_step(small_csv, tmp_path, monkeypatch):
-    import torch
-    seen, real_loss = [], diffusion.Diffusion.loss
-
-    def spy(self, model, x0, *rest, t=None):
-        seen.append((x0.clone(), t.clone()))
-        return real_loss(self, model, x0, *rest, t=t)
-    monkeypatch.setattr(diffusion.Diffusion, "loss", spy)
-    assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "s"), "--device", "cpu",
-                      "--batch-size", "32", "--steps", "3", "--translate-below", "500",
-                      "--translate-share", "0.5"]) == 0
-    crystals = pccd.load_or_fail(small_csv)
-    clouds = pccd.encode_dataset(crystals, data.fit_length_range([c.structure for c in crystals]))[0]
-    training_set = diffusion.to_model(clouds)
-    x0, t = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
-    as_encoded = torch.tensor([any(torch.equal(row, c) for c in training_set) for row in x0])
+    t, as_encoded = train_and_see_which_crystals_moved(
+        small_csv, tmp_path / "s", monkeypatch,
+        ["--steps", "3", "--translate-below", "500", "--translate-share", "0.5"])
     assert as_encoded[t >= 500].all()                       # high noise: always the training frame
     low = as_encoded[t < 500]
     assert 0 < int((~low).sum()) < len(low)                 # low noise: some moved, some kept their frame
