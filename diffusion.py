@@ -63,7 +63,8 @@ class Diffusion:
     def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=0.2, t=None):
         """Eq. (S4): E_{t, x0, eps} | eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) |,
         the mean absolute error. The condition is dropped (replaced by the null embedding) for a
-        fraction `cond_drop` of the batch, so the same network also learns eps_theta(x_t, t).
+        fraction `cond_drop` of the batch (a probability, or one per crystal, shape (B,)), so the
+        same network also learns eps_theta(x_t, t).
         t: the step of each crystal, (B,); drawn uniformly from 0 .. T-1 when None."""
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device) if t is None else t
@@ -84,7 +85,9 @@ class Diffusion:
         elements, band_gap, magnetic = condition
         B = x.shape[0]
         tt = torch.full((B,), t, device=x.device, dtype=torch.long)
-        if guidance == 1.0:
+        if guidance == 0.0:                         # the unconditional model alone: one pass
+            out = model(x, tt, elements, band_gap, magnetic, torch.ones(B, dtype=torch.bool, device=x.device))
+        elif guidance == 1.0:
             out = model(x, tt, elements, band_gap, magnetic, None)
         else:
             drop = torch.arange(2 * B, device=x.device) >= B              # second half: unconditional
@@ -130,13 +133,14 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, condition, x_T=None, t_start=None, sampler="ddpm", steps=None,
-               guidance=1.0, generator=None, progress=None, trajectory=None):
+               guidance=1.0, generator=None, progress=None, trajectory=None, condition_above=0):
         """Denoise from step t_start (default T-1: pure noise) to a [0, 1] cloud (B, 3, 128, 3).
 
         condition: (elements (B, 3), band_gap (B,), magnetic (B,)) long tensors.
         x_T: the starting noisy cloud in model units; drawn from N(0, I) when None.
         sampler: 'ddpm' (ancestral, every step) or 'ddim' (`steps` evenly spaced steps).
         progress(i, n): called after each step. trajectory: a dict that receives {t: first cloud}.
+        condition_above: the steps below it run without the condition (guidance 0, one pass).
         """
         elements = condition[0]
         B, device = elements.shape[0], elements.device
@@ -151,11 +155,12 @@ class Diffusion:
             raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
         model.eval()
         for i, t in enumerate(timesteps):
+            w = guidance if t >= condition_above else 0.0
             if sampler == "ddpm":
-                x = self.p_sample(model, x, t, condition, guidance, generator)
+                x = self.p_sample(model, x, t, condition, w, generator)
             else:
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                x = self.ddim_step(model, x, t, t_prev, condition, guidance)
+                x = self.ddim_step(model, x, t, t_prev, condition, w)
             if trajectory is not None:                    # the first cloud only: Fig. S2
                 trajectory[t] = from_model(x[0]).cpu()
             if progress:

@@ -56,13 +56,14 @@ def checkpoint_for(args):
 # Training presets (measured in the README). Explicit flags override them.
 PRESETS = {
     "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant", translate=False,
-                  translate_below=None, translate_share=1.0, prediction="eps"),
+                  translate_below=None, translate_share=1.0, prediction="eps", condition_above=0),
     "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False,
-                 translate_below=None, translate_share=1.0, prediction="v"),
+                 translate_below=None, translate_share=1.0, prediction="v", condition_above=0),
 }
 
 # What a run saved before these flags existed did (its checkpoint says None).
-SAVED_BEFORE_THE_FLAG = dict(translate=False, translate_below=None, translate_share=1.0, prediction="eps")
+SAVED_BEFORE_THE_FLAG = dict(translate=False, translate_below=None, translate_share=1.0, prediction="eps",
+                            condition_above=0)
 
 
 class UserError(Exception):
@@ -119,6 +120,16 @@ def save_checkpoint(path, state):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def condition_above_of(ckpt, args):
+    """The step below which sampling drops the condition: --condition-above, else the one the
+    network was trained with (0, every step, for runs saved before the flag)."""
+    if args.condition_above is None:
+        args.condition_above = ckpt.get("args", {}).get("condition_above") or 0
+    if not 0 <= args.condition_above <= 1000:
+        raise UserError(f"--condition-above {args.condition_above}: give a step from 0 to 1000")
+    return args.condition_above
 
 
 def diffusion_of(ckpt):
@@ -191,6 +202,8 @@ def cmd_train(args):
     if args.resume and not os.path.exists(path):
         raise UserError(f"--resume: no checkpoint at {path}")
 
+    if args.condition_above is not None and not 0 <= args.condition_above <= 1000:
+        raise UserError(f"--condition-above {args.condition_above}: give a step from 0 to 1000")
     for flag, value, fits, wanted in (                    # each of these implies --translate
             ("--translate-below", args.translate_below, lambda v: 1 <= v <= 1000, "a step from 1 to 1000"),
             ("--translate-share", args.translate_share, lambda v: 0 < v <= 1, "a share in (0, 1]")):
@@ -238,7 +251,8 @@ def cmd_train(args):
     n_params = unet.count_parameters(model)
     print(f"training a {n_params / 1e6:.2f} M-parameter U-Net on {len(crystals)} crystals, "
           f"device {device}, steps {step} -> {args.steps}, batch {args.batch_size}, lr {args.lr:g} "
-          f"({args.schedule}), predicting {args.prediction}{translations(args)}",
+          f"({args.schedule}), predicting {args.prediction}{translations(args)}"
+          f"{f', no condition below step {args.condition_above}' if args.condition_above else ''}",
           flush=True)
 
     def checkpoint_state():
@@ -266,8 +280,12 @@ def cmd_train(args):
         x0 = torch.where(chosen.view(-1, 1, 1, 1), moved, x0)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args, step)
+        # Below --condition-above the condition is always dropped: those steps learn to denoise
+        # any crystal without being told which (and sampling then runs them unconditionally).
+        cond_drop = torch.where(t < args.condition_above, 1.0, args.cond_drop) if args.condition_above \
+            else args.cond_drop
         loss = ddpm.loss(model, x0.to(device), elements[idx].to(device),
-                         bg.to(device), mag.to(device), args.cond_drop, t=t)
+                         bg.to(device), mag.to(device), cond_drop, t=t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -369,7 +387,7 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
         clouds = ddpm.sample(model, condition_tensors(conditions[lo:hi], device),
                              x_T=None if x_T is None else x_T[lo:hi].to(device), t_start=t_start,
                              sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                             generator=generator, progress=progress,
+                             condition_above=args.condition_above, generator=generator, progress=progress,
                              trajectory=trajectory if lo == 0 else None)
         out.append(clouds.cpu().numpy())
     print(file=sys.stderr)
@@ -402,6 +420,7 @@ def cmd_reconstruct(args):
     import json
     device = pick_device(args.device)
     model, ckpt = load_checkpoint(checkpoint_for(args), device)
+    condition_above_of(ckpt, args)
     length_range = ckpt["length_range"]
     crystals = load_or_fail(args.data)
     rng = np.random.default_rng(args.seed)
@@ -461,7 +480,8 @@ def cmd_reconstruct(args):
     table_periodic = [evaluate.box_statistics(100 * v) for v in coord_ours.T]
     summary = dict(
         checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data), t=t,
-        sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed, n=n,
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+        condition_above=args.condition_above, seed=args.seed, n=n,
         seconds=seconds, decoded=sum(s is not None for s in recon),
         atom_count_accuracy=len(same) / n, count_baseline_accuracy=baseline,
         match_rate=len(matched) / n, mean_rms=float(np.mean(matched)) if matched else None,
@@ -491,9 +511,15 @@ def write_reconstruction_csv(path, pairs):
         writer.writerows(pairs)
 
 
+def describe_sampler(sampler, steps, guidance, condition_above, **_):
+    """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below'."""
+    words = (sampler if sampler == "ddpm" else f"ddim, {steps} steps") + f", guidance {guidance:g}"
+    return words + (f" at steps >= {condition_above}, no condition below" if condition_above else "")
+
+
 def print_reconstruction(summary, table, table_periodic):
     n = summary["n"]
-    sampler = summary["sampler"] if summary["sampler"] == "ddpm" else f"ddim, {summary['steps']} steps"
+    sampler = describe_sampler(**summary)
     print(f"\nReconstruction from t = {summary['t']} of {n} structures ({sampler}, "
           f"{summary['seconds']:.0f} s)")
     print(f"  decoded                       {summary['decoded']:>5}/{n}")
@@ -641,6 +667,7 @@ def cmd_generate(args):
     except ValueError as e:
         raise UserError(str(e))
     model, ckpt = load_checkpoint(checkpoint_for(args), device)
+    condition_above_of(ckpt, args)
     rng = np.random.default_rng(args.seed)
     if args.elements:
         element_sets = [args.elements] * args.n
@@ -681,11 +708,12 @@ def cmd_generate(args):
     summary["crystals_with_merges"] = sum(s.properties["atoms_merged"] > 0 for s in structures if s is not None)
     write_screening(out, names, structures, reasons, rows)
     summary.update(seconds=seconds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                   condition_above=args.condition_above,
                    seed=args.seed, checkpoint=os.path.abspath(args.checkpoint), novelty_checked=reference is not None)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\nGenerated {args.n} crystals in {seconds:.0f} s "
-          f"({args.sampler}{'' if args.sampler == 'ddpm' else ' ' + str(args.steps) + ' steps'}, guidance {args.guidance:g})")
+          f"({describe_sampler(**summary)})")
     print(evaluate.format_screening(summary))
     print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
 
@@ -872,6 +900,10 @@ def add_sampling_arguments(p, batch_size=256):
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w: "
                    "eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional model only, one "
                    "network pass (default %(default)s, the best of 1, 2, 3, 5 measured: see README)")
+    p.add_argument("--condition-above", type=int, metavar="STEP",
+                   help="use the condition (with guidance w) only at steps >= STEP; below it the "
+                   "network denoises without it, in one pass (default: what the checkpoint was "
+                   "trained with, 0 -- every step -- unless train --condition-above said otherwise)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="clouds denoised at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -916,6 +948,10 @@ def build_parser():
     p.add_argument("--translate-share", type=float, metavar="P", help="translate only a random share P "
                    "of the crystals (of those below --translate-below, if given; implies --translate), so that "
                    "the network still sees the training crystals in their own frame at every step (default 1: all)")
+    p.add_argument("--condition-above", type=int, metavar="STEP", help="use the condition only at "
+                   "steps >= STEP: below it the condition is always dropped, so those steps learn to "
+                   "denoise any crystal without being told which; sampling then does the same "
+                   "(default: the preset's, 0: every step)")
     p.add_argument("--widths", type=int, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points (default {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")

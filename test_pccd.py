@@ -345,6 +345,23 @@ def test_guidance_combines_conditional_and_unconditional_noise():
         assert torch.allclose(ddpm.predict_noise(fake, x, 10, cond, w), torch.full_like(x, w))
 
 
+def test_condition_above_runs_the_steps_below_it_without_the_condition():
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t, elements, band_gap, magnetic, drop):
+            seen[int(t[0])] = (len(x), None if drop is None else drop.tolist())
+            return torch.zeros_like(x)
+    ddpm = diffusion.Diffusion()
+    cond = (torch.ones(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    ddpm.sample(Spy(), cond, sampler="ddim", steps=10, guidance=3.0, condition_above=500)
+    above = {t: s for t, s in seen.items() if t >= 500}
+    below = {t: s for t, s in seen.items() if t < 500}
+    assert above and below
+    assert all(s == (4, [False, False, True, True]) for s in above.values())   # guided: both passes
+    assert all(s == (2, [True, True]) for s in below.values())                 # unconditional only
+
+
 def test_a_tiny_model_learns_and_its_samples_decode_or_fail_clearly(tiny_run):
     ckpt = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
     losses = ckpt["losses"]
@@ -802,3 +819,27 @@ def test_a_run_trained_with_translate_below_and_share_keeps_them_on_resume(small
     args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
     assert (args["steps"], args["translate"], args["translate_below"], args["translate_share"]) == \
         (3, True, 300, 0.25)
+
+
+def test_condition_above_trains_without_the_condition_below_the_step_and_samples_so(small_csv, tmp_path,
+                                                                                     monkeypatch):
+    import argparse
+    import torch
+    seen, real_forward = [], unet.UNet.forward
+
+    def spy(self, x, t, elements, band_gap, magnetic, drop=None):
+        seen.append((t.clone(), drop.clone()))
+        return real_forward(self, x, t, elements, band_gap, magnetic, drop)
+    monkeypatch.setattr(unet.UNet, "forward", spy)
+    out = tmp_path / "ca"
+    assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--device", "cpu", "--batch-size", "32",
+                      "--steps", "3", "--condition-above", "500"]) == 0
+    t, drop = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
+    assert drop[t < 500].all() and len(drop[t < 500]) > 0    # low noise: never told the condition
+    assert not drop[t >= 500].all()                           # high noise: kept for most crystals
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert pccd.condition_above_of(ckpt, argparse.Namespace(condition_above=None)) == 500
+    assert pccd.condition_above_of(ckpt, argparse.Namespace(condition_above=0)) == 0      # the flag wins
+    assert pccd.condition_above_of({}, argparse.Namespace(condition_above=None)) == 0     # older runs
+    assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "x"), "--condition-above",
+                      "2000"]) == 1
