@@ -58,7 +58,7 @@ PRESETS = {
     "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant", translate=False,
                   translate_below=None, translate_share=1.0, prediction="eps", condition_above=0),
     "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False,
-                 translate_below=None, translate_share=1.0, prediction="v", condition_above=0),
+                 translate_below=None, translate_share=1.0, prediction="v", condition_above=250),
 }
 
 # What a run saved before these flags existed did (its checkpoint says None).
@@ -898,8 +898,8 @@ def add_sampling_arguments(p, batch_size=256):
                    "deterministic, --steps steps (default %(default)s)")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w: "
-                   "eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional model only, one "
-                   "network pass (default %(default)s, the best of 1, 2, 3, 5 measured: see README)")
+                   "eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional model only, 0 = "
+                   "unconditional only, each one network pass (default %(default)s, the best of 1, 2, 3, 5 measured: see README)")
     p.add_argument("--condition-above", type=int, metavar="STEP",
                    help="use the condition (with guidance w) only at steps >= STEP; below it the "
                    "network denoises without it, in one pass (default: what the checkpoint was "
@@ -922,8 +922,8 @@ def build_parser():
                    "file (default: the bundled MP-20 train split; the val split stays unseen)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick: 3000 steps, "
                    "batch 64, constant lr 2e-3, predicting eps (~9 min on a 2-core CPU). hour: 8600 steps, batch 128, "
-                   "cosine-decayed lr 2e-3, predicting v (~50 min; the shipped checkpoint is this with "
-                   "--translate --prediction eps). The flags below override it.")
+                   "cosine-decayed lr 2e-3, predicting v, the condition only at steps >= 250 (~45 min; "
+                   "the shipped checkpoint). The flags below override it.")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--batch-size", type=int, help="crystals per step (Table S1: 128)")
     p.add_argument("--lr", type=float, help="Adam learning rate (Table S1 has 1e-4, which learns much "
