@@ -55,8 +55,8 @@ def checkpoint_for(args):
 
 # Training presets (measured in the README). Explicit flags override them.
 PRESETS = {
-    "quick": dict(steps=3000, batch_size=64, lr=2e-3, schedule="constant", translate=False,
-                  translate_below=None, translate_share=1.0, prediction="eps", condition_above=0),
+    "quick": dict(steps=6000, batch_size=32, lr=2e-3, schedule="constant", translate=False,
+                  translate_below=None, translate_share=1.0, prediction="v", condition_above=250),
     "hour": dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine", translate=False,
                  translate_below=None, translate_share=1.0, prediction="v", condition_above=250),
 }
@@ -122,13 +122,17 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def check_condition_above(step):
+    if step is not None and not 0 <= step <= 1000:
+        raise UserError(f"--condition-above {step}: give a step from 0 to 1000")
+
+
 def condition_above_of(ckpt, args):
     """The step below which sampling drops the condition: --condition-above, else the one the
     network was trained with (0, every step, for runs saved before the flag)."""
+    check_condition_above(args.condition_above)
     if args.condition_above is None:
         args.condition_above = ckpt.get("args", {}).get("condition_above") or 0
-    if not 0 <= args.condition_above <= 1000:
-        raise UserError(f"--condition-above {args.condition_above}: give a step from 0 to 1000")
     return args.condition_above
 
 
@@ -202,8 +206,7 @@ def cmd_train(args):
     if args.resume and not os.path.exists(path):
         raise UserError(f"--resume: no checkpoint at {path}")
 
-    if args.condition_above is not None and not 0 <= args.condition_above <= 1000:
-        raise UserError(f"--condition-above {args.condition_above}: give a step from 0 to 1000")
+    check_condition_above(args.condition_above)
     for flag, value, fits, wanted in (                    # each of these implies --translate
             ("--translate-below", args.translate_below, lambda v: 1 <= v <= 1000, "a step from 1 to 1000"),
             ("--translate-share", args.translate_share, lambda v: 0 < v <= 1, "a share in (0, 1]")):
@@ -899,7 +902,8 @@ def add_sampling_arguments(p, batch_size=256):
     p.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w: "
                    "eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional model only, 0 = "
-                   "unconditional only, each one network pass (default %(default)s, the best of 1, 2, 3, 5 measured: see README)")
+                   "unconditional only, each one network pass (default %(default)s, the best of "
+                   "1, 2, 3, 5 measured: see README)")
     p.add_argument("--condition-above", type=int, metavar="STEP",
                    help="use the condition (with guidance w) only at steps >= STEP; below it the "
                    "network denoises without it, in one pass (default: what the checkpoint was "
@@ -920,10 +924,10 @@ def build_parser():
                        "steps and at the end) and OUT/loss.png (Fig. S4).")
     p.add_argument("--data", default=BUNDLED_TRAIN, help="training crystals: CDVAE CSV, folder or "
                    "file (default: the bundled MP-20 train split; the val split stays unseen)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick: 3000 steps, "
-                   "batch 64, constant lr 2e-3, predicting eps (~9 min on a 2-core CPU). hour: 8600 steps, batch 128, "
-                   "cosine-decayed lr 2e-3, predicting v, the condition only at steps >= 250 (~45 min; "
-                   "the shipped checkpoint). The flags below override it.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick: 6000 steps, "
+                   "batch 32, constant lr 2e-3 (~9 min on a 2-core CPU). hour: 8600 steps, batch 128, "
+                   "cosine-decayed lr 2e-3 (~45 min; the shipped checkpoint). Both predict v and use "
+                   "the condition only at steps >= 250. The flags below override them.")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--batch-size", type=int, help="crystals per step (Table S1: 128)")
     p.add_argument("--lr", type=float, help="Adam learning rate (Table S1 has 1e-4, which learns much "

@@ -370,7 +370,7 @@ def test_a_tiny_model_learns_and_its_samples_decode_or_fail_clearly(tiny_run):
     model, ckpt = pccd.load_checkpoint(str(tiny_run))
     z, bg, mag = data.encode_condition(["Mg", "O"])
     cond = (torch.tensor([z] * 4), torch.tensor([bg] * 4), torch.tensor([mag] * 4))
-    assert pccd.diffusion_of(ckpt).prediction == "eps"      # the default preset's (the paper's)
+    assert pccd.diffusion_of(ckpt).prediction == pccd.PRESETS["quick"]["prediction"] == "v"  # the default's
     clouds = pccd.diffusion_of(ckpt).sample(model, cond, sampler="ddim", steps=10,
                                             generator=torch.Generator().manual_seed(0))
     assert clouds.shape == (4, 3, 128, 3) and torch.isfinite(clouds).all()
