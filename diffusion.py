@@ -80,8 +80,9 @@ class Diffusion:
 
     def predict_noise(self, model, x, t, condition, guidance):
         """eps = eps_uncond + w (eps_cond - eps_uncond). Both passes run as one batch; w = 1 is
-        the plain conditional model and needs only one pass. A v-network's outputs are combined
-        the same way and then turned into eps (the map is linear, so it is the same guidance)."""
+        the plain conditional model and w = 0 the unconditional one, each a single pass. A
+        v-network's outputs are combined the same way and then turned into eps (the map is
+        linear, so it is the same guidance)."""
         elements, band_gap, magnetic = condition
         B = x.shape[0]
         tt = torch.full((B,), t, device=x.device, dtype=torch.long)

@@ -285,8 +285,7 @@ def cmd_train(args):
             group["lr"] = learning_rate(args, step)
         # Below --condition-above the condition is always dropped: those steps learn to denoise
         # any crystal without being told which (and sampling then runs them unconditionally).
-        cond_drop = torch.where(t < args.condition_above, 1.0, args.cond_drop) if args.condition_above \
-            else args.cond_drop
+        cond_drop = torch.where(t < args.condition_above, 1.0, args.cond_drop)
         loss = ddpm.loss(model, x0.to(device), elements[idx].to(device),
                          bg.to(device), mag.to(device), cond_drop, t=t)
         optimizer.zero_grad(set_to_none=True)
