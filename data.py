@@ -51,238 +51,9 @@ BAND_GAP_CLASSES = ("metal", "small", "large", "unknown")  # 0 eV, < 1.5 eV, >= 
 MAGNETIC_ORDERINGS = ("NM", "FM", "FiM", "AFM", "unknown")
 
 
-@dataclass
-class Crystal:
-    """One usable structure with what PCCD conditions on."""
-    structure: Structure
-    material_id: str = ""
-    band_gap: float = float("nan")      # eV; NaN when the source has none
-    ordering: str = "unknown"           # magnetic ordering, one of MAGNETIC_ORDERINGS
-
-    @property
-    def band_gap_class(self):
-        return band_gap_class(self.band_gap)
-
-
-def band_gap_class(band_gap):
-    """The original code's three band-gap bins, plus 'unknown' for a missing value."""
-    if band_gap is None or not np.isfinite(band_gap):
-        return "unknown"
-    if band_gap <= 1e-6:
-        return "metal"
-    return "small" if band_gap < 1.5 else "large"
-
-
-def encode_condition(elements, band_gap="unknown", ordering="unknown"):
-    """The model's condition as integers: atomic numbers of the element slots (0 = empty slot,
-    taken from pymatgen, never a hand-typed table), the band-gap class index and the magnetic
-    ordering index. Returns ([Z1, Z2, Z3], band_gap_index, ordering_index)."""
-    if band_gap not in BAND_GAP_CLASSES:
-        raise ValueError(f"band gap class {band_gap!r} is not one of {', '.join(BAND_GAP_CLASSES)}")
-    if ordering not in MAGNETIC_ORDERINGS:
-        raise ValueError(f"magnetic ordering {ordering!r} is not one of {', '.join(MAGNETIC_ORDERINGS)}")
-    z = [Element(e).Z for e in check_elements(elements)]
-    return z + [0] * (MAX_ELEMENTS - len(z)), BAND_GAP_CLASSES.index(band_gap), MAGNETIC_ORDERINGS.index(ordering)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------
-
-STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
-
-
-def _is_structure_file(name):
-    base = os.path.basename(name)
-    return base.lower().endswith(STRUCTURE_SUFFIXES) or base.startswith(("POSCAR", "CONTCAR"))
-
-
-def _parse_structure(text, fmt):
-    with warnings.catch_warnings():      # pymatgen warns about rounding in most CIFs
-        warnings.simplefilter("ignore")
-        return Structure.from_str(text, fmt=fmt)
-
-
-def _read_rows(path):
-    """Yield (name, fmt, text, properties) for each structure in a CSV, a folder or a file."""
-    if os.path.isdir(path):
-        names = sorted(os.listdir(path))
-        cif_stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".cif")}
-        for name in names:
-            stem, suffix = os.path.splitext(name)
-            if suffix.lower() != ".cif" and stem in cif_stems:
-                continue                      # X.cif and X.vasp of one crystal count once
-            if _is_structure_file(name):
-                yield from _read_rows(os.path.join(path, name))
-    elif path.lower().endswith(".csv"):
-        csv.field_size_limit(2**31 - 1)
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if "cif" not in (reader.fieldnames or []):
-                raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
-            for i, row in enumerate(reader):
-                yield row.get("material_id") or f"row {i}", "cif", row["cif"], row
-    else:
-        fmt = "cif" if path.lower().endswith(".cif") else "poscar"
-        with open(path) as f:
-            yield os.path.basename(path), fmt, f.read(), {}
-
-
-def load_structures(path, verbose=True, only_encodable=True):
-    """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
-    `material_id`, `band_gap`, `ordering`), a folder of CIF/POSCAR files, or one such file.
-
-    Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter; only_encodable=False
-    keeps every readable one); a bad row is counted and skipped, never fatal. Prints one line
-    saying what was kept and skipped.
-    Returns a list of `Crystal`.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    kept, skipped = [], {}
-    for name, fmt, text, props in _read_rows(path):
-        try:
-            structure = _parse_structure(text, fmt)
-        except Exception:
-            skipped["unreadable"] = skipped.get("unreadable", 0) + 1
-            continue
-        reason = unencodable_reason(structure) if only_encodable else ""
-        if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
-            continue
-        ordering = (props.get("ordering") or "unknown").strip()
-        kept.append(Crystal(
-            structure=structure,
-            material_id=props.get("material_id") or name,
-            band_gap=_to_float(props.get("band_gap")),
-            ordering=ordering if ordering in MAGNETIC_ORDERINGS else "unknown",
-        ))
-    if verbose:
-        total = len(kept) + sum(skipped.values())
-        why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
-        print(f"{path}: kept {len(kept)} of {total} structures (skipped: {why})", file=sys.stderr)
-    return kept
-
-
-CSV_FIELDS = ["material_id", "pretty_formula", "band_gap", "ordering", "formation_energy_per_atom",
-              "e_above_hull", "elements", "cif"]
-
-
-def mp_documents_to_rows(documents):
-    """Materials Project summary documents (dicts with a pymatgen Structure or its dict under
-    'structure') -> rows of the CDVAE-style CSV that `load_structures` reads, with the magnetic
-    ordering in an `ordering` column. Documents without a structure are left out."""
-    rows = []
-    for doc in documents:
-        structure = doc.get("structure")
-        if structure is None:
-            continue
-        if isinstance(structure, dict):
-            structure = Structure.from_dict(structure)
-        rows.append(dict(
-            material_id=str(doc.get("material_id", "")),
-            pretty_formula=structure.composition.reduced_formula,
-            band_gap=doc.get("band_gap", ""),
-            ordering=str(doc.get("ordering") or "unknown"),
-            formation_energy_per_atom=doc.get("formation_energy_per_atom", ""),
-            e_above_hull=doc.get("energy_above_hull", ""),
-            elements=str(sorted(e.symbol for e in structure.composition.elements)),
-            cif=structure.to(fmt="cif"),
-        ))
-    return rows
-
-
-def split_of(material_id, fractions=(0.8, 0.1, 0.1)):
-    """'train', 'val' or 'test', decided by a hash of the id: deterministic, and a crystal keeps
-    its split when the database grows."""
-    import zlib
-    u = zlib.crc32(material_id.encode()) / 2**32
-    return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
-
-
-def write_csv(path, rows):
-    """Write rows with CSV_FIELDS to a temporary file, then rename: an interrupted write never
-    leaves a half file posing as a dataset."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _to_float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def unencodable_reason(structure):
-    """Why PCCD cannot encode this structure, in a few words, or '' when it can."""
-    if not structure.is_ordered:
-        return "disordered (partial occupancies)"
-    if len(structure.composition.elements) > MAX_ELEMENTS:
-        return f"with > {MAX_ELEMENTS} elements"
-    if len(structure) > MAX_SITES:
-        return f"with > {MAX_SITES} sites"
-    return ""
-
-
-def fit_length_range(structures, margin=1.25):
-    """(lo, hi) in A covering every lattice length of `structures`, widened by `margin` on a log
-    scale, so nothing in the training data is clipped and generation has some room."""
-    lengths = np.array([s.lattice.abc for s in structures], dtype=float)
-    return float(lengths.min() / margin), float(lengths.max() * margin)
-
-
 # ----------------------------------------------------------------------------------------------
 # Encoding: crystal -> (3, 128, 3) cloud
 # ----------------------------------------------------------------------------------------------
-
-def default_elements(structure):
-    """The slot order of channel 1 when none is given: by electronegativity, as in a formula
-    (Mg, Mn, O)."""
-    return canonical_order(el.symbol for el in structure.composition.elements)
-
-
-def canonical_order(symbols):
-    """Element symbols in the slot order the model is trained with: by electronegativity
-    (Mg Mn O), so that `generate --elements O Mg Mn` asks for what training saw as Mg Mn O."""
-    return sorted((str(s) for s in symbols), key=lambda s: Element(s).X)
-
-
-def check_elements(elements):
-    """Validate a list of element symbols; returns it as a list of str."""
-    elements = [str(e) for e in elements]
-    if not 1 <= len(elements) <= MAX_ELEMENTS:
-        raise ValueError(f"{len(elements)} elements ({' '.join(elements) or 'none'}); "
-                         f"PCCD encodes 1 to {MAX_ELEMENTS}")
-    for symbol in elements:
-        if not Element.is_valid_symbol(symbol):
-            raise ValueError(f"'{symbol}' is not a chemical element symbol")
-    if len(set(elements)) != len(elements):
-        raise ValueError(f"repeated element in {' '.join(elements)}")
-    return elements
-
-
-def _normalise_lengths(abc, length_range):
-    lo, hi = np.log(length_range[0]), np.log(length_range[1])
-    return (np.log(abc) - lo) / (hi - lo)
-
-
-def _denormalise_lengths(u, length_range):
-    lo, hi = np.log(length_range[0]), np.log(length_range[1])
-    return np.exp(lo + np.asarray(u, dtype=float) * (hi - lo))
-
-
-def point_owner(n_atoms):
-    """Which atom each of the 128 points belongs to: atom i owns 128 // n consecutive points,
-    and the first 128 % n atoms one spare point each. Shape (128,)."""
-    counts = np.full(n_atoms, N_POINTS // n_atoms)
-    counts[: N_POINTS % n_atoms] += 1
-    return np.repeat(np.arange(n_atoms), counts)
-
 
 def encode(structure, elements=None, length_range=DEFAULT_LENGTH_RANGE):
     """Crystal -> (cloud, elements): `cloud` float32 (3, 128, 3) in [0, 1] (Fig. 7).
@@ -320,6 +91,169 @@ def encode(structure, elements=None, length_range=DEFAULT_LENGTH_RANGE):
 
 # ----------------------------------------------------------------------------------------------
 # Decoding: cloud -> crystal
+# ----------------------------------------------------------------------------------------------
+
+def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.08, min_samples=3):
+    """(3, 128, 3) cloud -> pymatgen Structure; the inverse of `encode`.
+
+    Each point takes the element of its largest channel-1 value (among the given elements); the
+    points of each element are clustered by a periodic DBSCAN, and a cluster becomes one atom at
+    the circular mean of its points -- or m atoms when it holds m atoms' worth of points (an
+    atom owns about 128 / n points; m is judged against the median cluster size, and a cluster
+    of less than half that size is stray points, not an atom) that k-means can place at least
+    MIN_SEPARATION (0.5 A) apart. Of two atoms closer than that, whatever their elements, only
+    the one with more points stays (`_one_atom_per_spot`); structure.properties["atoms_merged"]
+    says how many atoms these rules removed. Raises ValueError with a reason when no structure
+    can be made.
+    """
+    elements = check_elements(elements)
+    cloud = np.asarray(cloud, dtype=float)
+    if cloud.shape != (3, N_POINTS, 3):
+        raise ValueError(f"a PCCD cloud has shape (3, {N_POINTS}, 3), not {cloud.shape}")
+    if not np.all(np.isfinite(cloud)):
+        raise ValueError("the cloud contains NaN or infinite values")
+    lattice = lattice_from_parameters(*decode_lattice(cloud, length_range))
+
+    positions = np.mod(cloud[0], 1.0)
+    slots = cloud[1, :, : len(elements)].argmax(1)
+    clusters = []                                       # (element, points of one cluster)
+    for slot, symbol in enumerate(elements):
+        pts = positions[slots == slot]
+        if len(pts) == 0:
+            continue
+        labels = dbscan(pts, eps, min_samples)
+        clusters += [(symbol, pts[labels == k]) for k in range(labels.max() + 1)]
+    if not clusters:
+        raise ValueError("no atoms found: the points form no cluster (too noisy?)")
+
+    unit = np.median([len(pts) for _, pts in clusters])  # points per atom
+    atoms, wanted = [], 0                                # (points behind it, element, centre)
+    for symbol, pts in clusters:
+        m = int(round(len(pts) / unit))                  # 0: a few stray points, not an atom
+        centres = _split_cluster(pts, m, lattice)
+        atoms += [(len(pts) / len(centres), symbol, c) for c in centres]
+        wanted += m
+    species, coords = _one_atom_per_spot(atoms, lattice)
+    if len(species) > MAX_SITES:
+        raise ValueError(f"{len(species)} atoms found; PCCD makes at most {MAX_SITES}")
+    # How many atoms the points asked for that the 0.5 A rules removed: the honest measure of
+    # how often the model piles atoms on one spot (structural validity cannot show it any more).
+    return Structure(Lattice(lattice), species, coords, properties=dict(atoms_merged=wanted - len(species)))
+
+
+def decode_all(clouds, element_lists, length_range=DEFAULT_LENGTH_RANGE):
+    """Decode every cloud; returns (structures, with None where decoding failed; the reasons)."""
+    structures, reasons = [], []
+    for cloud, elements in zip(clouds, element_lists):
+        try:
+            structures.append(decode(cloud, elements, length_range=length_range))
+            reasons.append("")
+        except ValueError as e:
+            structures.append(None)
+            reasons.append(str(e))
+    return structures, reasons
+
+
+def lattice_from_parameters(a, b, c, alpha, beta, gamma):
+    """Lattice vectors (rows of a 3x3 matrix) from lengths and angles in degrees, Eqs. S1-S3:
+        a_vec = a (1, 0, 0)                                                      (S1)
+        b_vec = b (cos g, sin g, 0)                                              (S2)
+        c_vec = c (cos b, (cos a - cos b cos g) / sin g,
+                   sqrt(1 + 2 cos a cos b cos g - cos^2 a - cos^2 b - cos^2 g) / sin g)   (S3)
+    Raises ValueError when the six numbers describe no cell (the square root's argument <= 0).
+    """
+    al, be, ga = np.radians([alpha, beta, gamma])
+    volume_term = 1 + 2 * np.cos(al) * np.cos(be) * np.cos(ga) \
+        - np.cos(al) ** 2 - np.cos(be) ** 2 - np.cos(ga) ** 2
+    if not np.all(np.isfinite([a, b, c, alpha, beta, gamma])):
+        raise ValueError("lattice parameters are not finite numbers")
+    if min(a, b, c) <= 0 or volume_term <= 1e-8 or np.sin(ga) == 0:
+        raise ValueError(f"no cell has lengths {a:.2f} {b:.2f} {c:.2f} A and angles "
+                         f"{alpha:.1f} {beta:.1f} {gamma:.1f} degrees (degenerate lattice)")
+    return np.array([
+        [a, 0.0, 0.0],                                                               # (S1)
+        [b * np.cos(ga), b * np.sin(ga), 0.0],                                       # (S2)
+        [c * np.cos(be), c * (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga),    # (S3)
+         c * np.sqrt(volume_term) / np.sin(ga)],
+    ])
+
+
+def decode_lattice(cloud, length_range=DEFAULT_LENGTH_RANGE):
+    """(a, b, c, alpha, beta, gamma) from channel 2: the mean of the angle rows and of the
+    length rows (the paper's "calculations average for every column")."""
+    angles = np.asarray(cloud[2, : N_POINTS // 2], dtype=float).mean(0) * 180.0
+    lengths = _denormalise_lengths(np.asarray(cloud[2, N_POINTS // 2:]).mean(0), length_range)
+    return (*lengths, *angles)
+
+
+# ----------------------------------------------------------------------------------------------
+# What encode needs: which structures fit, element slots, the length scale, point ownership
+# ----------------------------------------------------------------------------------------------
+
+def unencodable_reason(structure):
+    """Why PCCD cannot encode this structure, in a few words, or '' when it can."""
+    if not structure.is_ordered:
+        return "disordered (partial occupancies)"
+    if len(structure.composition.elements) > MAX_ELEMENTS:
+        return f"with > {MAX_ELEMENTS} elements"
+    if len(structure) > MAX_SITES:
+        return f"with > {MAX_SITES} sites"
+    return ""
+
+
+def check_elements(elements):
+    """Validate a list of element symbols; returns it as a list of str."""
+    elements = [str(e) for e in elements]
+    if not 1 <= len(elements) <= MAX_ELEMENTS:
+        raise ValueError(f"{len(elements)} elements ({' '.join(elements) or 'none'}); "
+                         f"PCCD encodes 1 to {MAX_ELEMENTS}")
+    for symbol in elements:
+        if not Element.is_valid_symbol(symbol):
+            raise ValueError(f"'{symbol}' is not a chemical element symbol")
+    if len(set(elements)) != len(elements):
+        raise ValueError(f"repeated element in {' '.join(elements)}")
+    return elements
+
+
+def canonical_order(symbols):
+    """Element symbols in the slot order the model is trained with: by electronegativity
+    (Mg Mn O), so that `generate --elements O Mg Mn` asks for what training saw as Mg Mn O."""
+    return sorted((str(s) for s in symbols), key=lambda s: Element(s).X)
+
+
+def default_elements(structure):
+    """The slot order of channel 1 when none is given: by electronegativity, as in a formula
+    (Mg, Mn, O)."""
+    return canonical_order(el.symbol for el in structure.composition.elements)
+
+
+def fit_length_range(structures, margin=1.25):
+    """(lo, hi) in A covering every lattice length of `structures`, widened by `margin` on a log
+    scale, so nothing in the training data is clipped and generation has some room."""
+    lengths = np.array([s.lattice.abc for s in structures], dtype=float)
+    return float(lengths.min() / margin), float(lengths.max() * margin)
+
+
+def _normalise_lengths(abc, length_range):
+    lo, hi = np.log(length_range[0]), np.log(length_range[1])
+    return (np.log(abc) - lo) / (hi - lo)
+
+
+def _denormalise_lengths(u, length_range):
+    lo, hi = np.log(length_range[0]), np.log(length_range[1])
+    return np.exp(lo + np.asarray(u, dtype=float) * (hi - lo))
+
+
+def point_owner(n_atoms):
+    """Which atom each of the 128 points belongs to: atom i owns 128 // n consecutive points,
+    and the first 128 % n atoms one spare point each. Shape (128,)."""
+    counts = np.full(n_atoms, N_POINTS // n_atoms)
+    counts[: N_POINTS % n_atoms] += 1
+    return np.repeat(np.arange(n_atoms), counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# What decode needs: periodic distances, DBSCAN, circular means, one atom per spot
 # ----------------------------------------------------------------------------------------------
 
 def periodic_difference(a, b):
@@ -424,81 +358,232 @@ def _periodic_kmeans(points, k, iterations=20):
     return centres
 
 
-def lattice_from_parameters(a, b, c, alpha, beta, gamma):
-    """Lattice vectors (rows of a 3x3 matrix) from lengths and angles in degrees, Eqs. S1-S3:
-        a_vec = a (1, 0, 0)                                                      (S1)
-        b_vec = b (cos g, sin g, 0)                                              (S2)
-        c_vec = c (cos b, (cos a - cos b cos g) / sin g,
-                   sqrt(1 + 2 cos a cos b cos g - cos^2 a - cos^2 b - cos^2 g) / sin g)   (S3)
-    Raises ValueError when the six numbers describe no cell (the square root's argument <= 0).
+def encode_dataset(crystals, length_range):
+    """Crystals -> what the diffusion model trains on: clouds (N, 3, 128, 3) float32 in [0, 1],
+    element atomic numbers (N, 3), band-gap class (N,), magnetic ordering (N,), as numpy arrays."""
+    clouds, conditions = [], []
+    for c in crystals:
+        cloud, symbols = encode(c.structure, length_range=length_range)
+        clouds.append(cloud)
+        conditions.append(encode_condition(symbols, c.band_gap_class, c.ordering))
+    elements, band_gap, magnetic = zip(*conditions)
+    return np.stack(clouds), np.array(elements), np.array(band_gap), np.array(magnetic)
+
+
+# ----------------------------------------------------------------------------------------------
+# The condition: elements, band gap, magnetic ordering
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Crystal:
+    """One usable structure with what PCCD conditions on."""
+    structure: Structure
+    material_id: str = ""
+    band_gap: float = float("nan")      # eV; NaN when the source has none
+    ordering: str = "unknown"           # magnetic ordering, one of MAGNETIC_ORDERINGS
+
+    @property
+    def band_gap_class(self):
+        return band_gap_class(self.band_gap)
+
+
+def band_gap_class(band_gap):
+    """The original code's three band-gap bins, plus 'unknown' for a missing value."""
+    if band_gap is None or not np.isfinite(band_gap):
+        return "unknown"
+    if band_gap <= 1e-6:
+        return "metal"
+    return "small" if band_gap < 1.5 else "large"
+
+
+def encode_condition(elements, band_gap="unknown", ordering="unknown"):
+    """The model's condition as integers: atomic numbers of the element slots (0 = empty slot,
+    taken from pymatgen, never a hand-typed table), the band-gap class index and the magnetic
+    ordering index. Returns ([Z1, Z2, Z3], band_gap_index, ordering_index)."""
+    if band_gap not in BAND_GAP_CLASSES:
+        raise ValueError(f"band gap class {band_gap!r} is not one of {', '.join(BAND_GAP_CLASSES)}")
+    if ordering not in MAGNETIC_ORDERINGS:
+        raise ValueError(f"magnetic ordering {ordering!r} is not one of {', '.join(MAGNETIC_ORDERINGS)}")
+    z = [Element(e).Z for e in check_elements(elements)]
+    return z + [0] * (MAX_ELEMENTS - len(z)), BAND_GAP_CLASSES.index(band_gap), MAGNETIC_ORDERINGS.index(ordering)
+
+
+# The element sets of the paper's three generation batches (Table 2, Fig. 3)
+NOBLE_GASES = {"He", "Ne", "Ar", "Kr", "Xe", "Rn"}
+RADIOACTIVE = {"Tc", "Pm"} | {Element.from_Z(z).symbol for z in range(84, 119)}
+RARE_EARTHS = {"Sc", "Y"} | {Element.from_Z(z).symbol for z in range(57, 72)} - {"Pm"}
+ALKALINE_EARTHS = {"Be", "Mg", "Ca", "Sr", "Ba"}
+TRANSITION_METALS = {e.symbol for e in Element if e.is_transition_metal and e.Z < 80} - RADIOACTIVE
+# Batch #3, "commonly used elements": the ten most abundant elements of the Earth's crust
+# (O Si Al Fe Ca Na Mg K Ti H) plus the everyday anions and light elements (C N F P S Cl), the
+# cheap battery and structural metals (Li Mn Ni Cu Zn). All are well represented in MP-20.
+COMMON = {"O", "Si", "Al", "Fe", "Ca", "Na", "Mg", "K", "Ti", "H", "C", "N", "F", "P", "S",
+          "Cl", "Li", "Mn", "Ni", "Cu", "Zn"}
+POOLS = {
+    "all": sorted({Element.from_Z(z).symbol for z in range(1, 84)} - NOBLE_GASES - RADIOACTIVE),
+    "rare-earth-oxides": sorted(RARE_EARTHS | ALKALINE_EARTHS | TRANSITION_METALS),  # plus O
+    "common": sorted(COMMON),
+}
+
+
+def draw_element_sets(pool, n, rng):
+    """n random element sets from one of the paper's three batches: 1-3 elements from the pool,
+    or, for batch #2, O plus 1-2 metals."""
+    symbols = POOLS[pool]
+    sets = []
+    for _ in range(n):
+        if pool == "rare-earth-oxides":
+            sets.append(list(rng.choice(symbols, size=rng.integers(1, 3), replace=False)) + ["O"])
+        else:
+            sets.append(list(rng.choice(symbols, size=rng.integers(1, 4), replace=False)))
+    return [[str(e) for e in s] for s in sets]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
+
+
+def _is_structure_file(name):
+    base = os.path.basename(name)
+    return base.lower().endswith(STRUCTURE_SUFFIXES) or base.startswith(("POSCAR", "CONTCAR"))
+
+
+def _parse_structure(text, fmt):
+    with warnings.catch_warnings():      # pymatgen warns about rounding in most CIFs
+        warnings.simplefilter("ignore")
+        return Structure.from_str(text, fmt=fmt)
+
+
+def _read_rows(path):
+    """Yield (name, fmt, text, properties) for each structure in a CSV, a folder or a file."""
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        cif_stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".cif")}
+        for name in names:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() != ".cif" and stem in cif_stems:
+                continue                      # X.cif and X.vasp of one crystal count once
+            if _is_structure_file(name):
+                yield from _read_rows(os.path.join(path, name))
+    elif path.lower().endswith(".csv"):
+        csv.field_size_limit(2**31 - 1)
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if "cif" not in (reader.fieldnames or []):
+                raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
+            for i, row in enumerate(reader):
+                yield row.get("material_id") or f"row {i}", "cif", row["cif"], row
+    else:
+        fmt = "cif" if path.lower().endswith(".cif") else "poscar"
+        with open(path) as f:
+            yield os.path.basename(path), fmt, f.read(), {}
+
+
+def load_structures(path, verbose=True, only_encodable=True):
+    """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
+    `material_id`, `band_gap`, `ordering`), a folder of CIF/POSCAR files, or one such file.
+
+    Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter; only_encodable=False
+    keeps every readable one); a bad row is counted and skipped, never fatal. Prints one line
+    saying what was kept and skipped.
+    Returns a list of `Crystal`.
     """
-    al, be, ga = np.radians([alpha, beta, gamma])
-    volume_term = 1 + 2 * np.cos(al) * np.cos(be) * np.cos(ga) \
-        - np.cos(al) ** 2 - np.cos(be) ** 2 - np.cos(ga) ** 2
-    if not np.all(np.isfinite([a, b, c, alpha, beta, gamma])):
-        raise ValueError("lattice parameters are not finite numbers")
-    if min(a, b, c) <= 0 or volume_term <= 1e-8 or np.sin(ga) == 0:
-        raise ValueError(f"no cell has lengths {a:.2f} {b:.2f} {c:.2f} A and angles "
-                         f"{alpha:.1f} {beta:.1f} {gamma:.1f} degrees (degenerate lattice)")
-    return np.array([
-        [a, 0.0, 0.0],                                                               # (S1)
-        [b * np.cos(ga), b * np.sin(ga), 0.0],                                       # (S2)
-        [c * np.cos(be), c * (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga),    # (S3)
-         c * np.sqrt(volume_term) / np.sin(ga)],
-    ])
-
-
-def decode_lattice(cloud, length_range=DEFAULT_LENGTH_RANGE):
-    """(a, b, c, alpha, beta, gamma) from channel 2: the mean of the angle rows and of the
-    length rows (the paper's "calculations average for every column")."""
-    angles = np.asarray(cloud[2, : N_POINTS // 2], dtype=float).mean(0) * 180.0
-    lengths = _denormalise_lengths(np.asarray(cloud[2, N_POINTS // 2:]).mean(0), length_range)
-    return (*lengths, *angles)
-
-
-def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.08, min_samples=3):
-    """(3, 128, 3) cloud -> pymatgen Structure; the inverse of `encode`.
-
-    Each point takes the element of its largest channel-1 value (among the given elements); the
-    points of each element are clustered by a periodic DBSCAN, and a cluster becomes one atom at
-    the circular mean of its points -- or m atoms when it holds m atoms' worth of points (an
-    atom owns about 128 / n points; m is judged against the median cluster size, and a cluster
-    of less than half that size is stray points, not an atom) that k-means can place at least
-    MIN_SEPARATION (0.5 A) apart. Of two atoms closer than that, whatever their elements, only
-    the one with more points stays (`_one_atom_per_spot`); structure.properties["atoms_merged"]
-    says how many atoms these rules removed. Raises ValueError with a reason when no structure
-    can be made.
-    """
-    elements = check_elements(elements)
-    cloud = np.asarray(cloud, dtype=float)
-    if cloud.shape != (3, N_POINTS, 3):
-        raise ValueError(f"a PCCD cloud has shape (3, {N_POINTS}, 3), not {cloud.shape}")
-    if not np.all(np.isfinite(cloud)):
-        raise ValueError("the cloud contains NaN or infinite values")
-    lattice = lattice_from_parameters(*decode_lattice(cloud, length_range))
-
-    positions = np.mod(cloud[0], 1.0)
-    slots = cloud[1, :, : len(elements)].argmax(1)
-    clusters = []                                       # (element, points of one cluster)
-    for slot, symbol in enumerate(elements):
-        pts = positions[slots == slot]
-        if len(pts) == 0:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    kept, skipped = [], {}
+    for name, fmt, text, props in _read_rows(path):
+        try:
+            structure = _parse_structure(text, fmt)
+        except Exception:
+            skipped["unreadable"] = skipped.get("unreadable", 0) + 1
             continue
-        labels = dbscan(pts, eps, min_samples)
-        clusters += [(symbol, pts[labels == k]) for k in range(labels.max() + 1)]
-    if not clusters:
-        raise ValueError("no atoms found: the points form no cluster (too noisy?)")
+        reason = unencodable_reason(structure) if only_encodable else ""
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        ordering = (props.get("ordering") or "unknown").strip()
+        kept.append(Crystal(
+            structure=structure,
+            material_id=props.get("material_id") or name,
+            band_gap=_to_float(props.get("band_gap")),
+            ordering=ordering if ordering in MAGNETIC_ORDERINGS else "unknown",
+        ))
+    if verbose:
+        total = len(kept) + sum(skipped.values())
+        why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
+        print(f"{path}: kept {len(kept)} of {total} structures (skipped: {why})", file=sys.stderr)
+    return kept
 
-    unit = np.median([len(pts) for _, pts in clusters])  # points per atom
-    atoms, wanted = [], 0                                # (points behind it, element, centre)
-    for symbol, pts in clusters:
-        m = int(round(len(pts) / unit))                  # 0: a few stray points, not an atom
-        centres = _split_cluster(pts, m, lattice)
-        atoms += [(len(pts) / len(centres), symbol, c) for c in centres]
-        wanted += m
-    species, coords = _one_atom_per_spot(atoms, lattice)
-    if len(species) > MAX_SITES:
-        raise ValueError(f"{len(species)} atoms found; PCCD makes at most {MAX_SITES}")
-    # How many atoms the points asked for that the 0.5 A rules removed: the honest measure of
-    # how often the model piles atoms on one spot (structural validity cannot show it any more).
-    return Structure(Lattice(lattice), species, coords, properties=dict(atoms_merged=wanted - len(species)))
+
+def _to_float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# The Materials Project dataset (paper: 52,028 crystals)
+# ----------------------------------------------------------------------------------------------
+
+CSV_FIELDS = ["material_id", "pretty_formula", "band_gap", "ordering", "formation_energy_per_atom",
+              "e_above_hull", "elements", "cif"]
+
+
+MP_FIELDS = ["material_id", "structure", "band_gap", "ordering", "formation_energy_per_atom",
+             "energy_above_hull"]
+
+
+def query_materials_project(api_key):
+    """Every Materials Project crystal with <= 3 elements and <= 16 sites (the paper's filter) as
+    summary documents, through pymatgen's MPRester. Needs a key and network access."""
+    from pymatgen.ext.matproj import MPRester
+    with MPRester(api_key) as mpr:
+        return mpr.summary_search(nelements_max=MAX_ELEMENTS, nsites_max=MAX_SITES, _fields=MP_FIELDS)
+
+
+def mp_documents_to_rows(documents):
+    """Materials Project summary documents (dicts with a pymatgen Structure or its dict under
+    'structure') -> rows of the CDVAE-style CSV that `load_structures` reads, with the magnetic
+    ordering in an `ordering` column. Documents without a structure are left out."""
+    rows = []
+    for doc in documents:
+        structure = doc.get("structure")
+        if structure is None:
+            continue
+        if isinstance(structure, dict):
+            structure = Structure.from_dict(structure)
+        rows.append(dict(
+            material_id=str(doc.get("material_id", "")),
+            pretty_formula=structure.composition.reduced_formula,
+            band_gap=doc.get("band_gap", ""),
+            ordering=str(doc.get("ordering") or "unknown"),
+            formation_energy_per_atom=doc.get("formation_energy_per_atom", ""),
+            e_above_hull=doc.get("energy_above_hull", ""),
+            elements=str(sorted(e.symbol for e in structure.composition.elements)),
+            cif=structure.to(fmt="cif"),
+        ))
+    return rows
+
+
+def split_of(material_id, fractions=(0.8, 0.1, 0.1)):
+    """'train', 'val' or 'test', decided by a hash of the id: deterministic, and a crystal keeps
+    its split when the database grows."""
+    import zlib
+    u = zlib.crc32(material_id.encode()) / 2**32
+    return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def write_csv(path, rows, fields=CSV_FIELDS):
+    """Write rows (dicts; keys outside `fields` are left out) to a temporary file, then rename:
+    an interrupted write never leaves a half file posing as a whole one. The project's one CSV
+    writer: datasets, summary.csv, pairs.csv, screening.csv."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

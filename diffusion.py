@@ -11,6 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+T = 1000          # diffusion steps (Table S1); every checkpoint records the T it was trained with
+COND_DROP = 0.2   # share of a batch trained without the condition, for classifier-free guidance
+
 
 def to_model(cloud):
     """[0, 1] cloud -> [-1, 1], the range the Gaussian noise is scaled for."""
@@ -23,7 +26,9 @@ def from_model(x):
 
 
 def cosine_beta_schedule(T, s=0.008):
-    """betas_1..T such that alphas_cumprod follows cos^2 (Nichol & Dhariwal, Eq. 17)."""
+    """betas_1..T such that alphas_cumprod follows cos^2 (Nichol & Dhariwal, Eq. 17), computed
+    in float64 and clamped to <= 0.999 *before* the cumulative product is taken (the last beta
+    would otherwise be 1 and abar_T exactly 0)."""
     steps = torch.arange(T + 1, dtype=torch.float64) / T
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = f / f[0]
@@ -35,7 +40,7 @@ class Diffusion:
     """The forward process q and the reverse process p_theta over T steps. Index t = 0 .. T-1
     here stands for the paper's t = 1 .. T."""
 
-    def __init__(self, T=1000, prediction="eps"):
+    def __init__(self, T=T, prediction="eps"):
         """prediction: what the network outputs. 'eps' (the paper's, Eq. S4) is the noise;
         'v' is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho, 2022), which at
         large t is mostly -x_0, so the network must say there what crystal it is making."""
@@ -60,7 +65,7 @@ class Diffusion:
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=0.2, t=None):
+    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=COND_DROP, t=None):
         """Eq. (S4): E_{t, x0, eps} | eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) |,
         the mean absolute error. The condition is dropped (replaced by the null embedding) for a
         fraction `cond_drop` of the batch (a probability, or one per crystal, shape (B,)), so the
@@ -106,7 +111,7 @@ class Diffusion:
         return ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
 
     @torch.no_grad()
-    def p_sample(self, model, x, t, condition, guidance=1.0, generator=None):
+    def p_sample(self, model, x, t, condition, guidance, generator=None):
         """One ancestral step x_t -> x_{t-1}, Eq. (6):
             x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta) + sigma_t z.
         Written through the predicted x_0 (Ho et al. Eqs. 7 and 15) so that x_0 can be clipped
@@ -123,7 +128,7 @@ class Diffusion:
         return mean + math.sqrt(self.posterior_variance[t].item()) * z
 
     @torch.no_grad()
-    def ddim_step(self, model, x, t, t_prev, condition, guidance=1.0):
+    def ddim_step(self, model, x, t, t_prev, condition, guidance):
         """Deterministic DDIM step x_t -> x_{t_prev} (Song et al. Eq. 12 with sigma = 0)."""
         eps = self.predict_noise(model, x, t, condition, guidance)
         x0 = self.predict_x0(x, t, eps)
@@ -133,15 +138,17 @@ class Diffusion:
         return math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
 
     @torch.no_grad()
-    def sample(self, model, condition, x_T=None, t_start=None, sampler="ddpm", steps=None,
-               guidance=1.0, generator=None, progress=None, trajectory=None, condition_above=0):
+    def sample(self, model, condition, *, guidance, condition_above, sampler="ddpm", steps=100,
+               x_T=None, t_start=None, generator=None, progress=None, trajectory=None):
         """Denoise from step t_start (default T-1: pure noise) to a [0, 1] cloud (B, 3, 128, 3).
 
         condition: (elements (B, 3), band_gap (B,), magnetic (B,)) long tensors.
-        x_T: the starting noisy cloud in model units; drawn from N(0, I) when None.
+        guidance, condition_above: how the condition is used (no defaults on purpose: a
+          checkpoint's `sampling` entry says how its network is meant to be sampled). Steps
+          t >= condition_above run with guidance w; steps below run unconditionally, one pass.
         sampler: 'ddpm' (ancestral, every step) or 'ddim' (`steps` evenly spaced steps).
+        x_T: the starting noisy cloud in model units; drawn from N(0, I) when None.
         progress(i, n): called after each step. trajectory: a dict that receives {t: first cloud}.
-        condition_above: the steps below it run without the condition (guidance 0, one pass).
         """
         elements = condition[0]
         B, device = elements.shape[0], elements.device
@@ -150,13 +157,15 @@ class Diffusion:
         if sampler == "ddpm":
             timesteps = list(range(t_start, -1, -1))
         elif sampler == "ddim":
-            n = min(steps or 100, t_start + 1)
+            n = min(steps, t_start + 1)
+            # Python's round() rounds halves to even (round(2.5) == 2): a port must do the same
+            # to visit the same steps.
             timesteps = sorted({round(t_start * (1 - i / n)) for i in range(n)}, reverse=True)
         else:
             raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
         model.eval()
         for i, t in enumerate(timesteps):
-            w = guidance if t >= condition_above else 0.0
+            w = guidance if t >= condition_above else 0.0     # >=: step condition_above is guided
             if sampler == "ddpm":
                 x = self.p_sample(model, x, t, condition, w, generator)
             else:
@@ -167,3 +176,24 @@ class Diffusion:
             if progress:
                 progress(i + 1, len(timesteps))
         return from_model(x).clamp(0, 1)
+
+
+def golden_tensors(model, sampling):
+    """What a port of the network and of DDIM must reproduce (README, Porting), for a checkpoint's
+    network and its `sampling` entry: for a fixed input x (model units), steps t and condition, the
+    network's output with the condition (`output`) and with the null embedding (`output_null`);
+    and a 20-step DDIM sample from fixed noise x_T, sampled as `sampling` says (`sample`, in [0, 1])."""
+    g = torch.Generator().manual_seed(0)
+    x, x_T = torch.randn(2, 3, 128, 3, generator=g), torch.randn(2, 3, 128, 3, generator=g)
+    t = torch.tensor([900, 100])
+    elements = torch.tensor([[3, 27, 8], [12, 8, 0]])      # Li Co O, and Mg O with an empty slot
+    band_gap, magnetic = torch.tensor([3, 2]), torch.tensor([4, 0])   # unknown, >= 1.5 eV; unknown, NM
+    condition = (elements, band_gap, magnetic)
+    with torch.no_grad():
+        output = model(x, t, *condition, torch.zeros(2, dtype=torch.bool))
+        output_null = model(x, t, *condition, torch.ones(2, dtype=torch.bool))
+    ddpm = Diffusion(T=sampling["T"], prediction=sampling["prediction"])
+    sample = ddpm.sample(model, condition, guidance=sampling["guidance"], sampler="ddim", steps=20,
+                         condition_above=sampling["condition_above"], x_T=x_T)
+    return {k: v.numpy() for k, v in dict(x=x, t=t, elements=elements, band_gap=band_gap, magnetic=magnetic,
+                                           output=output, output_null=output_null, x_T=x_T, sample=sample).items()}

@@ -78,13 +78,18 @@ def box_statistics(values):
                 efficiency=float(np.mean((v >= lower) & (v <= upper))))
 
 
-def compare_reconstruction(original, reconstructed):
-    """Per-pair numbers of the reconstruction experiment. Lattice errors are relative,
-    (a_hat - a) / a. Atoms are paired with `greedy_match` when the counts agree; the paper's
-    coordinate error is the plain difference of fractional coordinates (so 0.99 vs 0.01 counts
-    as 0.98, the artefact the paper describes), ours the minimum-image difference."""
-    out = dict(n_original=len(original), n_reconstructed=len(reconstructed) if reconstructed else 0)
+def compare_reconstruction(original, reconstructed, fig2=False):
+    """One pair of the reconstruction experiment (reconstructed is None where decoding failed).
+    Lattice errors are relative, (a_hat - a) / a. Atoms are paired with `greedy_match` when the
+    counts agree; the paper's coordinate error is the plain difference of fractional
+    coordinates (so 0.99 vs 0.01 counts as 0.98, the artefact the paper describes), ours the
+    minimum-image difference. `rms` is get_rms_dist under the CDVAE matcher (None: no match);
+    with fig2, Fig. 2's RMS anonymous and CrystalNN distances too."""
+    out = dict(formula=original.composition.formula, decoded=reconstructed is not None,
+               n_original=len(original), n_reconstructed=len(reconstructed) if reconstructed else 0)
     out["same_count"] = reconstructed is not None and len(original) == len(reconstructed)
+    out["rms"] = rms_distance(original, reconstructed, cdvae_matcher())
+    out["match_default"] = rms_distance(original, reconstructed, default_matcher()) is not None
     if reconstructed is None:
         return out
     out["lattice_original"] = list(original.lattice.abc)
@@ -99,7 +104,67 @@ def compare_reconstruction(original, reconstructed):
         out["coord_error_paper"] = (fb[j] - fa[i]).tolist()
         out["coord_error_periodic"] = data.periodic_difference(fb[j], fa[i]).tolist()
         out["mean_match_distance"] = float(np.mean([p[2] for p in pairs]))
+    if fig2:
+        out["rms_anonymous"] = rms_anonymous_distance(original, reconstructed)
+        out["crystalnn"] = crystalnn_distance(original, reconstructed)
     return out
+
+
+PAIR_FIELDS = ["material_id", "formula", "n_original", "n_reconstructed", "same_count", "rms",
+               "match_default", "rms_anonymous", "crystalnn", "mean_match_distance", "decode_error"]
+PAPER_TABLE1 = dict(efficiency=[88.48, 90.55, 89.40, 70.83, 71.60, 72.02],
+                    upper=[3.81, 3.66, 3.57, 10.05, 5.44, 6.44],
+                    lower=[-5.12, -5.23, -4.90, -6.50, -3.84, -4.09])
+
+
+def summarise_reconstruction(pairs, train_compositions):
+    """The experiment's numbers from its pairs: atom-count accuracy (and the no-model baseline),
+    match rates, and Table 1's box-plot statistics of the errors in % for equal counts (lattice
+    a, b, c and coordinates x, y, z as the paper measures them; `table1_periodic_coords` with
+    the minimum-image coordinate error)."""
+    n = len(pairs)
+    same = [p for p in pairs if p["same_count"]]
+    matched = [p["rms"] for p in pairs if p["rms"] is not None]
+    errors = lambda key: np.array([e for p in same for e in p[key]]).reshape(-1, 3).T  # noqa: E731
+    summary = dict(
+        n=n, decoded=sum(p["decoded"] for p in pairs),
+        atom_count_accuracy=len(same) / n,
+        count_baseline_accuracy=most_common_count_baseline([p["formula"] for p in pairs], train_compositions),
+        match_rate=len(matched) / n, mean_rms=float(np.mean(matched)) if matched else None,
+        match_rate_default=sum(p["match_default"] for p in pairs) / n,
+        table1={k: box_statistics(100 * v) for k, v in
+                zip("abcxyz", [*errors("lattice_rel_error"), *errors("coord_error_paper")])},
+        table1_periodic_coords={k: box_statistics(100 * v) for k, v in zip("xyz", errors("coord_error_periodic"))},
+    )
+    for key in ("rms_anonymous", "crystalnn"):
+        values = [p[key] for p in pairs if p.get(key) is not None]
+        summary[f"mean_{key}"] = float(np.mean(values)) if values else None
+    return summary
+
+
+def format_reconstruction(summary):
+    """The summary beside the paper's numbers (atom count, Table 1)."""
+    n, rms = summary["n"], summary["mean_rms"]
+    lines = [f"  decoded                       {summary['decoded']:>5}/{n}",
+             f"  atom count right              {100 * summary['atom_count_accuracy']:6.2f}%   (paper: 67.81%; "
+             f"most-common-count baseline: {100 * summary['count_baseline_accuracy']:.2f}%)",
+             f"  StructureMatcher match        {100 * summary['match_rate']:6.2f}%   mean RMS "
+             f"{'-' if rms is None else f'{rms:.4f}'}  (stol 0.5, ltol 0.3, angle_tol 10)",
+             f"  StructureMatcher() match      {100 * summary['match_rate_default']:6.2f}%   "
+             f"(pymatgen's default tolerances: stol 0.3, ltol 0.2, angle_tol 5)"]
+    for key, name in (("mean_rms_anonymous", "RMS anonymous distance"),
+                      ("mean_crystalnn", "CrystalNN fingerprint distance")):
+        if summary.get(key) is not None:
+            lines.append(f"  mean {name:<25}{summary[key]:8.4f}")
+    lines.append("\n  Table 1 (for equal atom counts; errors in %)     a        b        c        x        y        z")
+    for key, label in (("efficiency", "Efficiency"), ("upper", "Upper limit"), ("lower", "Lower limit")):
+        scale = 100 if key == "efficiency" else 1
+        ours = "".join(f"{row[key] * scale:9.2f}" for row in summary["table1"].values())
+        lines.append(f"  {label:<13} ours                              {ours}")
+        lines.append(f"  {'':<13} paper                             {''.join(f'{v:9.2f}' for v in PAPER_TABLE1[key])}")
+    ours = "".join(f"{row['efficiency'] * 100:9.2f}" for row in summary["table1_periodic_coords"].values())
+    lines.append(f"  Efficiency, minimum-image coordinate error (ours)                        {ours}")
+    return "\n".join(lines)
 
 
 def cdvae_matcher():
@@ -187,6 +252,20 @@ def shortest_distance(structure):
     return float(d.min())
 
 
+def describe(structure):
+    """formula, atoms, space group (symprec 0.1), density, shortest distance and the decoder's
+    merges: the descriptive columns of a screening table."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+    try:
+        spacegroup = SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_symbol()
+    except Exception:
+        spacegroup = "?"
+    return dict(formula=structure.composition.reduced_formula, n_atoms=len(structure),
+                spacegroup=spacegroup, density=round(float(structure.density), 4),
+                shortest_distance=round(shortest_distance(structure), 4),
+                atoms_merged=structure.properties.get("atoms_merged", ""))
+
+
 def structurally_valid(structure, cutoff=0.5):
     """CDVAE's structural validity: every interatomic distance >= 0.5 A, volume >= 0.1 A^3."""
     return shortest_distance(structure) >= cutoff and structure.volume >= 0.1
@@ -270,3 +349,110 @@ def format_screening(summary):
         merged = summary["crystals_with_merges"]
         lines.append(f"{'(decoder merged atoms on one spot)':<34}{merged:>6}  {100 * merged / n:6.2f}%")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures (paper Fig. 1, S1, S2, S4), drawn with matplotlib, which comes with pymatgen
+# ----------------------------------------------------------------------------------------------
+
+def pyplot():
+    """matplotlib without a screen: the one plotting set-up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_cloud(cloud, elements, formula, path):
+    """Fig. S1: the three channels of one crystal's (3, 128, 3) cloud."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 5.6), sharey=True)
+    titles = ["channel 0\nfractional x, y, z", "channel 1\nelement slot",
+              "channel 2\nangles (rows 0-63), lengths (64-127)"]
+    for ax, channel, title in zip(axes, cloud, titles):
+        im = ax.imshow(channel, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set(title=title, xticks=[0, 1, 2], xlabel="column")
+    axes[1].set_xticks([0, 1, 2], [*elements, "", ""][:3])
+    axes[0].set_ylabel("point (atom i fills 128 // n consecutive rows)")
+    fig.subplots_adjust(top=0.84, right=0.88)
+    fig.colorbar(im, cax=fig.add_axes([0.9, 0.15, 0.015, 0.65]))
+    fig.suptitle(f"{formula}: the (3, 128, 3) PCCD cloud (paper Fig. S1)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss(losses, path):
+    """Fig. S4: the training loss (L1, Eq. S4) per step and its running mean."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.5, alpha=0.4, label="batch loss")
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="L1 loss (Eq. S4)", yscale="log", title="PCCD training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reconstruction(pairs, summary, path):
+    """Fig. 1: parity plots of lattice lengths (a) and coordinates (b), the atom-count heatmap
+    (c), box plots of the lattice (d) and coordinate (e) errors."""
+    plt = pyplot()
+    same = [p for p in pairs if p["same_count"]]
+    fig, ax = plt.subplots(2, 3, figsize=(14, 8.5))
+    ax = ax.ravel()
+    if same:
+        lo = np.array([p["lattice_original"] for p in same]).ravel()
+        hi = np.array([p["lattice_reconstructed"] for p in same]).ravel()
+        ax[0].scatter(lo, hi, s=6, alpha=0.5)
+        m = max(lo.max(), hi.max())
+        ax[0].plot([0, m], [0, m], "k--", lw=0.8)
+        co = np.concatenate([p["coords_original"] for p in same]).ravel()
+        cr = np.concatenate([p["coords_reconstructed"] for p in same]).ravel()
+        ax[1].scatter(co, cr, s=4, alpha=0.3)
+        ax[1].plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax[0].set(title="a. lattice lengths (equal counts)", xlabel="original (Å)", ylabel="reconstructed (Å)")
+    ax[1].set(title="b. fractional coordinates (matched atoms)", xlabel="original", ylabel="reconstructed")
+    counts = np.zeros((17, 17))
+    for p in pairs:
+        counts[min(p["n_reconstructed"], 16), p["n_original"]] += 1
+    im = ax[2].imshow(counts, origin="lower", cmap="viridis")
+    fig.colorbar(im, ax=ax[2])
+    ax[2].set(title=f"c. atom counts: {100 * summary['atom_count_accuracy']:.1f}% on the diagonal",
+              xlabel="original", ylabel="reconstructed (0 = not decoded)")
+    ax[3].boxplot([100 * np.array([p["lattice_rel_error"][k] for p in same]) for k in range(3)])
+    ax[3].set_xticks([1, 2, 3], ["a", "b", "c"])
+    ax[3].set(title="d. lattice length relative error (%)", ylim=(-30, 30))
+    errors = [100 * np.concatenate([np.array(p[key])[:, k] for p in same]) if same else []
+              for key in ("coord_error_paper", "coord_error_periodic") for k in range(3)]
+    ax[4].boxplot(errors)
+    ax[4].set_xticks(range(1, 7), ["x", "y", "z", "x*", "y*", "z*"])
+    ax[4].set(title="e. coordinate error (% of the cell; * minimum-image)", ylim=(-30, 30))
+    ax[5].hist([p["rms"] for p in pairs if p["rms"] is not None], bins=20)
+    ax[5].set(title=f"RMS distance of matched pairs ({100 * summary['match_rate']:.1f}% matched)",
+              xlabel="get_rms_dist (normalised)")
+    fig.suptitle(f"PCCD reconstruction from t = {summary['t']}, {summary['n']} structures")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_trajectory(trajectory, elements, path, times):
+    """Fig. S2: one sample's points, coloured by element, as the noise is removed."""
+    plt = pyplot()
+    times = sorted({t for t in times if t in trajectory}, reverse=True)
+    fig = plt.figure(figsize=(3.2 * len(times), 3.6))
+    for k, t in enumerate(times):
+        cloud = trajectory[t].numpy()
+        ax = fig.add_subplot(1, len(times), k + 1, projection="3d")
+        slot = cloud[1, :, : len(elements)].argmax(1)
+        for j, symbol in enumerate(elements):
+            p = cloud[0][slot == j]
+            ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=6, label=symbol)
+        ax.set(title=f"t = {t}", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1), xticks=[], yticks=[], zticks=[])
+    fig.axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle("Generation of one crystal: points coloured by element (paper Fig. S2)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,7 +1,4 @@
-"""PCCD's specification, one claim per test. Run: python -m pytest -q test_pccd.py
-
-Tests marked `slow` train for real and are skipped unless --runslow is given.
-"""
+"""PCCD's specification, one claim per test. Run: python -m pytest -q test_pccd.py"""
 import os
 
 import numpy as np
@@ -240,7 +237,7 @@ def small_csv(tmp_path_factory):
 
 def train(csv_path, out, steps, *extra):
     return pccd.main(["train", "--data", csv_path, "--steps", str(steps), "--batch-size", "16",
-                      "--out", str(out), "--device", "cpu", "--save-every", "10", *extra])
+                      "--out", str(out), "--device", "cpu", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -370,9 +367,10 @@ def test_a_tiny_model_learns_and_its_samples_decode_or_fail_clearly(tiny_run):
     model, ckpt = pccd.load_checkpoint(str(tiny_run))
     z, bg, mag = data.encode_condition(["Mg", "O"])
     cond = (torch.tensor([z] * 4), torch.tensor([bg] * 4), torch.tensor([mag] * 4))
-    assert pccd.diffusion_of(ckpt).prediction == pccd.PRESETS["quick"]["prediction"] == "v"  # the default's
-    clouds = pccd.diffusion_of(ckpt).sample(model, cond, sampler="ddim", steps=10,
-                                            generator=torch.Generator().manual_seed(0))
+    assert ckpt["sampling"] == dict(prediction="v", T=1000, condition_above=250, guidance=3.0)  # the preset's
+    clouds = diffusion.Diffusion(prediction="v").sample(model, cond, guidance=3.0, condition_above=250,
+                                                        sampler="ddim", steps=10,
+                                                        generator=torch.Generator().manual_seed(0))
     assert clouds.shape == (4, 3, 128, 3) and torch.isfinite(clouds).all()
     assert clouds.min() >= 0 and clouds.max() <= 1
     for cloud in clouds.numpy():
@@ -385,7 +383,8 @@ def test_a_tiny_model_learns_and_its_samples_decode_or_fail_clearly(tiny_run):
 
 def test_the_checkpoint_holds_what_sampling_needs_and_reloads_identically(tiny_run):
     model, ckpt = pccd.load_checkpoint(str(tiny_run))
-    for key in ("model_config", "ema", "length_range", "train_ids", "train_compositions", "optimizer"):
+    for key in ("model_config", "ema", "length_range", "sampling", "settings", "train_ids",
+                "train_compositions", "optimizer"):
         assert key in ckpt
     again, _ = pccd.load_checkpoint(str(tiny_run / "checkpoint.pt"))
     x, t = _random_inputs()
@@ -402,6 +401,15 @@ def test_same_seed_same_loss_curve_and_resume_continues_it_exactly(small_csv, ti
     straight = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
     assert resumed["step"] == 60
     assert resumed["losses"] == straight["losses"]
+
+
+def test_an_exported_checkpoint_cannot_be_resumed_and_says_so(tiny_run, small_csv, tmp_path, capsys):
+    out = tmp_path / "exported"
+    out.mkdir()
+    assert pccd.main(["export", str(tiny_run), "--out", str(out / "checkpoint.pt")]) == 0
+    capsys.readouterr()
+    assert train(small_csv, out, 80, "--resume") == 1
+    assert "cannot be resumed" in capsys.readouterr().err
 
 
 def test_train_refuses_to_overwrite_a_run(small_csv, tiny_run, capsys):
@@ -519,13 +527,13 @@ def test_a_structure_is_never_novel_against_itself_and_duplicates_are_not_unique
 
 def test_the_pools_follow_the_papers_three_batches():
     rng = np.random.default_rng(0)
-    for s in pccd.draw_element_sets("rare-earth-oxides", 50, rng):
+    for s in data.draw_element_sets("rare-earth-oxides", 50, rng):
         assert s[-1] == "O" and 2 <= len(s) <= 3 and not set(s[:-1]) & {"O"}
-    all_sets = pccd.draw_element_sets("all", 200, rng)
+    all_sets = data.draw_element_sets("all", 200, rng)
     used = {e for s in all_sets for e in s}
-    assert not used & (pccd.NOBLE_GASES | pccd.RADIOACTIVE)
+    assert not used & (data.NOBLE_GASES | data.RADIOACTIVE)
     assert all(1 <= len(s) <= 3 and len(set(s)) == len(s) for s in all_sets)
-    assert {e for s in pccd.draw_element_sets("common", 100, rng) for e in s} <= pccd.COMMON
+    assert {e for s in data.draw_element_sets("common", 100, rng) for e in s} <= data.COMMON
 
 
 def test_generate_writes_parseable_files_of_only_the_requested_elements(tiny_run, tmp_path):
@@ -635,15 +643,14 @@ def test_generate_trajectory_draws_the_denoising_of_one_sample(tiny_run, tmp_pat
 # ----------------------------------------------------------------------------------------------
 
 def test_the_cosine_schedule_decays_the_learning_rate_from_lr_to_0():
-    import argparse
-    args = argparse.Namespace(lr=2e-3, steps=1000, schedule="cosine")
-    assert pccd.learning_rate(args, 0) == pytest.approx(2e-3)
-    assert pccd.learning_rate(args, 500) == pytest.approx(1e-3)
-    assert pccd.learning_rate(args, 1000) == pytest.approx(0, abs=1e-12)
-    rates = [pccd.learning_rate(args, s) for s in range(0, 1001, 50)]
+    settings = dict(lr=2e-3, steps=1000, schedule="cosine")
+    assert pccd.learning_rate(settings, 0) == pytest.approx(2e-3)
+    assert pccd.learning_rate(settings, 500) == pytest.approx(1e-3)
+    assert pccd.learning_rate(settings, 1000) == pytest.approx(0, abs=1e-12)
+    rates = [pccd.learning_rate(settings, s) for s in range(0, 1001, 50)]
     assert all(a > b for a, b in zip(rates, rates[1:]))
-    args.schedule = "constant"
-    assert pccd.learning_rate(args, 900) == 2e-3
+    settings["schedule"] = "constant"
+    assert pccd.learning_rate(settings, 900) == 2e-3
 
 
 def test_property_dropout_teaches_unknown_and_keeps_the_rest():
@@ -663,7 +670,7 @@ def test_property_dropout_teaches_unknown_and_keeps_the_rest():
 
 
 def test_export_writes_a_small_half_precision_copy_that_samples_like_the_run(tiny_run, tmp_path, capsys):
-    import torch
+    import argparse
     out = tmp_path / "small.pt"
     assert pccd.main(["export", str(tiny_run), "--out", str(out)]) == 0
     small = torch.load(out, weights_only=False)
@@ -675,10 +682,13 @@ def test_export_writes_a_small_half_precision_copy_that_samples_like_the_run(tin
     full, _ = pccd.load_checkpoint(str(tiny_run))
     half, ckpt = pccd.load_checkpoint(str(out))
     assert ckpt["train_ids"] and ckpt["length_range"]
+    assert ckpt["sampling"] == torch.load(tiny_run / "checkpoint.pt", weights_only=False)["sampling"]
     condition = pccd.condition_tensors([(["Mg", "O"], "unknown", "unknown")] * 4, "cpu")
-    ddpm = pccd.diffusion_of(ckpt)                             # exported with the run's settings
-    a = ddpm.sample(full, condition, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(0))
-    b = ddpm.sample(half, condition, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(0))
+    args = argparse.Namespace(guidance=None, condition_above=None)
+    ddpm = pccd.sampling_of(ckpt, args)                        # exported with the run's settings
+    a, b = (ddpm.sample(model, condition, guidance=args.guidance, condition_above=args.condition_above,
+                        sampler="ddim", steps=5, generator=torch.Generator().manual_seed(0))
+            for model in (full, half))
     assert (a - b).abs().mean() < 0.005        # rounding the weights barely moves the samples
 
 
@@ -710,8 +720,8 @@ def test_the_shipped_checkpoint_is_small_and_generates_valid_crystals_of_a_train
     import csv
     assert os.path.getsize(pccd.SHIPPED_CHECKPOINT) <= 10e6
     _, ckpt = pccd.load_checkpoint(pccd.SHIPPED_CHECKPOINT)
-    assert ckpt["args"]["preset"] == "hour" and ckpt["seed"] == 0
-    assert ckpt["args"]["condition_above"] == pccd.PRESETS["hour"]["condition_above"] == 250
+    assert ckpt["settings"] == pccd.PRESETS["hour"] | dict(preset="hour")     # trained as the preset says
+    assert ckpt["sampling"] == dict(prediction="v", T=1000, condition_above=250, guidance=3.0)
     out = tmp_path / "gen"
     assert pccd.main(["generate", "--checkpoint", pccd.SHIPPED_CHECKPOINT, "--elements", "Li", "Co", "O",
                       "--n", "8", "--sampler", "ddim", "--steps", "20", "--out", str(out)]) == 0
@@ -724,28 +734,36 @@ def test_the_shipped_checkpoint_is_small_and_generates_valid_crystals_of_a_train
     assert sum(row["structural"] == "True" for row in rows) >= SHIPPED_MIN_STRUCTURAL
 
 
+def test_the_shipped_model_reproduces_its_golden_tensors():
+    """The file a port checks itself against (README, Porting): torch must reproduce it too."""
+    golden = np.load(os.path.join(HERE, "checkpoints", "pccd_mp20_golden.npz"))
+    assert os.path.getsize(os.path.join(HERE, "checkpoints", "pccd_mp20_golden.npz")) <= 200e3
+    model, ckpt = pccd.load_checkpoint(pccd.SHIPPED_CHECKPOINT)
+    again = diffusion.golden_tensors(model, ckpt["sampling"])
+    assert sorted(again) == sorted(golden.files)
+    for key in golden.files:
+        assert again[key].shape == golden[key].shape
+        np.testing.assert_allclose(again[key], golden[key], atol=1e-4, rtol=0, err_msg=key)
+    assert not np.allclose(golden["output"], golden["output_null"], atol=1e-2)   # the condition matters
+
+
+def test_export_writes_golden_tensors_beside_the_checkpoint(tiny_run, tmp_path):
+    out = tmp_path / "model.pt"
+    assert pccd.main(["export", str(tiny_run), "--out", str(out)]) == 0
+    golden = np.load(tmp_path / "model_golden.npz")
+    model, ckpt = pccd.load_checkpoint(str(out))
+    assert golden["sample"].shape == (2, 3, 128, 3) and 0 <= golden["sample"].min() <= golden["sample"].max() <= 1
+    np.testing.assert_allclose(diffusion.golden_tensors(model, ckpt["sampling"])["output"], golden["output"], atol=1e-5)
+
+
 def test_resume_keeps_the_runs_own_preset_and_settings(small_csv, tmp_path):
     import torch
     out = tmp_path / "r"
     common = ["--data", small_csv, "--out", str(out), "--device", "cpu"]
     assert pccd.main(["train", *common, "--preset", "hour", "--steps", "4", "--batch-size", "8"]) == 0
     assert pccd.main(["train", *common, "--steps", "6", "--resume"]) == 0      # no preset, no batch size
-    args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
-    assert (args["preset"], args["batch_size"], args["schedule"], args["steps"]) == ("hour", 8, "cosine", 6)
-
-
-def test_resuming_a_run_saved_before_the_prediction_flag_keeps_predicting_eps(small_csv, tmp_path):
-    import torch
-    out = tmp_path / "old"
-    common = ["--data", small_csv, "--out", str(out), "--device", "cpu", "--batch-size", "8"]
-    assert pccd.main(["train", *common, "--preset", "hour", "--steps", "2", "--prediction", "eps"]) == 0
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    ckpt["args"]["prediction"] = ckpt["args"]["translate"] = None        # as such a run saved them
-    torch.save(ckpt, out / "checkpoint.pt")
-    assert pccd.PRESETS["hour"]["prediction"] == "v"                   # what a fresh hour run predicts
-    assert pccd.main(["train", *common, "--steps", "3", "--resume"]) == 0
-    args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
-    assert (args["preset"], args["prediction"], args["translate"]) == ("hour", "eps", False)
+    settings = torch.load(out / "checkpoint.pt", weights_only=False)["settings"]
+    assert (settings["preset"], settings["batch_size"], settings["schedule"], settings["steps"]) == ("hour", 8, "cosine", 6)
 
 
 def test_translation_augmentation_moves_the_atoms_but_keeps_the_crystal(mp20):
@@ -768,58 +786,7 @@ def test_train_translate_flag_is_recorded_and_kept_on_resume(small_csv, tmp_path
     common = ["--data", small_csv, "--out", str(out), "--device", "cpu", "--batch-size", "8"]
     assert pccd.main(["train", *common, "--steps", "3", "--translate"]) == 0
     assert pccd.main(["train", *common, "--steps", "5", "--resume"]) == 0
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["args"]["translate"] is True
-
-
-def train_and_see_which_crystals_moved(small_csv, out, monkeypatch, flags):
-    """Train 32-crystal batches with `flags`, spying on the loss: the diffusion step of every crystal
-    the loss saw, and whether it was exactly as encoded (True) or translated (False)."""
-    import torch
-    seen, real_loss = [], diffusion.Diffusion.loss
-
-    def spy(self, model, x0, *rest, t=None):
-        seen.append((x0.clone(), t.clone()))
-        return real_loss(self, model, x0, *rest, t=t)
-    monkeypatch.setattr(diffusion.Diffusion, "loss", spy)
-    assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--device", "cpu",
-                      "--batch-size", "32", *flags]) == 0
-    crystals = pccd.load_or_fail(small_csv)
-    clouds = pccd.encode_dataset(crystals, data.fit_length_range([c.structure for c in crystals]))[0]
-    training_set = diffusion.to_model(clouds)
-    x0, t = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
-    return t, torch.tensor([any(torch.equal(row, c) for c in training_set) for row in x0])
-
-
-def test_translate_below_moves_only_the_crystals_noised_below_that_step(small_csv, tmp_path, monkeypatch):
-    t, as_encoded = train_and_see_which_crystals_moved(small_csv, tmp_path / "b", monkeypatch,
-                                                       ["--steps", "2", "--translate-below", "500"])
-    assert 0 < int((t < 500).sum()) < len(t)
-    assert as_encoded.tolist() == (t >= 500).tolist()  # the low-noise crystals, and only they, moved
-    assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "c"), "--no-translate",
-                      "--translate-below", "500"]) == 1                    # a contradiction, said so
-
-
-def test_translate_share_moves_only_part_of_the_crystals_below_the_step(small_csv, tmp_path, monkeypatch):
-    t, as_encoded = train_and_see_which_crystals_moved(
-        small_csv, tmp_path / "s", monkeypatch,
-        ["--steps", "3", "--translate-below", "500", "--translate-share", "0.5"])
-    assert as_encoded[t >= 500].all()                       # high noise: always the training frame
-    low = as_encoded[t < 500]
-    assert 0 < int((~low).sum()) < len(low)                 # low noise: some moved, some kept their frame
-    for bad in (["--translate-share", "0"], ["--translate-share", "1.5"],
-                ["--no-translate", "--translate-share", "0.5"]):
-        assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "c")] + bad) == 1
-
-
-def test_a_run_trained_with_translate_below_and_share_keeps_them_on_resume(small_csv, tmp_path):
-    import torch
-    out = tmp_path / "tb"
-    assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--device", "cpu", "--batch-size", "8",
-                      "--steps", "2", "--translate-below", "300", "--translate-share", "0.25"]) == 0
-    assert pccd.main(["train", "--data", small_csv, "--out", str(out), "--steps", "3", "--resume"]) == 0
-    args = torch.load(out / "checkpoint.pt", weights_only=False)["args"]
-    assert (args["steps"], args["translate"], args["translate_below"], args["translate_share"]) == \
-        (3, True, 300, 0.25)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["settings"]["translate"] is True
 
 
 def test_condition_above_trains_without_the_condition_below_the_step_and_samples_so(small_csv, tmp_path,
@@ -839,8 +806,10 @@ def test_condition_above_trains_without_the_condition_below_the_step_and_samples
     assert drop[t < 500].all() and len(drop[t < 500]) > 0    # low noise: never told the condition
     assert not drop[t >= 500].all()                           # high noise: kept for most crystals
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert pccd.condition_above_of(ckpt, argparse.Namespace(condition_above=None)) == 500
-    assert pccd.condition_above_of(ckpt, argparse.Namespace(condition_above=0)) == 0      # the flag wins
-    assert pccd.condition_above_of({}, argparse.Namespace(condition_above=None)) == 0     # older runs
-    assert pccd.main(["train", "--data", small_csv, "--out", str(tmp_path / "x"), "--condition-above",
-                      "2000"]) == 1
+    assert ckpt["sampling"]["condition_above"] == 500
+    args = argparse.Namespace(guidance=None, condition_above=None)
+    pccd.sampling_of(ckpt, args)
+    assert (args.condition_above, args.guidance) == (500, 3.0)                         # the checkpoint's
+    args = argparse.Namespace(guidance=1.0, condition_above=0)
+    pccd.sampling_of(ckpt, args)
+    assert (args.condition_above, args.guidance) == (0, 1.0)                           # the flags win

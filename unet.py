@@ -1,5 +1,8 @@
-"""The noise-prediction network eps_theta(x_t, t, condition): a compact attention U-Net
-(paper Methods and Fig. S3, "U-Net ... with self-attention layers").
+"""The denoising network of PCCD: a compact attention U-Net (paper Methods and Fig. S3, "U-Net
+... with self-attention layers") that reads a noisy cloud x_t, its step t and the condition, and
+predicts the noise eps (the paper's Eq. S4) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 -- which
+of the two is recorded in each checkpoint's `sampling` entry (both presets, and the shipped
+model, predict v).
 
 The paper's U-Net treats the (3, 128, 3) cloud as a 3-channel 128 x 3 image and has 163.7 M
 parameters. Here the cloud is read as what it is, a sequence of 128 points with 9 numbers each
@@ -19,6 +22,30 @@ For classifier-free guidance (Ho & Salimans, 2022) the whole condition embedding
 a learned null embedding where `drop` is True: in training with probability `cond_drop`, in
 sampling for the unconditional pass. (The original code computed the dropped embedding and then
 used the undropped one, so its guidance did nothing.)
+
+Porting notes (every framework default this file relies on, written out)
+- Layout. x (B, 3, 128, 3) becomes (B, 9, 128) by x.permute(0, 1, 3, 2).reshape(B, 9, 128):
+  feature k = 3 * channel + column, so features 0-2 are x, y, z of channel 0, 3-5 the element
+  slots, 6-8 the lattice columns. The head's (B, 9, 128) goes back by the inverse reshape.
+- Conv1d weights are (out, in, kernel), kernel 3 with padding 1 (zeros), or kernel 1; Linear
+  weights are (out, in), y = x W^T + b. GroupNorm: 8 groups, eps 1e-5, affine.
+- nn.MultiheadAttention(C, 4 heads, batch_first=True) on (B, L, C): in_proj_weight (3C, C) stacks
+  the q, k, v projections in that order (rows 0..C-1 are q), in_proj_bias (3C,) likewise; each
+  of q, k, v is split into 4 heads of C/4 *contiguous* channels; scores are q k^T / sqrt(C/4),
+  softmax over the keys; the heads are concatenated back in order and go through out_proj
+  (weight (C, C), bias (C,)). No dropout, no mask.
+- Downsampling is avg_pool1d(2) (mean of points 2i and 2i+1); upsampling is F.interpolate with
+  mode="nearest", scale 2 (point i copies point i // 2).
+- sinusoidal_embedding: [sin(t f_0..f_63), cos(t f_0..f_63)] with f_k = 10000^(-k/64), sin first.
+- FiLM: film(silu(emb)) is split into scale (first half) and shift (second half); h * (1 + scale)
+  + shift after the second GroupNorm. SiLU(x) = x sigmoid(x).
+- `position` (1, w1, 128) and the condition pattern, Linear(E, w1 * 128) read as (B, w1, 128)
+  (channel-major), are added to the stem's output.
+- The condition embedding: per-slot element embeddings (B, 3, E) flattened slot by slot into
+  (B, 3E), then a Linear; the slots are in the order of channel 1 (data.canonical_order: by
+  electronegativity), atomic number 0 for an empty slot. Where drop is True, the whole embedding
+  is the learned `null` vector.
+- The shipped weights are stored in float16; load them into float32 and compute in float32.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -55,10 +82,10 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, c_in, c_out, embed_dim):
         super().__init__()
-        self.norm1 = nn.GroupNorm(8, c_in)
+        self.norm1 = nn.GroupNorm(8, c_in, eps=1e-5)
         self.conv1 = nn.Conv1d(c_in, c_out, 3, padding=1)
         self.film = nn.Linear(embed_dim, 2 * c_out)
-        self.norm2 = nn.GroupNorm(8, c_out)
+        self.norm2 = nn.GroupNorm(8, c_out, eps=1e-5)
         self.conv2 = nn.Conv1d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -75,8 +102,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels, heads):
         super().__init__()
-        self.norm = nn.GroupNorm(8, channels)
-        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.norm = nn.GroupNorm(8, channels, eps=1e-5)
+        self.attention = nn.MultiheadAttention(channels, heads, dropout=0.0, batch_first=True)
 
     def forward(self, x):                                        # (B, C, L)
         h = self.norm(x).transpose(1, 2)                         # (B, L, C)
@@ -137,11 +164,11 @@ class UNet(nn.Module):
         self.up2 = ResidualBlock(w3 + w2, w2, E)                 # 64 points
         self.up_attn2 = SelfAttention(w2, cfg.attention_heads)
         self.up1 = ResidualBlock(w2 + w1, w1, E)                 # 128 points
-        self.head = nn.Sequential(nn.GroupNorm(8, w1), nn.SiLU(), nn.Conv1d(w1, 9, 3, padding=1))
+        self.head = nn.Sequential(nn.GroupNorm(8, w1, eps=1e-5), nn.SiLU(), nn.Conv1d(w1, 9, 3, padding=1))
 
     def forward(self, x, t, elements, band_gap, magnetic, drop=None):
-        """x (B, 3, 128, 3) noisy cloud in [-1, 1] units, t (B,) timesteps -> predicted noise
-        (B, 3, 128, 3)."""
+        """x (B, 3, 128, 3) noisy cloud in [-1, 1] units, t (B,) timesteps -> the prediction
+        (eps or v, whichever the network was trained on), (B, 3, 128, 3)."""
         B = x.shape[0]
         c = self.condition(elements, band_gap, magnetic, drop)               # (B, E)
         emb = self.time(sinusoidal_embedding(t, self.cfg.embed_dim)) + c     # (B, E)
@@ -153,9 +180,9 @@ class UNet(nn.Module):
         s3 = self.attn3(self.down3(F.avg_pool1d(s2, 2), emb))                # (B, w3, 32)
         h = self.mid2(self.mid_attn(self.mid1(s3, emb)), emb)                # (B, w3, 32)
         h = self.up_attn3(self.up3(torch.cat([h, s3], 1), emb))              # (B, w3, 32)
-        h = F.interpolate(h, scale_factor=2.0)                               # (B, w3, 64)
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")               # (B, w3, 64)
         h = self.up_attn2(self.up2(torch.cat([h, s2], 1), emb))              # (B, w2, 64)
-        h = F.interpolate(h, scale_factor=2.0)                               # (B, w2, 128)
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")               # (B, w2, 128)
         h = self.up1(torch.cat([h, s1], 1), emb)                             # (B, w1, 128)
         h = self.head(h)                                                     # (B, 9, 128)
         return h.reshape(B, 3, 3, 128).permute(0, 1, 3, 2)                   # (B, 3, 128, 3)
