@@ -478,29 +478,43 @@ def _read_rows(path):
                 yield row.get("material_id") or f"row {i}", "cif", row["cif"], row
     else:
         fmt = "cif" if path.lower().endswith(".cif") else "poscar"
-        with open(path) as f:
-            yield os.path.basename(path), fmt, f.read(), {}
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None                       # a binary file: unreadable, like any other bad file
+        yield os.path.basename(path), fmt, text, {}
 
 
-def load_structures(path, verbose=True, only_encodable=True):
+def degenerate_lattice(lattice):
+    """True for a cell with (near) zero volume or (near) coplanar vectors: V < 0.1 A^3 (CDVAE's
+    cutoff) or V / (a b c) < 0.01 (real cells: above 0.15)."""
+    volume = abs(lattice.volume)
+    return not volume >= 0.1 or not volume / np.prod(lattice.abc) >= 0.01
+
+
+def load_structures(path, verbose=True, only_encodable=True, skipped=None):
     """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
     `material_id`, `band_gap`, `ordering`), a folder of CIF/POSCAR files, or one such file.
 
     Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter; only_encodable=False
-    keeps every readable one); a bad row is counted and skipped, never fatal. Prints one line
-    saying what was kept and skipped.
+    keeps every readable one). A bad row or file (unparsable, binary, empty, a degenerate cell)
+    is counted and skipped, never fatal. Prints one line saying what was kept and skipped (or,
+    with verbose=False, fills the dict `skipped` with {reason: count}).
     Returns a list of `Crystal`.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
-    kept, skipped = [], {}
+    kept, skipped = [], {} if skipped is None else skipped
     for name, fmt, text, props in _read_rows(path):
         try:
             structure = _parse_structure(text, fmt)
+            reason = "with a degenerate cell" if degenerate_lattice(structure.lattice) else ""
         except Exception:
-            skipped["unreadable"] = skipped.get("unreadable", 0) + 1
-            continue
-        reason = unencodable_reason(structure) if only_encodable else ""
+            structure, reason = None, "unreadable"
+        if not reason and only_encodable:
+            reason = unencodable_reason(structure)
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
@@ -512,10 +526,14 @@ def load_structures(path, verbose=True, only_encodable=True):
             ordering=ordering if ordering in MAGNETIC_ORDERINGS else "unknown",
         ))
     if verbose:
-        total = len(kept) + sum(skipped.values())
-        why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
-        print(f"{path}: kept {len(kept)} of {total} structures (skipped: {why})", file=sys.stderr)
+        print(describe_load(path, kept, skipped), file=sys.stderr)
     return kept
+
+
+def describe_load(path, kept, skipped):
+    """'PATH: kept 3 of 5 structures (skipped: 1 unreadable, 1 with > 16 sites)'."""
+    why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
+    return f"{path}: kept {len(kept)} of {len(kept) + sum(skipped.values())} structures (skipped: {why})"
 
 
 def _to_float(value):
@@ -582,8 +600,12 @@ def write_csv(path, rows, fields=CSV_FIELDS):
     an interrupted write never leaves a half file posing as a whole one. The project's one CSV
     writer: datasets, summary.csv, pairs.csv, screening.csv."""
     tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):               # a failed write (a full disk) leaves nothing behind
+            os.remove(tmp)

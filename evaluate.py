@@ -22,7 +22,11 @@ def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANG
     matcher = StructureMatcher()
     matched, decode_seconds, failures = 0, 0.0, []
     for crystal in crystals:
-        cloud, elements = data.encode(crystal.structure, length_range=length_range)
+        try:
+            cloud, elements = data.encode(crystal.structure, length_range=length_range)
+        except ValueError:               # e.g. a lattice vector outside the length range
+            failures.append(f"{crystal.material_id} (cannot be encoded)")
+            continue
         if noise:
             cloud = cloud + rng.normal(0.0, noise, cloud.shape).astype(np.float32)
         start = time.perf_counter()
@@ -142,10 +146,18 @@ def summarise_reconstruction(pairs, train_compositions):
     return summary
 
 
+def describe_sampler(sampler, steps, guidance, condition_above, **_):
+    """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below'."""
+    words = (sampler if sampler == "ddpm" else f"ddim, {steps} steps") + f", guidance {guidance:g}"
+    return words + (f" at steps >= {condition_above}, no condition below" if condition_above else "")
+
+
 def format_reconstruction(summary):
     """The summary beside the paper's numbers (atom count, Table 1)."""
     n, rms = summary["n"], summary["mean_rms"]
-    lines = [f"  decoded                       {summary['decoded']:>5}/{n}",
+    lines = [f"\nReconstruction from t = {summary['t']} of {n} structures ({describe_sampler(**summary)}, "
+             f"{summary['seconds']:.0f} s; {summary['checkpoint']})",
+             f"  decoded                       {summary['decoded']:>5}/{n}",
              f"  atom count right              {100 * summary['atom_count_accuracy']:6.2f}%   (paper: 67.81%; "
              f"most-common-count baseline: {100 * summary['count_baseline_accuracy']:.2f}%)",
              f"  StructureMatcher match        {100 * summary['match_rate']:6.2f}%   mean RMS "
@@ -320,7 +332,10 @@ def screen(structures, reference):
         compositional = compositionally_valid(s.composition)
         rows.append(dict(decoded=True, structural=structural, compositional=compositional,
                          valid=structural and compositional, unique=next(unique), novel=next(novel)))
-    return rows, summarise_screening(rows)
+    summary = summarise_screening(rows)
+    if any("atoms_merged" in s.properties for s in decoded):      # decoded here, not read from files
+        summary["crystals_with_merges"] = sum(s.properties["atoms_merged"] > 0 for s in decoded)
+    return rows, summary
 
 
 def summarise_screening(rows):
@@ -336,9 +351,12 @@ def summarise_screening(rows):
 
 
 def format_screening(summary):
-    """The summary in the layout of Table 2's first rows."""
+    """The summary in the layout of Table 2's first rows (and how the crystals were sampled, for
+    generate's own)."""
     n = max(summary["generated"], 1)
-    lines = [f"{'generated':<34}{summary['generated']:>6}"]
+    lines = [f"\nGenerated {n} crystals in {summary['seconds']:.0f} s ({describe_sampler(**summary)}; "
+             f"{summary['checkpoint']})"] if "sampler" in summary else []
+    lines.append(f"{'generated':<34}{summary['generated']:>6}")
     for key, label in (("decoded", "decodable"), ("structural", "structurally valid"),
                        ("compositional", "compositionally valid"), ("valid", "valid (both)"),
                        ("unique", "unique"), ("novel", "novel"), ("valid_unique", "valid and unique"),
@@ -439,10 +457,12 @@ def plot_reconstruction(pairs, summary, path):
     plt.close(fig)
 
 
-def plot_trajectory(trajectory, elements, path, times):
-    """Fig. S2: one sample's points, coloured by element, as the noise is removed."""
+def plot_trajectory(trajectory, elements, path):
+    """Fig. S2: one sample's points, coloured by element, as the noise is removed: six of the
+    steps in `trajectory` ({t: cloud}), from the first to the last."""
     plt = pyplot()
-    times = sorted({t for t in times if t in trajectory}, reverse=True)
+    times = sorted(trajectory, reverse=True)
+    times = sorted(set(times[:: max(1, len(times) // 5)] + [times[-1]]), reverse=True)
     fig = plt.figure(figsize=(3.2 * len(times), 3.6))
     for k, t in enumerate(times):
         cloud = trajectory[t].numpy()

@@ -1,30 +1,19 @@
 """PCCD, point-cloud crystal diffusion (Li et al., arXiv:2401.13192): the one command.
-
-    python pccd.py train                train a model on the bundled MP-20 sample (~9 min, CPU)
-    python pccd.py reconstruct          the paper's reconstruction experiment (Fig. 1, Table 1)
-    python pccd.py generate             new crystals of chosen elements, screened (Table 2)
-    python pccd.py evaluate DIR         screen any folder of CIF/POSCAR files
-    python pccd.py download             the paper's dataset from the Materials Project
-    python pccd.py show FILE            draw a crystal's point cloud (Fig. S1)
-    python pccd.py export RUN --out F   a small sampling-only checkpoint (the shipped one)
-    python pccd.py bench                parameter count and time per training / sampling step
-    python pccd.py roundtrip            encode -> decode fidelity of the representation
-    python pccd.py <command> --help     what each command does and takes
-
-Threads: torch uses every core. Its waiting threads sleep rather than spin (OMP_WAIT_POLICY=
-PASSIVE, set here unless the environment says otherwise), so a laptop busy with something else
-slows PCCD down instead of stalling it; --threads 1 is faster still on a busy 2-core machine.
+`python pccd.py --help` lists the commands, `python pccd.py COMMAND --help` what each takes.
+Read in order: presets, checkpoints, train, sampling, reconstruct, generate and evaluate, the
+smaller commands, the command line. Threads: see add_run_arguments.
 """
 import argparse
 import copy
 import json
+import math
 import os
+import shutil
 import sys
 import time
 
-# Both must be set before torch and spglib load. spglib (under pymatgen's space-group analysis)
-# prints "spglib: ... failed." for odd cells while screening; the screening handles them. OpenMP
-# threads that spin while waiting thrash when another program is busy (see README, Threads).
+# Set before torch and spglib load: spglib's "failed" lines for odd cells are noise here, and
+# OpenMP threads that spin while waiting thrash when another program is busy (README, Threads).
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -61,13 +50,17 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
-def load_or_fail(path):
+def load_or_fail(path, only_encodable=True):
+    """The structures of a CSV, folder or file, and one line saying what was skipped and why;
+    that line is the error when nothing is left."""
+    skipped = {}
     try:
-        crystals = data.load_structures(path)
+        crystals = data.load_structures(path, verbose=False, only_encodable=only_encodable, skipped=skipped)
     except (OSError, ValueError) as e:
         raise UserError(str(e))
     if not crystals:
-        raise UserError(f"{path} holds no structure PCCD can encode (<= 3 elements, <= 16 sites)")
+        raise UserError(data.describe_load(path, crystals, skipped))
+    print(data.describe_load(path, crystals, skipped), file=sys.stderr)
     return crystals
 
 
@@ -83,11 +76,7 @@ def resolve_path(path):
 
 
 def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,8 +90,12 @@ def pick_device(name):
 def save_checkpoint(path, state):
     """Write to a temporary file and rename it, so an interrupted run never leaves a broken one."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):               # a failed save (a full disk, Ctrl-C) leaves nothing behind
+            os.remove(tmp)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -143,14 +136,6 @@ def default_checkpoint():
     left in runs/default, or else the one shipped in the repository."""
     own = os.path.join(DEFAULT_RUN, CHECKPOINT)
     return own if os.path.exists(own) else SHIPPED_CHECKPOINT
-
-
-def checkpoint_for(args):
-    """--checkpoint, or the default one; says which when it was not named."""
-    if args.checkpoint is None:
-        args.checkpoint = default_checkpoint()
-        print(f"checkpoint: {os.path.relpath(args.checkpoint)}", file=sys.stderr)
-    return args.checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,11 +188,16 @@ def cmd_train(args):
     if resumed and "optimizer" not in resumed:
         raise UserError(f"{path} is an exported, sampling-only checkpoint and cannot be resumed: "
                         f"resume the run it was exported from, or train a new one")
+    if resumed and args.data and portable_path(args.data) != resumed["settings"]["data"]:
+        raise UserError("--resume continues on the run's own data: leave out --data")
     s = resolve_settings(args, resumed)
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
-    clouds, elements, band_gap, magnetic = map(torch.from_numpy, data.encode_dataset(crystals, length_range))
+    encoded = data.encode_dataset(crystals, length_range)
+    if not np.isfinite(encoded[0]).all():
+        raise UserError(f"the clouds of {s['data']} are not all finite numbers; nothing trained")
+    clouds, elements, band_gap, magnetic = map(torch.from_numpy, encoded)
     x0_all = diffusion.to_model(clouds)                                  # (N, 3, 128, 3) in [-1, 1]
 
     torch.manual_seed(s["seed"])
@@ -268,24 +258,22 @@ def cmd_train(args):
 
 
 def cmd_export(args):
-    """A run's checkpoint -> a small file for sampling only: the EMA weights (half precision
-    unless --float32) and what sampling needs (model configuration, length range, `sampling`,
-    `settings`, the training set's identities); no optimizer state, so it cannot be resumed."""
+    """A run's checkpoint -> a small file for sampling only: the EMA weights in half precision and
+    what sampling needs (model configuration, length range, `sampling`, `settings`, the training
+    set's identities); no optimizer state, so it cannot be resumed. Golden tensors beside it."""
     if os.path.exists(args.out):
         raise UserError(f"{args.out} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source)
-    dtype = torch.float32 if args.float32 else torch.float16
     small = {k: ckpt[k] for k in ("model_config", "length_range", "sampling", "settings", "train_ids",
                                   "train_compositions", "losses", "step")}
-    small["ema"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_checkpoint(args.out, small)
     golden = os.path.splitext(args.out)[0] + "_golden.npz"
     model, _ = load_checkpoint(args.out)
     np.savez_compressed(golden, **diffusion.golden_tensors(model, small["sampling"]))
-    print(f"{args.out}: {os.path.getsize(args.out) / 1e6:.1f} MB, EMA weights in {str(dtype)[6:]}, "
+    print(f"{args.out}: {os.path.getsize(args.out) / 1e6:.1f} MB, EMA weights in float16, "
           f"step {small['step']}; {golden}: golden tensors for checking a port")
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,14 +300,22 @@ class Progress:
                   f"{left:5.1f} min left", file=out, flush=True)
 
 
-def fresh_dir(path):
-    """`path`, or `path-2`, `path-3`, ... when it already holds files: never overwrite a run."""
-    candidate, k = path, 1
-    while os.path.isdir(candidate) and os.listdir(candidate):
-        k += 1
-        candidate = f"{path}-{k}"
-    os.makedirs(candidate, exist_ok=True)
-    return candidate
+def fresh_dir(args):
+    """A new folder for a command's results: --out, or --out-2, --out-3, ... Made with os.mkdir,
+    which fails if the folder exists, so two runs started together never share one. main()
+    removes it again if the command fails: a folder that is left is complete."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    k = 1
+    while True:
+        candidate = args.out if k == 1 else f"{args.out}-{k}"
+        try:
+            os.mkdir(candidate)
+            args.made = candidate
+            return candidate
+        except FileExistsError:
+            k += 1
 
 
 def condition_tensors(conditions, device):
@@ -345,23 +341,16 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
     return np.concatenate(out), progress.elapsed()
 
 
-def describe_sampler(sampler, steps, guidance, condition_above, **_):
-    """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below'."""
-    words = (sampler if sampler == "ddpm" else f"ddim, {steps} steps") + f", guidance {guidance:g}"
-    return words + (f" at steps >= {condition_above}, no condition below" if condition_above else "")
-
-
 # ----------------------------------------------------------------------------------------------
 # reconstruct (paper Fig. 1, Table 1, Fig. 2)
 # ----------------------------------------------------------------------------------------------
 
 def cmd_reconstruct(args):
     device = pick_device(args.device)
-    model, ckpt = load_checkpoint(checkpoint_for(args), device)
+    args.checkpoint = args.checkpoint or default_checkpoint()
+    model, ckpt = load_checkpoint(args.checkpoint, device)
     ddpm = sampling_of(ckpt, args)
     t = ddpm.T if args.t is None else args.t
-    if not 1 <= t <= ddpm.T:
-        raise UserError(f"--t must be between 1 and {ddpm.T}")
     length_range = ckpt["length_range"]
     crystals = load_or_fail(args.data)
     rng = np.random.default_rng(args.seed)
@@ -374,7 +363,7 @@ def cmd_reconstruct(args):
             print(f"skipping {c.material_id}: {e}", file=sys.stderr)
     if not usable:
         raise UserError("no structure to reconstruct")
-    out = fresh_dir(args.out)
+    out = fresh_dir(args)
 
     # Forward process to step t (Eq. 3), stored so that the run can be repeated.
     x0 = diffusion.to_model(torch.from_numpy(np.stack([cloud for _, cloud, _ in usable])))
@@ -404,8 +393,6 @@ def cmd_reconstruct(args):
         json.dump(dict(summary=summary, pairs=pairs), f, indent=1, default=float)
     data.write_csv(os.path.join(out, "pairs.csv"), pairs, evaluate.PAIR_FIELDS)
     evaluate.plot_reconstruction(pairs, summary, os.path.join(out, "fig1.png"))
-    print(f"\nReconstruction from t = {t} of {summary['n']} structures ({describe_sampler(**summary)}, "
-          f"{seconds:.0f} s)")
     print(evaluate.format_reconstruction(summary))
     print(f"results: {out}/ (results.json, pairs.csv, fig1.png, noised.npz, denoised.npz, "
           f"{summary['decoded']} CIFs)")
@@ -420,13 +407,18 @@ SCREENING_FIELDS = ["name", "elements", "formula", "n_atoms", "spacegroup", "den
                     "reason"]
 
 
+def reference_path(path, named):
+    """Where the training structures for the novelty check are. A --reference that was named must
+    exist; the checkpoint's own training data may have moved: then None, with a warning."""
+    if os.path.exists(resolve_path(path)):
+        return resolve_path(path)
+    if named:
+        raise UserError(f"--reference {path}: no such file or folder")
+    print(f"warning: reference structures not found ({path}); novelty not checked", file=sys.stderr)
+
+
 def load_reference(path):
-    """Training structures for the novelty check, or None (with a warning) when unavailable."""
-    path = resolve_path(path)
-    if not os.path.exists(path):
-        print(f"warning: reference structures not found ({path}); novelty not checked", file=sys.stderr)
-        return None
-    return [c.structure for c in data.load_structures(path)]
+    return [c.structure for c in data.load_structures(path, verbose=False)] if path else []
 
 
 def cmd_generate(args):
@@ -438,7 +430,8 @@ def cmd_generate(args):
             data.check_elements(args.elements)
     except ValueError as e:
         raise UserError(str(e))
-    model, ckpt = load_checkpoint(checkpoint_for(args), device)
+    args.checkpoint = args.checkpoint or default_checkpoint()
+    model, ckpt = load_checkpoint(args.checkpoint, device)
     ddpm = sampling_of(ckpt, args)
     rng = np.random.default_rng(args.seed)
     if args.elements:
@@ -449,19 +442,18 @@ def cmd_generate(args):
     else:
         element_sets = data.draw_element_sets(args.pool, args.n, rng)
     element_sets = [data.canonical_order(s) for s in element_sets]   # the slot order of training
+    reference = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
+    out = fresh_dir(args)
     seen = {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements}
     unseen = sorted({e for s in element_sets for e in s} - seen)
     if unseen:
         print(f"warning: the model never saw {' '.join(unseen)} in training; expect poor structures",
               file=sys.stderr)
-    out = fresh_dir(args.out)
     conditions = [(s, args.band_gap, args.magnetic) for s in element_sets]
     trajectory = {} if args.trajectory else None
     clouds, seconds = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory)
     if trajectory:
-        times = sorted(trajectory, reverse=True)
-        evaluate.plot_trajectory(trajectory, element_sets[0], os.path.join(out, "trajectory.png"),
-                        times=times[:: max(1, len(times) // 5)] + [times[-1]])
+        evaluate.plot_trajectory(trajectory, element_sets[0], os.path.join(out, "trajectory.png"))
     np.savez_compressed(os.path.join(out, "clouds.npz"), clouds=clouds,   # to decode again later
                         elements=np.array([" ".join(e) for e in element_sets]))
     structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"])
@@ -472,35 +464,29 @@ def cmd_generate(args):
             s.to(filename=os.path.join(out, names[-1] + ".cif"))
             s.to(filename=os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
     print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
-    reference = load_reference(args.reference or ckpt["settings"]["data"])
-    rows, summary = evaluate.screen(structures, reference or [])
+    rows, summary = evaluate.screen(structures, load_reference(reference))
     for row, name, s, why, elements in zip(rows, names, structures, reasons, element_sets):
         row.update(name=name, elements=" ".join(elements), reason=why,
                    **(evaluate.describe(s) if s is not None else {}))
     data.write_csv(os.path.join(out, "summary.csv"), rows, SCREENING_FIELDS)
-    summary["crystals_with_merges"] = sum(s.properties["atoms_merged"] > 0 for s in structures if s is not None)
     summary.update(seconds=seconds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    condition_above=args.condition_above, seed=args.seed,
                    checkpoint=os.path.abspath(args.checkpoint), novelty_checked=reference is not None)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\nGenerated {args.n} crystals in {seconds:.0f} s ({describe_sampler(**summary)})")
     print(evaluate.format_screening(summary))
     print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
 
 
 def cmd_evaluate(args):
-    try:
-        crystals = data.load_structures(args.folder, only_encodable=False)
-    except (OSError, ValueError) as e:
-        raise UserError(str(e))
-    if not crystals:
-        raise UserError(f"no CIF or POSCAR structure in {args.folder}")
-    path = os.path.join(args.folder, "screening.csv") if args.csv is None else args.csv
+    folder = args.folder
+    path = args.csv or (os.path.join(folder, "screening.csv") if os.path.isdir(folder)
+                        else os.path.splitext(folder)[0] + "_screening.csv")
     if os.path.exists(path):
         raise UserError(f"{path} exists; name another with --csv")
-    reference = load_reference(args.reference)
-    rows, summary = evaluate.screen([c.structure for c in crystals], reference or [])
+    reference = reference_path(args.reference, named=True)
+    crystals = load_or_fail(folder, only_encodable=False)
+    rows, summary = evaluate.screen([c.structure for c in crystals], load_reference(reference))
     for row, c in zip(rows, crystals):
         row.update(name=c.material_id, **evaluate.describe(c.structure))
     data.write_csv(path, rows, [f for f in SCREENING_FIELDS if f not in ("elements", "reason")])
@@ -513,17 +499,18 @@ def cmd_evaluate(args):
 # ----------------------------------------------------------------------------------------------
 
 def cmd_download(args):
+    """Query the Materials Project (pymatgen's MPRester) for every crystal with <= 3 elements and
+    <= 16 sites, with band gap, magnetic ordering, formation energy and energy above hull, and
+    write OUT/mp_train.csv, mp_val.csv, mp_test.csv (80/10/10 by a hash of the material id)."""
     from pymatgen.core import SETTINGS
     key = args.api_key or os.environ.get("MP_API_KEY") or SETTINGS.get("PMG_MAPI_KEY")
     if not key:
         raise UserError("no Materials Project API key: pass --api-key, set MP_API_KEY, or put "
                         "PMG_MAPI_KEY in ~/.config/.pmgrc.yaml (keys: materialsproject.org/dashboard)")
     paths = {split: os.path.join(args.out, f"mp_{split}.csv") for split in ("train", "val", "test")}
-    existing = [p for p in paths.values() if os.path.exists(p)]
-    if existing:
-        raise UserError(f"{existing[0]} exists; choose another --out")
-    print(f"querying the Materials Project summary endpoint (<= {data.MAX_ELEMENTS} elements, "
-          f"<= {data.MAX_SITES} sites); this takes minutes ...", file=sys.stderr, flush=True)
+    if any(os.path.exists(p) for p in paths.values()):
+        raise UserError(f"{args.out} already holds mp_*.csv; choose another --out")
+    print("querying the Materials Project; this takes minutes ...", file=sys.stderr, flush=True)
     try:
         rows = data.mp_documents_to_rows(data.query_materials_project(key))
     except Exception as e:  # bad key, no network, API error: one line, no traceback
@@ -551,7 +538,8 @@ def cmd_show(args):
 
 
 def cmd_bench(args):
-    """Milliseconds per training step and per guided sampling step (both passes, one batch)."""
+    """Milliseconds per training step and per guided sampling step (both passes, one batch), the
+    mean of 20 after one to warm up."""
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model, ddpm, B = unet.UNet().to(device), diffusion.Diffusion(), args.batch_size
@@ -567,22 +555,21 @@ def cmd_bench(args):
 
     def milliseconds(fn):
         fn()                                                             # warm-up
-        torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
-        for _ in range(args.repeats):
+        for _ in range(20):
             fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        return 1000 * (time.perf_counter() - start) / args.repeats
+        torch.cuda.synchronize() if device.type == "cuda" else None      # wait for the GPU's queue
+        return 1000 * (time.perf_counter() - start) / 20
 
     train_ms = milliseconds(train_step)
     with torch.no_grad():
         guided_ms = milliseconds(lambda: ddpm.predict_noise(model.eval(), x, 500, condition, guidance=2.0))
-    print(f"device {device} ({torch.get_num_threads()} threads), batch {B}")
-    print(f"parameters                           {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)")
-    print(f"training step                        {train_ms:8.1f} ms")
-    print(f"guided sampling step (2 passes)      {guided_ms:8.1f} ms   (original: ~2500 ms on a 2-core CPU)")
-    print(f"one structure, 1000 DDPM steps       {guided_ms * 1000 / B / 1000:8.2f} s    (original: ~78 s)")
-    print(f"one structure, 100 DDIM steps        {guided_ms * 100 / B / 1000:8.3f} s")
+    print(f"device {device} ({torch.get_num_threads()} threads), batch {B}\n"
+          f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
+          f"training step                    {train_ms:8.1f} ms\n"
+          f"guided sampling step (2 passes)  {guided_ms:8.1f} ms   (original: ~2500 ms on a 2-core CPU)\n"
+          f"one structure, 1000 DDPM steps   {guided_ms / B:8.2f} s    (original: ~78 s)\n"
+          f"one structure, 100 DDIM steps    {guided_ms / B / 10:8.3f} s")
 
 
 def cmd_roundtrip(args):
@@ -599,69 +586,105 @@ def cmd_roundtrip(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line
+# The command line: every value is checked where it is parsed
 # ----------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag costs one line (`pccd.py CMD: error: ...`, exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind, low=-math.inf, high=math.inf, what="", above=False, multiple_of=1):
+    """An argparse type: a finite `kind` (int or float) in [low, high] ((low, high] with above)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high
+                and value % multiple_of == 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+POSITIVE = number(int, 1, what="a positive integer")
+SEED = number(int, 0, 2**32 - 1, what="an integer from 0 to 2**32 - 1")
+STEP = number(int, 0, diffusion.T, what=f"a diffusion step from 0 to {diffusion.T}")
+PROBABILITY = number(float, 0, 1, what="a probability from 0 to 1")
+NON_NEGATIVE = number(float, 0, what="a finite number >= 0")
+WIDTH = number(int, 8, what="a positive multiple of 8 (GroupNorm's 8 groups)", multiple_of=8)
+
+
+def device(text):
+    """auto, cpu, cuda or cuda:N, refused here when torch sees no such device."""
+    index = text[5:] if text.startswith("cuda:") else "0"
+    if text not in ("auto", "cpu", "cuda") and not (text.startswith("cuda:") and index.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, cuda or cuda:N")
+    if text.startswith("cuda") and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
+
 
 def add_run_arguments(p, seed=0):
     """--device, --threads and --seed, for every command that runs the network."""
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core; on a "
-                   "2-core machine that is busy with something else, 1 is faster)")
-    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})" if seed is not None
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu, cuda "
+                   "or cuda:N")
+    p.add_argument("--threads", type=POSITIVE, help="CPU threads for torch (default: one per core; on "
+                   "a 2-core machine busy with something else, 1 is faster). Waiting threads sleep "
+                   "(OMP_WAIT_POLICY=PASSIVE) unless the environment sets OMP_WAIT_POLICY")
+    p.add_argument("--seed", type=SEED, default=seed, help=f"random seed (default {seed})" if seed is not None
                    else "random seed (default: the preset's, 0)")
 
 
-def add_sampling_arguments(p, batch_size=256):
+def add_sampling_arguments(p, out):
+    p.add_argument("--out", default=os.path.join("runs", out),
+                   help=f"results folder (default runs/{out}; runs/{out}-2, -3, ... if it exists)")
     p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
                    f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="ddpm: ancestral sampling over every step (Eq. 6, the paper's); ddim: "
-                   "deterministic, --steps steps (default %(default)s)")
-    p.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w: eps = "
-                   "eps_uncond + w (eps_cond - eps_uncond); 1 = conditional model only, 0 = "
-                   "unconditional only, each one network pass (default: the checkpoint's, 3)")
-    p.add_argument("--condition-above", type=int, metavar="STEP",
-                   help="use the condition (with guidance w) only at steps >= STEP; below it the "
-                   "network denoises without it, in one pass (default: the checkpoint's, 250)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="clouds denoised at once")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm (default): Eq. 6 "
+                   "over every step, the paper's; ddim: deterministic, --steps steps")
+    p.add_argument("--steps", type=number(int, 1, diffusion.T, what=f"a number of steps from 1 to {diffusion.T}"),
+                   default=100, help="DDIM steps (default 100)")
+    p.add_argument("--guidance", type=NON_NEGATIVE, help="classifier-free guidance w: eps = eps_uncond + "
+                   "w (eps_cond - eps_uncond); 1 or 0: one pass (default: the checkpoint's, 3)")
+    p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
+                   "STEP, one unconditional pass below (default: the checkpoint's, 250)")
+    p.add_argument("--batch-size", type=POSITIVE, default=256, help="clouds denoised at once")
     add_run_arguments(p)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pccd.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="command")
 
     p = sub.add_parser("train", help="train the diffusion model (Table S1; ~9 min on a 2-core CPU)",
-                       description="Train PCCD's U-Net (L1 loss, Eq. S4) to predict v or the noise "
-                       "of the encoded crystals. Writes OUT/checkpoint.pt (atomically, every "
-                       f"{SAVE_EVERY} steps and at the end) and OUT/loss.png (Fig. S4). Settings "
-                       "not given come from the preset, or, with --resume, from the run itself.")
+                       description=f"Train PCCD's U-Net (L1 loss, Eq. S4). Writes OUT/checkpoint.pt (every "
+                       f"{SAVE_EVERY} steps and at the end) and OUT/loss.png (Fig. S4). A setting not given "
+                       "comes from the preset, or, with --resume, from the run itself.")
     p.add_argument("--data", help="training crystals: CDVAE CSV, folder or file (default: the "
                    "bundled MP-20 train split; the val split stays unseen)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default): 6000 steps, batch 32, "
-                   "constant lr 2e-3 (~9 min on a 2-core CPU). hour: 8600 steps, batch 128, "
-                   "cosine-decayed lr 2e-3 (~45 min; the shipped checkpoint). Both predict v and use "
-                   "the condition only at steps >= 250.")
-    p.add_argument("--steps", type=int, help="total optimisation steps")
-    p.add_argument("--batch-size", type=int, help="crystals per step (Table S1: 128)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (Table S1: 1e-4, which learns much "
-                   "slower here: see EXPERIMENTS.md)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 9 min on 2 cores) or hour "
+                   "(42 min; the shipped model): README, Training")
+    p.add_argument("--steps", type=POSITIVE, help="total optimisation steps")
+    p.add_argument("--batch-size", type=POSITIVE, help="crystals per step (Table S1: 128)")
+    p.add_argument("--lr", type=number(float, 0, 1, what="a learning rate in (0, 1]", above=True),
+                   help="Adam learning rate (Table S1: 1e-4, much slower here: EXPERIMENTS.md)")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate over the run: "
                    "constant, or cosine-decayed to 0 at --steps")
     p.add_argument("--prediction", choices=["eps", "v"], help="what the network predicts: eps, the "
                    "noise (the paper's), or v = sqrt(abar) eps - sqrt(1 - abar) x0 (presets: v)")
-    p.add_argument("--condition-above", type=int, metavar="STEP", help="use the condition only at "
-                   "steps >= STEP: below it, it is always dropped, and sampling does the same "
-                   "(presets: 250; 0 = every step, the paper's)")
-    p.add_argument("--property-drop", type=float, help="probability of replacing the band-gap class, "
-                   "and separately the magnetic ordering, by 'unknown', so that 'unknown' means 'any' "
-                   "when sampling (presets: 0.3)")
+    p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
+                   "STEP, in training and sampling (presets: 250; 0: every step, the paper's)")
+    p.add_argument("--property-drop", type=PROBABILITY, help="share of crystals whose band gap, and "
+                   "separately ordering, is trained as 'unknown', which then means 'any' (presets: 0.3)")
     p.add_argument("--translate", action="store_true", default=None, help="augment every batch by "
                    "random periodic translations of each crystal (presets: off)")
-    p.add_argument("--widths", type=int, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
-                   f"and 32 points (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
+    p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
+                   f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps")
     add_run_arguments(p, seed=None)
@@ -671,7 +694,6 @@ def build_parser():
                        "shipped one was made)", description=cmd_export.__doc__)
     p.add_argument("source", metavar="RUN", help="run folder or checkpoint.pt (e.g. runs/hour)")
     p.add_argument("--out", required=True, help="file to write (never overwritten)")
-    p.add_argument("--float32", action="store_true", help="keep full precision")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("reconstruct", help="the paper's reconstruction experiment (Fig. 1, Table 1)",
@@ -681,13 +703,12 @@ def build_parser():
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
     p.add_argument("--data", default=BUNDLED_TRAIN, help="structures to reconstruct (default: the "
                    "training split, as the paper; use datasets/mp20_val.csv for unseen ones)")
-    p.add_argument("--n", type=int, default=256, help="how many structures (default 256)")
-    p.add_argument("--t", type=int, default=None, help="noise to step t, 1..1000 (default 1000 = T)")
-    add_sampling_arguments(p)
+    p.add_argument("--n", type=POSITIVE, default=256, help="how many structures (default 256)")
+    p.add_argument("--t", type=number(int, 1, diffusion.T, what=f"a step from 1 to {diffusion.T}"),
+                   help=f"noise to step t, 1..{diffusion.T} (default {diffusion.T} = T)")
+    add_sampling_arguments(p, "reconstruct")
     p.add_argument("--no-fig2", dest="fig2", action="store_false",
                    help="skip the slower Fig. 2 distances (RMS anonymous, CrystalNN)")
-    p.add_argument("--out", default=os.path.join("runs", "reconstruct"),
-                   help="results folder; a new -2, -3 ... is made if it exists")
     p.set_defaults(run=cmd_reconstruct)
 
     p = sub.add_parser("generate", help="sample new crystals of chosen elements and screen them",
@@ -696,22 +717,19 @@ def build_parser():
                        "POSCAR each and summary.csv, and screen them: structural and compositional "
                        "validity, uniqueness, novelty against the training data (Table 2).")
     p.add_argument("--elements", nargs="+", metavar="EL", help="1-3 element symbols, e.g. Mg Mn O")
-    p.add_argument("--pool", choices=sorted(data.POOLS) + ["train"], help="train: the element sets of "
-                   "randomly drawn training crystals. all: every element but noble gases and "
-                   "radioactive ones; rare-earth-oxides: O plus 1-2 rare-earth, alkaline-earth or "
-                   "transition metals; common: " + " ".join(data.POOLS["common"]))
-    p.add_argument("--n", type=int, default=64, help="how many crystals (default 64)")
+    p.add_argument("--pool", choices=sorted(data.POOLS) + ["train"], help="an element set per crystal "
+                   "from the paper's batches (all, rare-earth-oxides: O + 1-2 metals, common: "
+                   + " ".join(data.POOLS["common"]) + ") or of random training crystals")
+    p.add_argument("--n", type=POSITIVE, default=64, help="how many crystals (default 64)")
     p.add_argument("--band-gap", choices=data.BAND_GAP_CLASSES, default="unknown",
                    help="metal, small (< 1.5 eV), large (>= 1.5 eV) or unknown (default)")
     p.add_argument("--magnetic", choices=data.MAGNETIC_ORDERINGS, default="unknown",
                    help="magnetic ordering (default unknown)")
     p.add_argument("--reference", default=None, help="training structures for the novelty check "
                    "(default: the checkpoint's training data)")
-    add_sampling_arguments(p)
+    add_sampling_arguments(p, "generate")
     p.add_argument("--trajectory", action="store_true", help="also draw the first sample's points "
                    "at several timesteps into trajectory.png (Fig. S2)")
-    p.add_argument("--out", default=os.path.join("runs", "generate"),
-                   help="output folder; a new -2, -3 ... is made if it exists")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("evaluate", help="screen any folder of CIF/POSCAR files (Table 2)",
@@ -719,15 +737,12 @@ def build_parser():
                        "validity, uniqueness, and novelty against --reference.")
     p.add_argument("folder", help="folder of CIF/POSCAR files (or one file, or a CDVAE CSV)")
     p.add_argument("--reference", default=BUNDLED_TRAIN, help="training structures (default: %(default)s)")
-    p.add_argument("--csv", default=None, help="where to write the flags (default FOLDER/screening.csv)")
+    p.add_argument("--csv", default=None, help="where to write the flags (default FOLDER/screening.csv, "
+                   "or NAME_screening.csv beside a file)")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("download", help="rebuild the paper's dataset from the Materials Project",
-                       description="Query the Materials Project (pymatgen's MPRester, summary "
-                       "endpoint) for every crystal with <= 3 elements and <= 16 sites, with band "
-                       "gap, magnetic ordering, formation energy and energy above hull, and write "
-                       "OUT/mp_train.csv, mp_val.csv, mp_test.csv (80/10/10, split by a hash of "
-                       "the material id). Needs an API key and network access.")
+                       description=cmd_download.__doc__)
     p.add_argument("--api-key", help="Materials Project API key (default: $MP_API_KEY or "
                    "pymatgen's PMG_MAPI_KEY setting)")
     p.add_argument("--out", default="datasets", help="folder for the CSV files (default %(default)s)")
@@ -740,20 +755,18 @@ def build_parser():
     p.set_defaults(run=cmd_show)
 
     p = sub.add_parser("bench", help="parameter count and milliseconds per training/sampling step")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
     add_run_arguments(p)
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("roundtrip", help="encode -> decode every structure and match it back",
-                       description="Encode each structure as a (3, 128, 3) point cloud, optionally "
-                       "add Gaussian noise, decode it, and count how many decode to the same "
-                       "crystal (pymatgen StructureMatcher, default tolerances).")
+                       description="Encode each structure, add Gaussian noise to the cloud, decode, and "
+                       "count the crystals StructureMatcher() finds unchanged.")
     p.add_argument("--data", nargs="+", default=[BUNDLED_TRAIN, BUNDLED_VAL],
                    help="CSV files, folders or structure files (default: the bundled MP-20 sample)")
-    p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.01, 0.02],
+    p.add_argument("--noise", nargs="+", type=NON_NEGATIVE, default=[0.0, 0.01, 0.02],
                    help="std of Gaussian noise added to the cloud, in its [0, 1] units")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(run=cmd_roundtrip)
     return parser
 
@@ -768,13 +781,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         args.run(args)
-    except UserError as e:
+        return 0
+    except BaseException as e:
+        if getattr(args, "made", None):           # a command that fails leaves no half-written folder
+            shutil.rmtree(args.made, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        if isinstance(e, OSError):                # an unwritable --out, a full disk, ...
+            e = f"{e.strerror or e}: {e.filename}" if e.filename else e
+        elif not isinstance(e, UserError):
+            raise
         print(f"pccd.py {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 if __name__ == "__main__":

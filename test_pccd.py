@@ -813,3 +813,198 @@ def test_condition_above_trains_without_the_condition_below_the_step_and_samples
     args = argparse.Namespace(guidance=1.0, condition_above=0)
     pccd.sampling_of(ckpt, args)
     assert (args.condition_above, args.guidance) == (0, 1.0)                           # the flags win
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear line, nothing lost, half-written or silently wrong
+# ----------------------------------------------------------------------------------------------
+
+def snapshot(folder):
+    """{relative path: md5} of every file under folder, and every folder (md5 None)."""
+    import hashlib
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), folder)] = None
+        for f in files:
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, folder)] = hashlib.md5(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def run_pccd(argv, capsys):
+    """pccd.main in this process: (exit code, stderr lines, stdout). argparse's errors exit via
+    SystemExit."""
+    capsys.readouterr()
+    try:
+        code = pccd.main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, mp20):
+    """A folder of inputs, good and bad, that the battery below hands to the commands."""
+    root = tmp_path_factory.mktemp("inputs")
+    mixed = root / "mixed"
+    mixed.mkdir()
+    mp20[0].structure.to(filename=str(mixed / "good.cif"))
+    (mixed / "binary.cif").write_bytes(bytes(range(256)) * 8)
+    (mixed / "empty.cif").write_text("")
+    (mixed / "POSCAR_flat").write_text("flat\n1.0\n4 0 0\n0 4 0\n0 0 0\nNa\n1\ndirect\n0 0 0\n")
+    only_bad = root / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "binary.cif").write_bytes(bytes(range(256)) * 8)
+    (only_bad / "POSCAR_flat").write_text((mixed / "POSCAR_flat").read_text())
+    (root / "binary.cif").write_bytes(bytes(range(256)) * 8)
+    (root / "a_file").write_text("not a folder")
+    long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    roundtrip = root / "roundtrip"
+    roundtrip.mkdir()
+    long_cell.to(filename=str(roundtrip / "long.cif"))
+    mp20[1].structure.to(filename=str(roundtrip / "good.cif"))
+    return root
+
+
+BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's folder, {run} the tiny run
+    (["generate", "--elements", "Mg", "O", "--steps", "-1"], 2, "--steps: '-1' is not a number of steps from 1 to 1000"),
+    (["generate", "--elements", "Mg", "O", "--steps", "0"], 2, "--steps: '0'"),
+    (["generate", "--elements", "Mg", "O", "--steps", "1001"], 2, "--steps: '1001'"),
+    (["generate", "--elements", "Mg", "O", "--guidance", "nan"], 2, "--guidance: 'nan' is not a finite number"),
+    (["generate", "--elements", "Mg", "O", "--guidance", "-1"], 2, "--guidance"),
+    (["generate", "--elements", "Mg", "O", "--n", "0"], 2, "--n: '0' is not a positive integer"),
+    (["generate", "--elements", "Mg", "O", "--batch-size", "-4"], 2, "--batch-size"),
+    (["generate", "--elements", "Mg", "O", "--condition-above", "-1"], 2, "--condition-above: '-1' is not a diffusion step"),
+    (["generate", "--elements", "Mg", "O", "--seed", "-1"], 2, "--seed"),
+    (["generate", "--elements", "Mg", "O", "--threads", "0"], 2, "--threads"),
+    (["generate", "--elements", "Mg", "O", "--device", "tpu"], 2, "--device: 'tpu' is not auto, cpu, cuda"),
+    (["generate", "--elements", "Mg", "O", "--device", "cuda:7"], 2, "--device: 'cuda:7'"),
+    (["generate", "--elements", "Mg", "O", "--n", "2.5"], 2, "--n: '2.5'"),
+    (["reconstruct", "--n", "-1"], 2, "--n: '-1' is not a positive integer"),
+    (["reconstruct", "--t", "0"], 2, "--t: '0' is not a step from 1 to 1000"),
+    (["reconstruct", "--t", "1001"], 2, "--t"),
+    (["train", "--steps", "0"], 2, "--steps"),
+    (["train", "--batch-size", "0"], 2, "--batch-size"),
+    (["train", "--lr", "0"], 2, "--lr: '0' is not a learning rate"),
+    (["train", "--lr", "inf"], 2, "--lr"),
+    (["train", "--property-drop", "1.5"], 2, "--property-drop: '1.5' is not a probability"),
+    (["train", "--condition-above", "2000"], 2, "--condition-above"),
+    (["train", "--widths", "30", "64", "128"], 2, "--widths: '30' is not a positive multiple of 8"),
+    (["roundtrip", "--noise", "-0.1"], 2, "--noise"),
+    (["bench", "--batch-size", "0"], 2, "--batch-size"),
+    (["generate", "--elements", "Xx"], 1, "'Xx' is not a chemical element symbol"),
+    (["generate", "--elements", "Mg", "Mn", "O", "Fe"], 1, "4 elements"),
+    (["generate", "--elements", "Mg", "--pool", "common"], 1, "either --elements"),
+    (["generate"], 1, "either --elements"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/nowhere.pt"], 1, "no checkpoint at"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/binary.cif"], 1, "is not a PCCD checkpoint"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "{r}/a_file"], 1, "is a file, not a folder"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/nowhere.csv"], 1,
+     "--reference {r}/nowhere.csv: no such file"),
+    (["evaluate", "{r}/mixed", "--reference", "{r}/nowhere.csv"], 1, "--reference {r}/nowhere.csv: no such file"),
+    (["evaluate", "{r}/only_bad"], 1, "kept 0 of 2 structures (skipped: 1 unreadable, 1 with a degenerate cell)"),
+    (["reconstruct", "--checkpoint", "{run}", "--data", "{r}/only_bad"], 1, "1 unreadable"),
+    (["train", "--data", "{r}/only_bad", "--out", "{r}/run"], 1, "kept 0 of 2"),
+    (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structures (skipped: 1 unreadable)"),
+    (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at"),
+    (["train", "--resume", "--out", "{run}", "--data", "{r}/mixed"], 1, "--resume continues on the run's own data"),
+    (["generate", "--elements", "mg", "o"], 1, "'mg' is not a chemical element symbol"),
+    (["export", "{run}", "--out", "{r}/a_file"], 1, "exists"),
+]
+
+
+@pytest.mark.parametrize("argv, code, message", BAD, ids=[" ".join(a) for a, _, _ in BAD])
+def test_bad_input_gets_one_clear_line_and_changes_nothing(argv, code, message, bad_inputs, tiny_run,
+                                                           capsys, monkeypatch):
+    monkeypatch.chdir(bad_inputs)                       # default outputs (runs/...) would land here
+    fill = lambda text: text.format(r=bad_inputs, run=tiny_run)    # noqa: E731
+    before, run_before = snapshot(bad_inputs), snapshot(tiny_run)
+    got, err, _ = run_pccd([fill(a) for a in argv], capsys)
+    assert got == code
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"pccd.py {argv[0]}: error: ") and fill(message) in err[0], err
+    assert snapshot(bad_inputs) == before and snapshot(tiny_run) == run_before   # nothing made or changed
+
+
+def test_good_files_beside_bad_ones_are_still_used(bad_inputs, tmp_path, capsys):
+    import csv
+    crystals = data.load_structures(str(bad_inputs / "mixed"))
+    assert len(crystals) == 1 and crystals[0].material_id == "good.cif"
+    assert "kept 1 of 4 structures (skipped: 2 unreadable, 1 with a degenerate cell)" in capsys.readouterr().err
+    out = tmp_path / "flags.csv"
+    code, err, _ = run_pccd(["evaluate", str(bad_inputs / "mixed"), "--csv", str(out)], capsys)
+    assert code == 0 and [r["name"] for r in csv.DictReader(open(out))] == ["good.cif"]
+    code, err, _ = run_pccd(["train", "--data", str(bad_inputs / "mixed"), "--out", str(tmp_path / "run"),
+                          "--steps", "2", "--batch-size", "2", "--device", "cpu"], capsys)
+    assert code == 0
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["train_ids"] == ["good.cif"]
+
+
+def test_roundtrip_counts_a_crystal_it_cannot_encode_and_goes_on(bad_inputs, capsys):
+    crystals = data.load_structures(str(bad_inputs / "roundtrip"), verbose=False)
+    result = evaluate.roundtrip(crystals)
+    assert result["n"] == 2 and result["matched"] == 1
+    assert result["failures"] == ["long.cif (cannot be encoded)"]
+    code, _, out = run_pccd(["roundtrip", "--data", str(bad_inputs / "roundtrip"), "--noise", "0"], capsys)
+    assert code == 0 and "1/2" in out and "long.cif (cannot be encoded)" in out
+
+
+@pytest.mark.parametrize("kind", ["file", "csv"])
+def test_evaluate_screens_a_single_file_or_a_csv_and_writes_beside_it(kind, mp20, tmp_path, capsys):
+    import csv
+    if kind == "file":
+        path = tmp_path / "one.cif"
+        mp20[0].structure.to(filename=str(path))
+    else:
+        path = tmp_path / "few.csv"
+        with open(TRAIN_CSV, newline="") as f:
+            rows = list(csv.DictReader(f))[:5]
+        data.write_csv(str(path), rows, list(rows[0]))
+    code, err, _ = run_pccd(["evaluate", str(path)], capsys)
+    assert code == 0, err
+    flags = list(csv.DictReader(open(tmp_path / f"{path.stem}_screening.csv")))
+    assert len(flags) == (1 if kind == "file" else len(data.load_structures(str(path), verbose=False,
+                                                                          only_encodable=False)))
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    pccd.save_checkpoint(path, {"step": 1})
+
+    def disk_full(state, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError(28, "No space left on device", f)
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        pccd.save_checkpoint(path, {"step": 2})
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert torch.load(path, weights_only=False) == {"step": 1}          # the old one, intact
+
+
+def test_a_command_that_fails_after_making_its_folder_removes_it(tiny_run, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "decode_all", interrupted)
+    out = tmp_path / "gen"
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                          "--sampler", "ddim", "--steps", "2", "--out", str(out)], capsys)
+    assert code == 130 and err[-1] == "interrupted"
+    assert os.listdir(tmp_path) == []                    # no half-written run folder is left
+
+
+def test_two_runs_started_together_with_one_out_get_two_folders(tiny_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "gen"
+    argv = [sys.executable, os.path.join(HERE, "pccd.py"), "generate", "--checkpoint", str(tiny_run),
+            "--elements", "Mg", "O", "--n", "2", "--sampler", "ddim", "--steps", "2", "--out", str(out)]
+    runs = [subprocess.Popen(argv + ["--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for seed in (1, 2)]
+    assert [r.wait() for r in runs] == [0, 0]
+    folders = sorted(os.listdir(tmp_path))
+    assert folders == ["gen", "gen-2"]
+    seeds = {json.load(open(tmp_path / f / "summary.json"))["seed"] for f in folders}
+    assert seeds == {1, 2}                               # each folder holds one run's own results
