@@ -290,14 +290,14 @@ class Progress:
     def elapsed(self):
         return time.time() - self.start
 
-    def update(self, n, note="", out=sys.stderr):
+    def update(self, n, note="", out=None):
         self.done += n
         now = self.elapsed()
         if now - self.last > 10 or self.done >= self.total:
             self.last = now
             left = now / (self.done - self.first) * (self.total - self.done) / 60
             print(f"{self.unit} {self.done:>6.0f}/{self.total}  {note}  {now:5.0f} s elapsed, "
-                  f"{left:5.1f} min left", file=out, flush=True)
+                  f"{left:5.1f} min left", file=out or sys.stderr, flush=True)
 
 
 def fresh_dir(args):
