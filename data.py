@@ -478,12 +478,11 @@ def _read_rows(path):
                 yield row.get("material_id") or f"row {i}", "cif", row["cif"], row
     else:
         fmt = "cif" if path.lower().endswith(".cif") else "poscar"
-        with open(path, "rb") as f:
-            raw = f.read()
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None                       # a binary file: unreadable, like any other bad file
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = None                       # unopenable or binary: unreadable, like any bad file
         yield os.path.basename(path), fmt, text, {}
 
 

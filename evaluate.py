@@ -333,8 +333,8 @@ def screen(structures, reference):
         rows.append(dict(decoded=True, structural=structural, compositional=compositional,
                          valid=structural and compositional, unique=next(unique), novel=next(novel)))
     summary = summarise_screening(rows)
-    if any("atoms_merged" in s.properties for s in decoded):      # decoded here, not read from files
-        summary["crystals_with_merges"] = sum(s.properties["atoms_merged"] > 0 for s in decoded)
+    if any("atoms_merged" in s.properties for s in decoded) or not decoded:   # decoded by PCCD
+        summary["crystals_with_merges"] = sum(s.properties.get("atoms_merged", 0) > 0 for s in decoded)
     return rows, summary
 
 

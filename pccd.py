@@ -50,10 +50,10 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
-def load_or_fail(path, only_encodable=True):
-    """The structures of a CSV, folder or file, and one line saying what was skipped and why;
-    that line is the error when nothing is left."""
-    skipped = {}
+def load_or_fail(path, only_encodable=True, skipped=None):
+    """The structures of a CSV, folder or file, and one line saying what was skipped and why
+    (also counted into the dict `skipped`); that line is the error when nothing is left."""
+    skipped = {} if skipped is None else skipped
     try:
         crystals = data.load_structures(path, verbose=False, only_encodable=only_encodable, skipped=skipped)
     except (OSError, ValueError) as e:
@@ -144,9 +144,9 @@ def default_checkpoint():
 
 def resolve_settings(args, resumed):
     """Every training setting, decided here: a flag given on the command line, else the resumed
-    run's own setting, else the preset's."""
+    run's own setting (and preset), else the preset's."""
     earlier = resumed["settings"] if resumed else {}
-    preset = args.preset or earlier.get("preset", "quick")
+    preset = earlier.get("preset") or args.preset or "quick"
     given = {k: getattr(args, k) for k in PRESETS[preset] if getattr(args, k, None) is not None}
     if "data" in given:
         given["data"] = portable_path(given["data"])
@@ -188,8 +188,9 @@ def cmd_train(args):
     if resumed and "optimizer" not in resumed:
         raise UserError(f"{path} is an exported, sampling-only checkpoint and cannot be resumed: "
                         f"resume the run it was exported from, or train a new one")
-    if resumed and args.data and portable_path(args.data) != resumed["settings"]["data"]:
-        raise UserError("--resume continues on the run's own data: leave out --data")
+    if resumed and ((args.data and portable_path(args.data) != resumed["settings"]["data"])
+                    or (args.widths and list(args.widths) != resumed["settings"]["widths"])):
+        raise UserError("--resume continues the run's own data and network: leave out --data, --widths")
     s = resolve_settings(args, resumed)
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
@@ -261,15 +262,15 @@ def cmd_export(args):
     """A run's checkpoint -> a small file for sampling only: the EMA weights in half precision and
     what sampling needs (model configuration, length range, `sampling`, `settings`, the training
     set's identities); no optimizer state, so it cannot be resumed. Golden tensors beside it."""
-    if os.path.exists(args.out):
-        raise UserError(f"{args.out} exists: remove it or choose another --out")
+    golden = os.path.splitext(args.out)[0] + "_golden.npz"
+    if os.path.exists(args.out) or os.path.exists(golden):
+        raise UserError(f"{args.out} or {golden} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source)
     small = {k: ckpt[k] for k in ("model_config", "length_range", "sampling", "settings", "train_ids",
                                   "train_compositions", "losses", "step")}
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_checkpoint(args.out, small)
-    golden = os.path.splitext(args.out)[0] + "_golden.npz"
     model, _ = load_checkpoint(args.out)
     np.savez_compressed(golden, **diffusion.golden_tensors(model, small["sampling"]))
     print(f"{args.out}: {os.path.getsize(args.out) / 1e6:.1f} MB, EMA weights in float16, "
@@ -301,15 +302,15 @@ class Progress:
 
 
 def fresh_dir(args):
-    """A new folder for a command's results: --out, or --out-2, --out-3, ... Made with os.mkdir,
-    which fails if the folder exists, so two runs started together never share one. main()
-    removes it again if the command fails: a folder that is left is complete."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
+    """A new folder for results: --out, or --out-2, -3, ... Made by os.mkdir, which fails if it
+    exists, so two runs never share one; main() removes it if the command fails."""
+    out = os.path.normpath(args.out)                  # runs/x/ -> runs/x, so -2 goes beside it
+    if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {args.out} is a file, not a folder")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     k = 1
     while True:
-        candidate = args.out if k == 1 else f"{args.out}-{k}"
+        candidate = out if k == 1 else f"{out}-{k}"
         try:
             os.mkdir(candidate)
             args.made = candidate
@@ -408,8 +409,7 @@ SCREENING_FIELDS = ["name", "elements", "formula", "n_atoms", "spacegroup", "den
 
 
 def reference_path(path, named):
-    """Where the training structures for the novelty check are. A --reference that was named must
-    exist; the checkpoint's own training data may have moved: then None, with a warning."""
+    """Where the novelty check's training structures are (a named --reference must exist)."""
     if os.path.exists(resolve_path(path)):
         return resolve_path(path)
     if named:
@@ -484,12 +484,13 @@ def cmd_evaluate(args):
                         else os.path.splitext(folder)[0] + "_screening.csv")
     if os.path.exists(path):
         raise UserError(f"{path} exists; name another with --csv")
-    reference = reference_path(args.reference, named=True)
-    crystals = load_or_fail(folder, only_encodable=False)
-    rows, summary = evaluate.screen([c.structure for c in crystals], load_reference(reference))
+    reference, skipped = reference_path(args.reference, named=True), {}
+    crystals = load_or_fail(folder, only_encodable=False, skipped=skipped)
+    structures = [c.structure for c in crystals] + [None] * sum(skipped.values())   # unreadable: failed
+    rows, summary = evaluate.screen(structures, load_reference(reference))
     for row, c in zip(rows, crystals):
         row.update(name=c.material_id, **evaluate.describe(c.structure))
-    data.write_csv(path, rows, [f for f in SCREENING_FIELDS if f not in ("elements", "reason")])
+    data.write_csv(path, rows[:len(crystals)], [f for f in SCREENING_FIELDS if f not in ("elements", "reason")])
     print(evaluate.format_screening(summary))
     print(f"per-structure flags: {path}")
 
@@ -538,8 +539,7 @@ def cmd_show(args):
 
 
 def cmd_bench(args):
-    """Milliseconds per training step and per guided sampling step (both passes, one batch), the
-    mean of 20 after one to warm up."""
+    """Milliseconds per training step and per guided step (both passes), the mean of 20 runs."""
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model, ddpm, B = unet.UNet().to(device), diffusion.Diffusion(), args.batch_size
@@ -596,15 +596,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def number(kind, low=-math.inf, high=math.inf, what="", above=False, multiple_of=1):
+def number(kind, low=-math.inf, high=math.inf, what="", above=False, multiple_of=None):
     """An argparse type: a finite `kind` (int or float) in [low, high] ((low, high] with above)."""
     def parse(text):
         try:
             value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high
-                and value % multiple_of == 0):
+            ok = math.isfinite(value) and (value > low if above else value >= low) and value <= high
+        except (ValueError, OverflowError):
+            ok = False
+        if not ok or (multiple_of and value % multiple_of):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
     return parse

@@ -852,6 +852,7 @@ def bad_inputs(tmp_path_factory, mp20):
     (mixed / "binary.cif").write_bytes(bytes(range(256)) * 8)
     (mixed / "empty.cif").write_text("")
     (mixed / "POSCAR_flat").write_text("flat\n1.0\n4 0 0\n0 4 0\n0 0 0\nNa\n1\ndirect\n0 0 0\n")
+    (mixed / "good_golden.npz").write_bytes(b"an earlier export's golden tensors")
     only_bad = root / "only_bad"
     only_bad.mkdir()
     (only_bad / "binary.cif").write_bytes(bytes(range(256)) * 8)
@@ -880,6 +881,9 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Mg", "O", "--device", "tpu"], 2, "--device: 'tpu' is not auto, cpu, cuda"),
     (["generate", "--elements", "Mg", "O", "--device", "cuda:7"], 2, "--device: 'cuda:7'"),
     (["generate", "--elements", "Mg", "O", "--n", "2.5"], 2, "--n: '2.5'"),
+    (["generate", "--elements", "Mg", "O", "--n", "1" + "0" * 400], 2, "--n: '1000"),
+    (["train", "--resume", "--out", "{run}", "--widths", "64", "64", "64"], 1, "leave out --data, --widths"),
+    (["export", "{run}", "--out", "{r}/mixed/good.pt"], 1, "good_golden.npz exists"),
     (["reconstruct", "--n", "-1"], 2, "--n: '-1' is not a positive integer"),
     (["reconstruct", "--t", "0"], 2, "--t: '0' is not a step from 1 to 1000"),
     (["reconstruct", "--t", "1001"], 2, "--t"),
@@ -907,7 +911,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["train", "--data", "{r}/only_bad", "--out", "{r}/run"], 1, "kept 0 of 2"),
     (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structures (skipped: 1 unreadable)"),
     (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at"),
-    (["train", "--resume", "--out", "{run}", "--data", "{r}/mixed"], 1, "--resume continues on the run's own data"),
+    (["train", "--resume", "--out", "{run}", "--data", "{r}/mixed"], 1, "--resume continues the run's own data"),
     (["generate", "--elements", "mg", "o"], 1, "'mg' is not a chemical element symbol"),
     (["export", "{run}", "--out", "{r}/a_file"], 1, "exists"),
 ]
@@ -926,14 +930,28 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(argv, code, message, 
     assert snapshot(bad_inputs) == before and snapshot(tiny_run) == run_before   # nothing made or changed
 
 
+def test_good_values_of_every_checked_flag_parse():
+    parser = pccd.build_parser()
+    args = parser.parse_args(["train", "--lr", "2e-3", "--property-drop", "0.3", "--steps", "10",
+                              "--widths", "16", "32", "64", "--condition-above", "0", "--seed", "0"])
+    assert (args.lr, args.property_drop, args.steps, args.widths, args.condition_above) == \
+        (2e-3, 0.3, 10, [16, 32, 64], 0)
+    args = parser.parse_args(["generate", "--guidance", "2.5", "--steps", "1000", "--device", "cpu"])
+    assert (args.guidance, args.steps, args.device) == (2.5, 1000, "cpu")
+    assert parser.parse_args(["roundtrip", "--noise", "0", "0.01"]).noise == [0.0, 0.01]
+    assert parser.parse_args(["reconstruct", "--t", "1000", "--n", "1"]).t == 1000
+
+
 def test_good_files_beside_bad_ones_are_still_used(bad_inputs, tmp_path, capsys):
     import csv
     crystals = data.load_structures(str(bad_inputs / "mixed"))
     assert len(crystals) == 1 and crystals[0].material_id == "good.cif"
     assert "kept 1 of 4 structures (skipped: 2 unreadable, 1 with a degenerate cell)" in capsys.readouterr().err
     out = tmp_path / "flags.csv"
-    code, err, _ = run_pccd(["evaluate", str(bad_inputs / "mixed"), "--csv", str(out)], capsys)
+    code, err, printed = run_pccd(["evaluate", str(bad_inputs / "mixed"), "--csv", str(out)], capsys)
     assert code == 0 and [r["name"] for r in csv.DictReader(open(out))] == ["good.cif"]
+    assert "generated                              4" in printed             # the bad files count as failed
+    assert "decodable                              1" in printed
     code, err, _ = run_pccd(["train", "--data", str(bad_inputs / "mixed"), "--out", str(tmp_path / "run"),
                           "--steps", "2", "--batch-size", "2", "--device", "cpu"], capsys)
     assert code == 0
