@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 T = 1000          # diffusion steps (Table S1); every checkpoint records the T it was trained with
 COND_DROP = 0.2   # share of a batch trained without the condition, for classifier-free guidance
+# Refinement: the positions of a finished sample are noised back to this step and its last steps
+# are run again, unconditionally (as below condition_above), `refine` times, the elements and the
+# lattice held. Each pass lets atoms that sit too close move apart; EXPERIMENTS.md, "Crowded atoms".
+REFINE_FROM = 50
 
 
 def to_model(cloud):
@@ -138,8 +142,8 @@ class Diffusion:
         return math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
 
     @torch.no_grad()
-    def sample(self, model, condition, *, guidance, condition_above, sampler="ddpm", steps=100,
-               x_T=None, t_start=None, generator=None, progress=None, trajectory=None):
+    def sample(self, model, condition, *, guidance, condition_above, sampler="ddpm", steps=100, refine=0,
+               known=None, x_T=None, t_start=None, generator=None, progress=None, trajectory=None):
         """Denoise from step t_start (default T-1: pure noise) to a [0, 1] cloud (B, 3, 128, 3).
 
         condition: (elements (B, 3), band_gap (B,), magnetic (B,)) long tensors.
@@ -147,6 +151,13 @@ class Diffusion:
           checkpoint's `sampling` entry says how its network is meant to be sampled). Steps
           t >= condition_above run with guidance w; steps below run unconditionally, one pass.
         sampler: 'ddpm' (ancestral, every step) or 'ddim' (`steps` evenly spaced steps).
+        known: None, or (mask, x0) in model units, mask a bool tensor that broadcasts against the
+          cloud: the entries under the mask are known to be x0, and are held to x0 noised to each
+          step (inpainting, see `hold`); the rest is sampled to agree with them.
+        refine: how many times to run the last steps of the schedule (those <= REFINE_FROM) again
+          on the positions alone: channel 0 is noised back with q (Eq. 3), channels 1 and 2 (the
+          elements and the lattice) are held to the sample's, and the positions are denoised
+          again, unconditionally.
         x_T: the starting noisy cloud in model units; drawn from N(0, I) when None.
         progress(i, n): called after each step. trajectory: a dict that receives {t: first cloud}.
         """
@@ -163,19 +174,46 @@ class Diffusion:
             timesteps = sorted({round(t_start * (1 - i / n)) for i in range(n)}, reverse=True)
         else:
             raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
+        tail = [t for t in timesteps if t <= REFINE_FROM]
+        passes = [timesteps] + [tail] * (refine if tail else 0)
+        total, done = sum(map(len, passes)), 0
         model.eval()
-        for i, t in enumerate(timesteps):
-            w = guidance if t >= condition_above else 0.0     # >=: step condition_above is guided
-            if sampler == "ddpm":
-                x = self.p_sample(model, x, t, condition, w, generator)
-            else:
-                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                x = self.ddim_step(model, x, t, t_prev, condition, w)
-            if trajectory is not None:                    # the first cloud only: Fig. S2
-                trajectory[t] = from_model(x[0]).cpu()
-            if progress:
-                progress(i + 1, len(timesteps))
+        for k, steps_k in enumerate(passes):
+            if k == 0:
+                x = self.hold(x, known, steps_k[0], generator)
+            else:           # a refinement pass: back to step tail[0]; elements and lattice held
+                mask = torch.zeros(1, 3, 1, 1, dtype=torch.bool, device=device)
+                mask[:, 1:] = True
+                known = (mask if known is None else mask | known[0], x)
+                noise = torch.randn(x.shape, generator=generator, device=device)
+                x = self.q_sample(x, torch.full((B,), steps_k[0], device=device), noise)
+            for i, t in enumerate(steps_k):
+                w = guidance if t >= condition_above else 0.0     # >=: step condition_above is guided
+                t_prev = steps_k[i + 1] if i + 1 < len(steps_k) else -1
+                if sampler == "ddpm":
+                    x = self.p_sample(model, x, t, condition, w, generator)
+                else:
+                    x = self.ddim_step(model, x, t, t_prev, condition, w)
+                x = self.hold(x, known, t_prev, generator)
+                if trajectory is not None and k == 0:     # the first cloud only: Fig. S2
+                    trajectory[t] = from_model(x[0]).cpu()
+                done += 1
+                if progress:
+                    progress(done, total)
         return from_model(x).clamp(0, 1)
+
+    def hold(self, x, known, t, generator=None):
+        """Inpainting (RePaint, Lugmayr et al. 2022): x_t with its known entries replaced by the
+        known clean values noised to step t by q, Eq. (3) (the clean values themselves at
+        t = -1, the end). Each step then denoises the unknown entries given known ones that look
+        as noisy as the model expects at that step, so what it samples agrees with them."""
+        if known is None:
+            return x
+        mask, x0 = known
+        if t >= 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            x0 = self.q_sample(x0, torch.full((x.shape[0],), t, device=x.device), noise)
+        return torch.where(mask, x0, x)
 
 
 def golden_tensors(model, sampling):

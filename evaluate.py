@@ -146,10 +146,12 @@ def summarise_reconstruction(pairs, train_compositions):
     return summary
 
 
-def describe_sampler(sampler, steps, guidance, condition_above, **_):
-    """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below'."""
+def describe_sampler(sampler, steps, guidance, condition_above, refine=0, **_):
+    """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below,
+    refined 5 times'."""
     words = (sampler if sampler == "ddpm" else f"ddim, {steps} steps") + f", guidance {guidance:g}"
-    return words + (f" at steps >= {condition_above}, no condition below" if condition_above else "")
+    words += f" at steps >= {condition_above}, no condition below" if condition_above else ""
+    return words + (f", refined {refine} times" if refine else "")
 
 
 def format_reconstruction(summary):
@@ -293,6 +295,70 @@ def compositionally_valid(composition):
     return len(composition.oxi_state_guesses()) > 0
 
 
+# ---- Is it physical? CDVAE's validity passes atoms 0.5 A apart; a chemist would not ---------
+
+CROWDED_BELOW = 0.7         # d / (r_i + r_j) below this: crowded. No bundled training crystal is
+#                             (the smallest is 0.72); one of the 118 val crystals is (0.63)
+VOLUME_BAND = (0.5, 2.0)    # V / V_predicted outside this: not a plausible cell. Of the bundled
+#                             val crystals 2 of 118 are outside (Li2S8 at 10.5: rings with voids)
+
+
+def covalent_radius(symbol):
+    """Covalent radius (A) of an element: Cordero et al. (2008), as pymatgen tabulates them."""
+    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+    return CovalentRadius.radius[symbol]
+
+
+def crowding(structure):
+    """The shortest interatomic distance relative to what the two atoms' covalent radii allow:
+    min over pairs i != j (periodic images included) of d_ij / (r_i + r_j). A bonded pair is
+    near 1 (an O-O pair at 1.0 A is 0.76, Mn-O at 1.0 A is 0.46); inf for a one-atom cell."""
+    if len(structure) < 2:
+        return float("inf")
+    radii = np.array([covalent_radius(site.specie.symbol) for site in structure])
+    d = structure.distance_matrix / (radii[:, None] + radii[None, :])
+    return float((d + np.diag(np.full(len(structure), np.inf))).min())
+
+
+def atomic_volumes(reference):
+    """Per-element volumes v_e (A^3) such that a crystal's volume is about sum_e n_e v_e, fitted
+    to the reference crystals by least squares on the relative error: minimise
+    sum_i (sum_e n_ie v_e / V_i - 1)^2. Fitted on the 717 bundled training crystals it predicts
+    the 118 unseen val crystals' volumes to within 0.87-1.25 of the truth for 90% of them."""
+    symbols = sorted({e.symbol for s in reference for e in s.composition.elements})
+    column = {e: j for j, e in enumerate(symbols)}
+    A = np.zeros((len(reference), len(symbols)))
+    for i, s in enumerate(reference):
+        for e, n in s.composition.items():
+            A[i, column[e.symbol]] = n / s.volume
+    v = np.linalg.lstsq(A, np.ones(len(reference)), rcond=None)[0] if len(reference) else []
+    return {e: float(x) for e, x in zip(symbols, v) if x > 0}
+
+
+def predicted_volume(composition, volumes):
+    """sum_e n_e v_e; an element the reference lacks gets k r_e^3 (r its covalent radius), with k
+    the median of v_e / r_e^3 over the fitted elements."""
+    k = np.median([v / covalent_radius(e) ** 3 for e, v in volumes.items()]) if volumes else 6.0
+    return sum(n * volumes.get(e.symbol, k * covalent_radius(e.symbol) ** 3)
+               for e, n in Composition(composition).items())
+
+
+def wasserstein_1d(u, v):
+    """Earth mover's distance between two samples of numbers: the area between their empirical
+    cumulative distribution functions, integral |F_u(x) - F_v(x)| dx (CDVAE's density and
+    number-of-elements distances). W([0], [1]) = 1; W([0, 1], [0, 1]) = 0."""
+    u, v = np.sort(np.asarray(u, dtype=float)), np.sort(np.asarray(v, dtype=float))
+    if len(u) == 0 or len(v) == 0:
+        return float("nan")
+    x = np.concatenate([u, v])
+    x.sort()
+    F_u = np.searchsorted(u, x[:-1], side="right") / len(u)     # both CDFs on each interval
+    F_v = np.searchsorted(v, x[:-1], side="right") / len(v)
+    return float(np.sum(np.abs(F_u - F_v) * np.diff(x)))
+
+
+# ---- Screening: one row per crystal, one summary -------------------------------------------
+
 def unique_flags(structures):
     """True for the first structure of each group that StructureMatcher finds equivalent."""
     matcher = StructureMatcher()
@@ -317,22 +383,42 @@ def novel_flags(structures, reference):
             for s in structures]
 
 
+SCREENING_FIELDS = ["name", "elements", "formula", "n_atoms", "spacegroup", "density", "shortest_distance",
+                    "crowding", "volume_ratio", "atoms_merged", "decoded", "structural", "compositional",
+                    "valid", "unique", "novel", "crowded", "physical", "reason"]   # generate's summary.csv
+
+
 def screen(structures, reference):
     """Per-structure screening rows (None entries are crystals that could not be decoded) and a
-    Table-2-style summary."""
+    summary: Table 2's counts (CDVAE's validity), and whether the crystals are physical --
+    crowding, volume against the reference's per-element volumes, P1 share, and CDVAE's
+    distribution distances to the reference. Without a reference, novelty and volume are not
+    judged (every crystal counts as novel and of plausible volume)."""
     decoded = [s for s in structures if s is not None]
     unique = iter(unique_flags(decoded))
     novel = iter(novel_flags(decoded, reference))
+    volumes = atomic_volumes(reference)
     rows = []
     for s in structures:
         if s is None:
             rows.append(dict(decoded=False))
             continue
+        row = describe(s)
         structural = structurally_valid(s)
         compositional = compositionally_valid(s.composition)
-        rows.append(dict(decoded=True, structural=structural, compositional=compositional,
-                         valid=structural and compositional, unique=next(unique), novel=next(novel)))
+        ratio = s.volume / predicted_volume(s.composition, volumes) if volumes else float("nan")
+        crowded = crowding(s) < CROWDED_BELOW
+        plausible = not volumes or VOLUME_BAND[0] <= ratio <= VOLUME_BAND[1]
+        row.update(decoded=True, structural=structural, compositional=compositional,
+                   valid=structural and compositional, unique=next(unique), novel=next(novel),
+                   crowding=round(crowding(s), 4), crowded=crowded, volume_ratio=round(ratio, 4),
+                   physical=structural and compositional and not crowded and plausible)
+        rows.append(row)
     summary = summarise_screening(rows)
+    valid = [s for s, r in zip(structures, rows) if r.get("valid")]
+    summary.update(
+        w_density=wasserstein_1d([s.density for s in valid], [s.density for s in reference]),
+        w_elements=wasserstein_1d([len(s.composition) for s in valid], [len(s.composition) for s in reference]))
     if any("atoms_merged" in s.properties for s in decoded) or not decoded:   # decoded by PCCD
         summary["crystals_with_merges"] = sum(s.properties.get("atoms_merged", 0) > 0 for s in decoded)
     return rows, summary
@@ -342,30 +428,43 @@ def summarise_screening(rows):
     n = len(rows)
     ok = [r for r in rows if r["decoded"]]
     valid = [r for r in ok if r["valid"]]
-    count = lambda rs, key: sum(r[key] for r in rs)  # noqa: E731
+    count = lambda rs, key: sum(bool(r[key]) for r in rs)  # noqa: E731
+    median = lambda key: float(np.median([r[key] for r in ok])) if ok else float("nan")  # noqa: E731
     return dict(generated=n, decoded=len(ok), structural=count(ok, "structural"),
                 compositional=count(ok, "compositional"), valid=len(valid),
                 unique=count(ok, "unique"), novel=count(ok, "novel"),
                 valid_unique=count(valid, "unique"), valid_novel=count(valid, "novel"),
-                valid_unique_novel=sum(r["unique"] and r["novel"] for r in valid))
+                valid_unique_novel=sum(r["unique"] and r["novel"] for r in valid),
+                crowded=count(ok, "crowded"), closer_than_1A=sum(r["shortest_distance"] < 1.0 for r in ok),
+                p1=sum(r["spacegroup"] == "P1" for r in ok), physical=count(ok, "physical"),
+                physical_unique_novel=sum(r["physical"] and r["unique"] and r["novel"] for r in ok),
+                median_shortest_distance=median("shortest_distance"), median_volume_ratio=median("volume_ratio"))
 
 
 def format_screening(summary):
-    """The summary in the layout of Table 2's first rows (and how the crystals were sampled, for
-    generate's own)."""
+    """The summary in the layout of Table 2's first rows, then how physical the crystals are
+    (and how they were sampled, for generate's own)."""
     n = max(summary["generated"], 1)
     lines = [f"\nGenerated {n} crystals in {summary['seconds']:.0f} s ({describe_sampler(**summary)}; "
              f"{summary['checkpoint']})"] if "sampler" in summary else []
-    lines.append(f"{'generated':<34}{summary['generated']:>6}")
+    lines.append(f"{'generated':<38}{summary['generated']:>6}")
+    lo, hi = VOLUME_BAND
     for key, label in (("decoded", "decodable"), ("structural", "structurally valid"),
                        ("compositional", "compositionally valid"), ("valid", "valid (both)"),
                        ("unique", "unique"), ("novel", "novel"), ("valid_unique", "valid and unique"),
                        ("valid_novel", "valid and novel"),
-                       ("valid_unique_novel", "valid, unique and novel")):
-        lines.append(f"{label:<34}{summary[key]:>6}  {100 * summary[key] / n:6.2f}%")
-    if "crystals_with_merges" in summary:   # generate only: decoded by this project's decoder
-        merged = summary["crystals_with_merges"]
-        lines.append(f"{'(decoder merged atoms on one spot)':<34}{merged:>6}  {100 * merged / n:6.2f}%")
+                       ("valid_unique_novel", "valid, unique and novel"),
+                       ("crystals_with_merges", "(decoder merged atoms on one spot)"),
+                       ("closer_than_1A", "a pair closer than 1.0 A"),
+                       ("crowded", f"crowded (d < {CROWDED_BELOW} (r_i + r_j))"), ("p1", "P1 (symprec 0.1)"),
+                       ("physical", f"physical (valid, uncrowded, V ok)"),
+                       ("physical_unique_novel", "physical, unique and novel")):
+        if key in summary:     # crystals_with_merges: generate only (decoded by this project)
+            lines.append(f"{label:<38}{summary[key]:>6}  {100 * summary[key] / n:6.2f}%")
+    lines.append(f"{'median shortest distance':<38}{summary['median_shortest_distance']:>6.2f} A")
+    lines.append(f"{'median V / V_pred':<38}{summary['median_volume_ratio']:>6.2f}")
+    lines.append(f"{'Wasserstein to reference: density':<38}{summary['w_density']:>6.3f} g/cm3")
+    lines.append(f"{'  number of elements':<38}{summary['w_elements']:>6.3f}")
     return "\n".join(lines)
 
 

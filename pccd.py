@@ -335,7 +335,8 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
         hi = min(n, lo + args.batch_size)
         clouds = ddpm.sample(model, condition_tensors(conditions[lo:hi], device), guidance=args.guidance,
                              condition_above=args.condition_above, sampler=args.sampler, steps=args.steps,
-                             x_T=None if x_T is None else x_T[lo:hi].to(device), t_start=t_start,
+                             refine=args.refine, t_start=t_start,
+                             x_T=None if x_T is None else x_T[lo:hi].to(device),
                              generator=generator, progress=lambda i, steps: progress.update((hi - lo) / steps),
                              trajectory=trajectory if lo == 0 else None)
         out.append(clouds.cpu().numpy())
@@ -388,7 +389,7 @@ def cmd_reconstruct(args):
             s.to(filename=os.path.join(out, f"{len(pairs) - 1:04d}_{c.material_id}.cif"))
     summary = dict(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data), t=t,
                    sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                   condition_above=args.condition_above, seed=args.seed, seconds=seconds)
+                   condition_above=args.condition_above, refine=args.refine, seed=args.seed, seconds=seconds)
     summary |= evaluate.summarise_reconstruction(pairs, ckpt["train_compositions"])
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(dict(summary=summary, pairs=pairs), f, indent=1, default=float)
@@ -402,11 +403,6 @@ def cmd_reconstruct(args):
 # ----------------------------------------------------------------------------------------------
 # generate and evaluate (paper Fig. 3, Table 2)
 # ----------------------------------------------------------------------------------------------
-
-SCREENING_FIELDS = ["name", "elements", "formula", "n_atoms", "spacegroup", "density", "shortest_distance",
-                    "atoms_merged", "decoded", "structural", "compositional", "valid", "unique", "novel",
-                    "reason"]
-
 
 def reference_path(path, named):
     """Where the novelty check's training structures are (a named --reference must exist)."""
@@ -466,11 +462,10 @@ def cmd_generate(args):
     print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
     rows, summary = evaluate.screen(structures, load_reference(reference))
     for row, name, s, why, elements in zip(rows, names, structures, reasons, element_sets):
-        row.update(name=name, elements=" ".join(elements), reason=why,
-                   **(evaluate.describe(s) if s is not None else {}))
-    data.write_csv(os.path.join(out, "summary.csv"), rows, SCREENING_FIELDS)
+        row.update(name=name, elements=" ".join(elements), reason=why)
+    data.write_csv(os.path.join(out, "summary.csv"), rows, evaluate.SCREENING_FIELDS)
     summary.update(seconds=seconds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                   condition_above=args.condition_above, seed=args.seed,
+                   condition_above=args.condition_above, refine=args.refine, seed=args.seed,
                    checkpoint=os.path.abspath(args.checkpoint), novelty_checked=reference is not None)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -489,8 +484,9 @@ def cmd_evaluate(args):
     structures = [c.structure for c in crystals] + [None] * sum(skipped.values())   # unreadable: failed
     rows, summary = evaluate.screen(structures, load_reference(reference))
     for row, c in zip(rows, crystals):
-        row.update(name=c.material_id, **evaluate.describe(c.structure))
-    data.write_csv(path, rows[:len(crystals)], [f for f in SCREENING_FIELDS if f not in ("elements", "reason")])
+        row.update(name=c.material_id)
+    data.write_csv(path, rows[:len(crystals)],
+                   [f for f in evaluate.SCREENING_FIELDS if f not in ("elements", "reason")])
     print(evaluate.format_screening(summary))
     print(f"per-structure flags: {path}")
 
@@ -639,7 +635,7 @@ def add_run_arguments(p, seed=0):
                    else "random seed (default: the preset's, 0)")
 
 
-def add_sampling_arguments(p, out):
+def add_sampling_arguments(p, out, refine):
     p.add_argument("--out", default=os.path.join("runs", out),
                    help=f"results folder (default runs/{out}; runs/{out}-2, -3, ... if it exists)")
     p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
@@ -652,6 +648,10 @@ def add_sampling_arguments(p, out):
                    "w (eps_cond - eps_uncond); 1 or 0: one pass (default: the checkpoint's, 3)")
     p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
                    "STEP, one unconditional pass below (default: the checkpoint's, 250)")
+    p.add_argument("--refine", type=number(int, 0, 100, what="a number of passes from 0 to 100"), default=refine,
+                   help=f"noise the positions back to step {diffusion.REFINE_FROM} and denoise them again, "
+                   f"lattice and elements held, this many times: crowded atoms get another chance to "
+                   f"separate (default {refine}{'' if refine else '; on in generate'})")
     p.add_argument("--batch-size", type=POSITIVE, default=256, help="clouds denoised at once")
     add_run_arguments(p)
 
@@ -706,7 +706,7 @@ def build_parser():
     p.add_argument("--n", type=POSITIVE, default=256, help="how many structures (default 256)")
     p.add_argument("--t", type=number(int, 1, diffusion.T, what=f"a step from 1 to {diffusion.T}"),
                    help=f"noise to step t, 1..{diffusion.T} (default {diffusion.T} = T)")
-    add_sampling_arguments(p, "reconstruct")
+    add_sampling_arguments(p, "reconstruct", refine=0)
     p.add_argument("--no-fig2", dest="fig2", action="store_false",
                    help="skip the slower Fig. 2 distances (RMS anonymous, CrystalNN)")
     p.set_defaults(run=cmd_reconstruct)
@@ -715,7 +715,7 @@ def build_parser():
                        description="Sample crystals for an element set (--elements) or for random "
                        "sets from one of the paper's three batches (--pool), write one CIF and one "
                        "POSCAR each and summary.csv, and screen them: structural and compositional "
-                       "validity, uniqueness, novelty against the training data (Table 2).")
+                       "validity, uniqueness, novelty (Table 2), crowding, volume, P1 share: physical?")
     p.add_argument("--elements", nargs="+", metavar="EL", help="1-3 element symbols, e.g. Mg Mn O")
     p.add_argument("--pool", choices=sorted(data.POOLS) + ["train"], help="an element set per crystal "
                    "from the paper's batches (all, rare-earth-oxides: O + 1-2 metals, common: "
@@ -727,14 +727,14 @@ def build_parser():
                    help="magnetic ordering (default unknown)")
     p.add_argument("--reference", default=None, help="training structures for the novelty check "
                    "(default: the checkpoint's training data)")
-    add_sampling_arguments(p, "generate")
+    add_sampling_arguments(p, "generate", refine=5)   # EXPERIMENTS.md, Crowded atoms
     p.add_argument("--trajectory", action="store_true", help="also draw the first sample's points "
                    "at several timesteps into trajectory.png (Fig. S2)")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("evaluate", help="screen any folder of CIF/POSCAR files (Table 2)",
                        description="Screen crystals from any generator: structural and compositional "
-                       "validity, uniqueness, and novelty against --reference.")
+                       "validity, uniqueness, novelty against --reference, and crowding, volume, symmetry.")
     p.add_argument("folder", help="folder of CIF/POSCAR files (or one file, or a CDVAE CSV)")
     p.add_argument("--reference", default=BUNDLED_TRAIN, help="training structures (default: %(default)s)")
     p.add_argument("--csv", default=None, help="where to write the flags (default FOLDER/screening.csv, "
