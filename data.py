@@ -82,8 +82,7 @@ def encode(structure, elements=None, length_range=DEFAULT_LENGTH_RANGE):
     owner = np.array(order)[point_owner(len(structure))]              # (128,) site index
     cloud = np.zeros((3, N_POINTS, 3), dtype=np.float32)
     cloud[0] = np.mod(structure.frac_coords[owner], 1.0)              # positions
-    slot = np.array([elements.index(species[i]) for i in owner])
-    cloud[1, np.arange(N_POINTS), slot] = 1.0                         # element one-hot
+    cloud[1] = element_layout(elements, [species.count(e) for e in elements])   # element one-hot
     cloud[2, : N_POINTS // 2] = np.array(structure.lattice.angles) / 180.0
     cloud[2, N_POINTS // 2:] = _normalise_lengths(abc, length_range)
     return cloud, elements
@@ -141,12 +140,51 @@ def decode(cloud, elements, length_range=DEFAULT_LENGTH_RANGE, eps=0.08, min_sam
     return Structure(Lattice(lattice), species, coords, properties=dict(atoms_merged=wanted - len(species)))
 
 
-def decode_all(clouds, element_lists, length_range=DEFAULT_LENGTH_RANGE):
-    """Decode every cloud; returns (structures, with None where decoding failed; the reasons)."""
+def element_layout(elements, counts):
+    """Channel 1 of a crystal with counts[j] atoms of elements[j]: atoms in slot order, atom i
+    owning its block of 128 // n points (`point_owner`), each point one-hot in its atom's slot.
+    It is all the composition fixes of a cloud, and what structure prediction holds."""
+    slot_of_atom = np.repeat(np.arange(len(elements)), counts)
+    layout = np.zeros((N_POINTS, MAX_ELEMENTS), dtype=np.float32)
+    layout[np.arange(N_POINTS), slot_of_atom[point_owner(int(sum(counts)))]] = 1.0
+    return layout
+
+
+def decode_blocks(cloud, elements, counts, length_range=DEFAULT_LENGTH_RANGE):
+    """Decode a cloud whose composition is known (channel 1 = `element_layout(elements, counts)`):
+    atom i sits at the circular mean of its own block of points -- no clustering, no count to
+    guess; the structure has exactly the given composition."""
+    owner, n = point_owner(int(sum(counts))), int(sum(counts))
+    positions = np.mod(np.asarray(cloud[0], dtype=float), 1.0)
+    coords = [circular_mean(positions[owner == i]) for i in range(n)]
+    lattice = lattice_from_parameters(*decode_lattice(cloud, length_range))
+    return Structure(Lattice(lattice), list(np.repeat(elements, counts)), coords)
+
+
+def parse_formula(text):
+    """'Li2Co2O4' -> (elements in slot order, counts): what `generate --formula` asks for.
+    Raises ValueError, with the reason, for what PCCD cannot make."""
+    try:
+        composition = Composition(text)
+    except Exception:
+        raise ValueError(f"cannot read the formula '{text}' (write it like Li2Co2O4)")
+    elements = check_elements(canonical_order(e.symbol for e in composition.elements))
+    counts = [composition[e] for e in elements]
+    if any(c != int(c) or c < 1 for c in counts):
+        raise ValueError(f"{text}: atom counts must be whole numbers of at least 1")
+    if not 1 <= sum(counts) <= MAX_SITES:
+        raise ValueError(f"{text} has {sum(counts):g} atoms; PCCD makes 1 to {MAX_SITES}")
+    return elements, [int(c) for c in counts]
+
+
+def decode_all(clouds, element_lists, length_range=DEFAULT_LENGTH_RANGE, count_lists=None):
+    """Decode every cloud (with `decode_blocks` where its atom counts are given); returns
+    (structures, with None where decoding failed; the reasons)."""
     structures, reasons = [], []
-    for cloud, elements in zip(clouds, element_lists):
+    for i, (cloud, elements) in enumerate(zip(clouds, element_lists)):
         try:
-            structures.append(decode(cloud, elements, length_range=length_range))
+            structures.append(decode(cloud, elements, length_range=length_range) if count_lists is None
+                              else decode_blocks(cloud, elements, count_lists[i], length_range))
             reasons.append("")
         except ValueError as e:
             structures.append(None)
@@ -190,14 +228,17 @@ def decode_lattice(cloud, length_range=DEFAULT_LENGTH_RANGE):
 # What encode needs: which structures fit, element slots, the length scale, point ownership
 # ----------------------------------------------------------------------------------------------
 
-def unencodable_reason(structure):
-    """Why PCCD cannot encode this structure, in a few words, or '' when it can."""
+def unencodable_reason(structure, length_range=None):
+    """Why PCCD cannot encode this structure (with a model's length range, if given), in a few
+    words, or '' when it can."""
     if not structure.is_ordered:
         return "disordered (partial occupancies)"
     if len(structure.composition.elements) > MAX_ELEMENTS:
         return f"with > {MAX_ELEMENTS} elements"
     if len(structure) > MAX_SITES:
         return f"with > {MAX_SITES} sites"
+    if length_range and not length_range[0] <= min(structure.lattice.abc) <= max(structure.lattice.abc) <= length_range[1]:
+        return "with lattice lengths outside the model's range"
     return ""
 
 
@@ -493,12 +534,12 @@ def degenerate_lattice(lattice):
     return not volume >= 0.1 or not volume / np.prod(lattice.abc) >= 0.01
 
 
-def load_structures(path, verbose=True, only_encodable=True, skipped=None):
+def load_structures(path, verbose=True, only_encodable=True, skipped=None, length_range=None):
     """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
     `material_id`, `band_gap`, `ordering`), a folder of CIF/POSCAR files, or one such file.
 
     Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter; only_encodable=False
-    keeps every readable one). A bad row or file (unparsable, binary, empty, a degenerate cell)
+    keeps every readable one; a model's length_range also drops longer and shorter cells). A bad row or file (unparsable, binary, empty, a degenerate cell)
     is counted and skipped, never fatal. Prints one line saying what was kept and skipped (or,
     with verbose=False, fills the dict `skipped` with {reason: count}).
     Returns a list of `Crystal`.
@@ -513,7 +554,7 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None):
         except Exception:
             structure, reason = None, "unreadable"
         if not reason and only_encodable:
-            reason = unencodable_reason(structure)
+            reason = unencodable_reason(structure, length_range)
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue

@@ -1,12 +1,14 @@
 """The denoising diffusion probabilistic model (DDPM) of PCCD: paper Eqs. (1)-(6) and (S4),
 following Ho et al. (2020) and their notation, with a cosine schedule (Nichol & Dhariwal, 2021),
-classifier-free guidance (Ho & Salimans, 2022) and DDIM sampling (Song et al., 2021).
+classifier-free guidance (Ho & Salimans, 2022), DDIM sampling (Song et al., 2021) and inpainting
+(Lugmayr et al., 2022): sampling with part of the cloud known, e.g. the composition (channel 1).
 
 The network is whatever it is handed: any `model(x, t, elements, band_gap, magnetic, drop)`
 that returns a tensor shaped like x. Clouds live in [0, 1] (data.py); the model sees them in
 [-1, 1]. `to_model` and `from_model` are the one place where that mapping happens.
 """
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,24 @@ def to_model(cloud):
 def from_model(x):
     """[-1, 1] -> [0, 1] cloud."""
     return (x + 1.0) / 2.0
+
+
+def translate_randomly(x0):
+    """Augmentation: shift every atom of each crystal by one random fractional vector (modulo 1).
+    A crystal has no origin, so the shifted cloud is the same crystal. x0 is in the model's
+    range [-1, 1], shape (B, 3, 128, 3); only channel 0 moves."""
+    shift = torch.rand(len(x0), 1, 3)
+    positions = (from_model(x0[:, 0]) + shift) % 1.0
+    return torch.cat([to_model(positions)[:, None], x0[:, 1:]], 1)
+
+
+def known_channels(clouds, channels):
+    """What `Diffusion.sample(known=...)` holds when whole channels of the clean clouds (N, 3,
+    128, 3) in [0, 1] are known: channel 1 for a given composition (structure prediction), channel
+    2 for a given lattice, or both. Returns (mask, x0 in model units)."""
+    mask = torch.zeros(1, 3, 1, 1, dtype=torch.bool)
+    mask[:, list(channels)] = True
+    return mask, to_model(torch.as_tensor(clouds, dtype=torch.float32))
 
 
 def cosine_beta_schedule(T, s=0.008):
@@ -205,8 +225,11 @@ class Diffusion:
     def hold(self, x, known, t, generator=None):
         """Inpainting (RePaint, Lugmayr et al. 2022): x_t with its known entries replaced by the
         known clean values noised to step t by q, Eq. (3) (the clean values themselves at
-        t = -1, the end). Each step then denoises the unknown entries given known ones that look
-        as noisy as the model expects at that step, so what it samples agrees with them."""
+        t = -1, the end). Why this samples the unknown part given the known one: q(x_t | x_0)
+        is Gaussian with independent entries, so the known entries of x_t can be drawn exactly
+        from their clean values; the reverse step then sees an x_t whose known part is as noisy
+        as at step t in training, and moves the unknown part towards x_0's that agree with it.
+        (RePaint adds resampling to harmonise the two; `refine` passes play that part here.)"""
         if known is None:
             return x
         mask, x0 = known
@@ -214,6 +237,32 @@ class Diffusion:
             noise = torch.randn(x.shape, generator=generator, device=x.device)
             x0 = self.q_sample(x0, torch.full((x.shape[0],), t, device=x.device), noise)
         return torch.where(mask, x0, x)
+
+
+    def step_milliseconds(self, model, batch_size, device, repeats=20):
+        """Milliseconds per training step (loss, backward, Adam) and per guided sampling step
+        (both passes), the mean of `repeats` after one warm-up: `pccd.py bench`."""
+        x = torch.randn(batch_size, 3, 128, 3, device=device)
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        condition = (torch.randint(1, 84, (batch_size, 3), device=device), zeros, zeros)
+        optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+
+        def train_step():
+            optimizer.zero_grad()
+            self.loss(model, x, *condition).backward()
+            optimizer.step()
+
+        def milliseconds(fn):
+            fn()                                                         # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            torch.cuda.synchronize() if device.type == "cuda" else None  # wait for the GPU's queue
+            return 1000 * (time.perf_counter() - start) / repeats
+
+        train_ms = milliseconds(train_step)
+        with torch.no_grad():
+            return train_ms, milliseconds(lambda: self.predict_noise(model.eval(), x, 500, condition, guidance=2.0))
 
 
 def golden_tensors(model, sampling):

@@ -50,12 +50,12 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
-def load_or_fail(path, only_encodable=True, skipped=None):
-    """The structures of a CSV, folder or file, and one line saying what was skipped and why
-    (also counted into the dict `skipped`); that line is the error when nothing is left."""
+def load_or_fail(path, only_encodable=True, skipped=None, length_range=None):
+    """The structures of a CSV, folder or file (that a model of this length range can encode), and one
+    line saying what was skipped and why (also counted into `skipped`); the error if nothing is left."""
     skipped = {} if skipped is None else skipped
     try:
-        crystals = data.load_structures(path, verbose=False, only_encodable=only_encodable, skipped=skipped)
+        crystals = data.load_structures(path, False, only_encodable, skipped, length_range)
     except (OSError, ValueError) as e:
         raise UserError(str(e))
     if not crystals:
@@ -131,6 +131,14 @@ def sampling_of(ckpt, args):
     return diffusion.Diffusion(T=entry["T"], prediction=entry["prediction"])
 
 
+def load_for_sampling(args):
+    """(device, network, checkpoint, diffusion) of --checkpoint, or of `default_checkpoint`."""
+    device = pick_device(args.device)
+    args.checkpoint = args.checkpoint or default_checkpoint()
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    return device, model, ckpt, sampling_of(ckpt, args)
+
+
 def default_checkpoint():
     """What reconstruct and generate use without --checkpoint: the model `python pccd.py train`
     left in runs/default, or else the one shipped in the repository."""
@@ -169,15 +177,6 @@ def drop_properties(band_gap, magnetic, p):
     band_gap = torch.where(torch.rand(band_gap.shape) < p, unknown_bg, band_gap)
     magnetic = torch.where(torch.rand(magnetic.shape) < p, unknown_mag, magnetic)
     return band_gap, magnetic
-
-
-def translate_randomly(x0):
-    """Augmentation: shift every atom of each crystal by one random fractional vector (modulo 1).
-    A crystal has no origin, so the shifted cloud is the same crystal. x0 is in the model's
-    range [-1, 1], shape (B, 3, 128, 3); only channel 0 moves."""
-    shift = torch.rand(len(x0), 1, 3)
-    positions = (diffusion.from_model(x0[:, 0]) + shift) % 1.0
-    return torch.cat([diffusion.to_model(positions)[:, None], x0[:, 1:]], 1)
 
 
 def cmd_train(args):
@@ -232,7 +231,7 @@ def cmd_train(args):
     while step < s["steps"]:
         idx = torch.randint(0, len(x0_all), (s["batch_size"],), generator=batches)
         bg, mag = drop_properties(band_gap[idx], magnetic[idx], s["property_drop"])
-        x0 = translate_randomly(x0_all[idx]) if s["translate"] else x0_all[idx]
+        x0 = diffusion.translate_randomly(x0_all[idx]) if s["translate"] else x0_all[idx]
         t = torch.randint(0, ddpm.T, (len(idx),), device=device)        # each crystal's step
         # Below condition_above the condition is always dropped: those steps learn to denoise
         # any crystal without being told which, as sampling then runs them.
@@ -285,18 +284,15 @@ class Progress:
     """A progress line every 10 seconds and at the end: done / total, time spent and left."""
 
     def __init__(self, total, unit, done=0):
-        self.total, self.unit, self.first, self.done = total, unit, done, done
-        self.start, self.last = time.time(), 0.0
+        self.total, self.unit, self.first, self.done, self.start, self.last = total, unit, done, done, time.time(), 0
 
     def elapsed(self):
         return time.time() - self.start
 
     def update(self, n, note="", out=None):
-        self.done += n
-        now = self.elapsed()
+        self.done, now = self.done + n, self.elapsed()
         if now - self.last > 10 or self.done >= self.total:
-            self.last = now
-            left = now / (self.done - self.first) * (self.total - self.done) / 60
+            self.last, left = now, now / (self.done - self.first) * (self.total - self.done) / 60
             print(f"{self.unit} {self.done:>6.0f}/{self.total}  {note}  {now:5.0f} s elapsed, "
                   f"{left:5.1f} min left", file=out or sys.stderr, flush=True)
 
@@ -325,9 +321,9 @@ def condition_tensors(conditions, device):
     return tuple(torch.tensor(column, device=device) for column in zip(*encoded))
 
 
-def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=None, trajectory=None):
-    """Denoise len(conditions) clouds, --batch-size at a time, with a progress line.
-    Returns (a (N, 3, 128, 3) numpy array in [0, 1], seconds)."""
+def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=None, trajectory=None, known=None):
+    """Denoise len(conditions) clouds, --batch-size at a time, with a progress line; known: None or
+    (mask, x0 (N, 3, 128, 3)), what inpainting holds. Returns ((N, 3, 128, 3) in [0, 1], seconds)."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     n, out = len(conditions), []
     progress = Progress(n, "structures")
@@ -336,6 +332,7 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
         clouds = ddpm.sample(model, condition_tensors(conditions[lo:hi], device), guidance=args.guidance,
                              condition_above=args.condition_above, sampler=args.sampler, steps=args.steps,
                              refine=args.refine, t_start=t_start,
+                             known=None if known is None else (known[0], known[1][lo:hi].to(device)),
                              x_T=None if x_T is None else x_T[lo:hi].to(device),
                              generator=generator, progress=lambda i, steps: progress.update((hi - lo) / steps),
                              trajectory=trajectory if lo == 0 else None)
@@ -348,23 +345,12 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
 # ----------------------------------------------------------------------------------------------
 
 def cmd_reconstruct(args):
-    device = pick_device(args.device)
-    args.checkpoint = args.checkpoint or default_checkpoint()
-    model, ckpt = load_checkpoint(args.checkpoint, device)
-    ddpm = sampling_of(ckpt, args)
-    t = ddpm.T if args.t is None else args.t
-    length_range = ckpt["length_range"]
-    crystals = load_or_fail(args.data)
+    device, model, ckpt, ddpm = load_for_sampling(args)
+    t, length_range = ddpm.T if args.t is None else args.t, ckpt["length_range"]
+    crystals = load_or_fail(args.data, length_range=length_range)
     rng = np.random.default_rng(args.seed)
     crystals = [crystals[i] for i in rng.permutation(len(crystals))[: args.n]]
-    usable = []
-    for c in crystals:
-        try:
-            usable.append((c, *data.encode(c.structure, length_range=length_range)))
-        except ValueError as e:
-            print(f"skipping {c.material_id}: {e}", file=sys.stderr)
-    if not usable:
-        raise UserError("no structure to reconstruct")
+    usable = [(c, *data.encode(c.structure, length_range=length_range)) for c in crystals]
     out = fresh_dir(args)
 
     # Forward process to step t (Eq. 3), stored so that the run can be repeated.
@@ -418,20 +404,17 @@ def load_reference(path):
 
 
 def cmd_generate(args):
-    device = pick_device(args.device)
-    if bool(args.elements) == bool(args.pool):
-        raise UserError("give either --elements (1-3 symbols) or --pool")
+    if sum(map(bool, (args.elements, args.pool, args.formula))) != 1:
+        raise UserError("give one of --elements (1-3 symbols), --pool or --formula")
     try:
-        if args.elements:
-            data.check_elements(args.elements)
+        elements, counts = data.parse_formula(args.formula) if args.formula else \
+            (args.elements and data.check_elements(args.elements), None)
     except ValueError as e:
         raise UserError(str(e))
-    args.checkpoint = args.checkpoint or default_checkpoint()
-    model, ckpt = load_checkpoint(args.checkpoint, device)
-    ddpm = sampling_of(ckpt, args)
+    device, model, ckpt, ddpm = load_for_sampling(args)
     rng = np.random.default_rng(args.seed)
-    if args.elements:
-        element_sets = [args.elements] * args.n
+    if elements:
+        element_sets = [elements] * args.n
     elif args.pool == "train":              # element sets of randomly drawn training crystals
         compositions = rng.choice(ckpt["train_compositions"], size=args.n)
         element_sets = [[e.symbol for e in Composition(c).elements] for c in compositions]
@@ -440,19 +423,21 @@ def cmd_generate(args):
     element_sets = [data.canonical_order(s) for s in element_sets]   # the slot order of training
     reference = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
     out = fresh_dir(args)
-    seen = {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements}
-    unseen = sorted({e for s in element_sets for e in s} - seen)
+    unseen = sorted({e for s in element_sets for e in s}
+                    - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
     if unseen:
         print(f"warning: the model never saw {' '.join(unseen)} in training; expect poor structures",
               file=sys.stderr)
     conditions = [(s, args.band_gap, args.magnetic) for s in element_sets]
     trajectory = {} if args.trajectory else None
-    clouds, seconds = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory)
+    lay = data.element_layout(elements, counts) if counts else None      # --formula: channel 1 held
+    known = diffusion.known_channels(np.stack([[0 * lay, lay, 0 * lay]] * args.n), [1]) if counts else None
+    clouds, seconds = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory, known=known)
     if trajectory:
         evaluate.plot_trajectory(trajectory, element_sets[0], os.path.join(out, "trajectory.png"))
     np.savez_compressed(os.path.join(out, "clouds.npz"), clouds=clouds,   # to decode again later
                         elements=np.array([" ".join(e) for e in element_sets]))
-    structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"])
+    structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], counts and [counts] * args.n)
     names = []
     for i, s in enumerate(structures):
         names.append(f"{i:04d}_{s.composition.reduced_formula if s else 'failed'}")
@@ -461,8 +446,8 @@ def cmd_generate(args):
             s.to(filename=os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
     print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
     rows, summary = evaluate.screen(structures, load_reference(reference))
-    for row, name, s, why, elements in zip(rows, names, structures, reasons, element_sets):
-        row.update(name=name, elements=" ".join(elements), reason=why)
+    for row, name, why, element_set in zip(rows, names, reasons, element_sets):
+        row.update(name=name, elements=" ".join(element_set), reason=why)
     data.write_csv(os.path.join(out, "summary.csv"), rows, evaluate.SCREENING_FIELDS)
     summary.update(seconds=seconds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed,
@@ -489,6 +474,34 @@ def cmd_evaluate(args):
                    [f for f in evaluate.SCREENING_FIELDS if f not in ("elements", "reason")])
     print(evaluate.format_screening(summary))
     print(f"per-structure flags: {path}")
+
+
+def cmd_csp(args):
+    """Crystal structure prediction: for each of N structures, K samples of its composition (channel 1
+    held by inpainting), matched at CDVAE's tolerances: the first and the best of K, RMSE."""
+    device, model, ckpt, ddpm = load_for_sampling(args)
+    crystals, length_range = load_or_fail(args.data, length_range=ckpt["length_range"]), ckpt["length_range"]
+    crystals = [crystals[i] for i in np.random.default_rng(args.seed).permutation(len(crystals))[: args.n]]
+    out, n = fresh_dir(args), len(crystals)
+    compositions = [data.parse_formula(c.structure.composition.formula) for c in crystals]
+    truth = [data.encode(c.structure, elements, length_range)[0] for c, (elements, _) in zip(crystals, compositions)]
+    conditions = [(e, c.band_gap_class, c.ordering) for c, (e, _) in zip(crystals, compositions)] * args.k
+    known = diffusion.known_channels(np.stack(truth * args.k), [1])          # the composition, held
+    clouds, seconds = sample_in_batches(model, ddpm, conditions, args, device, known=known)
+    predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range,
+                                   [c for _, c in compositions] * args.k)
+    print(f"matching {len(predicted)} structures ...", file=sys.stderr, flush=True)
+    rows = evaluate.csp_scores([c.structure for c in crystals], [predicted[i::n] for i in range(n)])
+    for i, (row, c) in enumerate(zip(rows, crystals)):
+        row.update(material_id=c.material_id, formula=c.structure.composition.formula)
+        if predicted[i]:
+            predicted[i].to(filename=os.path.join(out, f"{i:04d}_{c.material_id}_predicted.cif"))
+    summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=args.steps)
+    json.dump(dict(summary=summary, rows=rows), open(os.path.join(out, "results.json"), "w"), indent=1)
+    for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
+        evaluate.plot_prediction(crystals[i % n].structure, predicted[i], os.path.join(out, "predicted.png"))
+    print(evaluate.format_csp(summary))
+    print(f"results: {out}/ (results.json, predicted.png, the first sample of each as CIF)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,28 +551,8 @@ def cmd_bench(args):
     """Milliseconds per training step and per guided step (both passes), the mean of 20 runs."""
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    model, ddpm, B = unet.UNet().to(device), diffusion.Diffusion(), args.batch_size
-    x = torch.randn(B, 3, 128, 3, device=device)
-    condition = (torch.randint(1, 84, (B, 3), device=device), torch.zeros(B, dtype=torch.long, device=device),
-                 torch.zeros(B, dtype=torch.long, device=device))
-    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
-
-    def train_step():
-        optimizer.zero_grad()
-        ddpm.loss(model, x, *condition).backward()
-        optimizer.step()
-
-    def milliseconds(fn):
-        fn()                                                             # warm-up
-        start = time.perf_counter()
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None      # wait for the GPU's queue
-        return 1000 * (time.perf_counter() - start) / 20
-
-    train_ms = milliseconds(train_step)
-    with torch.no_grad():
-        guided_ms = milliseconds(lambda: ddpm.predict_noise(model.eval(), x, 500, condition, guidance=2.0))
+    model, B = unet.UNet().to(device), args.batch_size
+    train_ms, guided_ms = diffusion.Diffusion().step_milliseconds(model, B, device)
     print(f"device {device} ({torch.get_num_threads()} threads), batch {B}\n"
           f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
           f"training step                    {train_ms:8.1f} ms\n"
@@ -574,11 +567,7 @@ def cmd_roundtrip(args):
         crystals = load_or_fail(path)
         for noise in args.noise:
             r = evaluate.roundtrip(crystals, noise=noise, seed=args.seed)
-            print(f"{os.path.relpath(path):<40} {noise:>6g} {r['matched']:>6}/{r['n']:<6} "
-                  f"{100 * r['match_rate']:>7.2f}% {r['ms_per_decode']:>10.1f}", flush=True)
-            if r["failures"]:
-                print(f"    not matched: {' '.join(r['failures'][:8])}"
-                      f"{' ...' if len(r['failures']) > 8 else ''}")
+            print(evaluate.format_roundtrip(os.path.relpath(path), noise, r), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -717,6 +706,8 @@ def build_parser():
                        "POSCAR each and summary.csv, and screen them: structural and compositional "
                        "validity, uniqueness, novelty (Table 2), crowding, volume, P1 share: physical?")
     p.add_argument("--elements", nargs="+", metavar="EL", help="1-3 element symbols, e.g. Mg Mn O")
+    p.add_argument("--formula", help="a composition to predict structures of, e.g. Li2Co2O4 (all of them "
+                   "have exactly it: channel 1 is held by inpainting)")
     p.add_argument("--pool", choices=sorted(data.POOLS) + ["train"], help="an element set per crystal "
                    "from the paper's batches (all, rare-earth-oxides: O + 1-2 metals, common: "
                    + " ".join(data.POOLS["common"]) + ") or of random training crystals")
@@ -731,6 +722,15 @@ def build_parser():
     p.add_argument("--trajectory", action="store_true", help="also draw the first sample's points "
                    "at several timesteps into trajectory.png (Fig. S2)")
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("csp", help="structure prediction from compositions: k samples each, match rate",
+                       description=cmd_csp.__doc__)
+    p.add_argument("--data", default=BUNDLED_VAL, help="structures to predict (default: the val split)")
+    p.add_argument("--n", type=POSITIVE, default=1000, help="at most this many structures (default all)")
+    p.add_argument("--k", type=number(int, 1, 100, what="a number of samples from 1 to 100"), default=1,
+                   help="samples per composition (1 or 20, as the field reports)")
+    add_sampling_arguments(p, "csp", refine=0)
+    p.set_defaults(run=cmd_csp)
 
     p = sub.add_parser("evaluate", help="screen any folder of CIF/POSCAR files (Table 2)",
                        description="Screen crystals from any generator: structural and compositional "

@@ -562,6 +562,47 @@ def test_atomic_volumes_recover_the_volumes_a_set_was_built_from_and_flag_a_swol
     assert rows[0]["physical"] and not rows[1]["physical"]        # 3x the volume: outside 0.5-2
 
 
+def test_inpainting_returns_the_known_part_exactly_and_samples_the_rest(mp20):
+    """Composition known (channel 1: structure prediction) or lattice known (channel 2)."""
+    ddpm = diffusion.Diffusion()
+    clouds = np.stack([data.encode(c.structure)[0] for c in mp20[:2]])
+    class Constant(torch.nn.Module):
+        def forward(self, x, t, elements, band_gap, magnetic, drop):
+            return 0.3 * torch.ones_like(x)
+    model = Constant()
+    cond = (torch.ones(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    for channel, sampler, refine in ((1, "ddpm", 0), (1, "ddim", 2), (2, "ddim", 0)):
+        out = ddpm.sample(model, cond, guidance=1.0, condition_above=0, sampler=sampler, steps=10, refine=refine,
+                          known=diffusion.known_channels(clouds, [channel]), generator=torch.Generator().manual_seed(0))
+        np.testing.assert_allclose(out[:, channel].numpy(), clouds[:, channel], atol=1e-6)   # held
+        assert np.abs(out[:, 0].numpy() - clouds[:, 0]).max() > 0.1                        # sampled
+
+
+def test_the_element_layout_is_channel_1_of_the_encoding_and_blocks_decode_it_back(mp20):
+    for c in mp20[:20]:
+        cloud, elements = data.encode(c.structure)
+        counts = [sum(site.specie.symbol == e for site in c.structure) for e in elements]
+        assert np.array_equal(data.element_layout(elements, counts), cloud[1])
+        assert StructureMatcher().fit(data.decode_blocks(cloud, elements, counts), c.structure)
+    cloud[2, :64] = 0.9                                        # angles of 162 degrees: no such cell
+    structures, reasons = data.decode_all([cloud], [elements], count_lists=[counts])
+    assert structures == [None] and "degenerate" in reasons[0]
+
+
+def test_csp_scores_take_the_first_sample_for_k_1_and_the_best_matching_one_for_k(mp20):
+    truth, other = mp20[0].structure, mp20[1].structure
+    close, far = truth.copy(), truth.copy()
+    close.perturb(0.05, 0.05)
+    far.perturb(0.3, 0.3)
+    rows = evaluate.csp_scores([truth, truth], [[other, far, close], [close, other]])
+    assert [r["match_1"] for r in rows] == [False, True] and [r["match_k"] for r in rows] == [True, True]
+    assert rows[0]["rms_1"] is None
+    assert rows[0]["rms_k"] == pytest.approx(evaluate.rms_distance(truth, close))   # the smaller of two RMS
+    assert rows[0]["rms_k"] < evaluate.rms_distance(truth, far)
+    summary = evaluate.summarise_csp(rows, 3)
+    assert summary["match_rate_1"] == 0.5 and summary["match_rate_k"] == 1.0
+
+
 def test_the_pools_follow_the_papers_three_batches():
     rng = np.random.default_rng(0)
     for s in data.draw_element_sets("rare-earth-oxides", 50, rng):
@@ -671,6 +712,30 @@ def test_generate_trajectory_draws_the_denoising_of_one_sample(tiny_run, tmp_pat
     assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
                       "--sampler", "ddim", "--steps", "6", "--trajectory", "--out", str(out)]) == 0
     assert (out / "trajectory.png").stat().st_size > 10000
+
+
+def test_generate_formula_writes_only_structures_of_that_composition(tiny_run, tmp_path):
+    import csv
+    out = tmp_path / "csp"
+    assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--formula", "Li2Co2O4", "--n", "3",
+                      "--sampler", "ddim", "--steps", "4", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 3 and all(r["decoded"] == "True" for r in rows)
+    for row in rows:
+        assert Structure.from_file(out / (row["name"] + ".cif")).composition == Composition("Li2Co2O4")
+
+
+def test_csp_predicts_from_compositions_and_scores_each_first_and_best_sample(tiny_run, small_csv, tmp_path):
+    import json
+    out = tmp_path / "csp"
+    assert pccd.main(["csp", "--checkpoint", str(tiny_run), "--data", small_csv, "--n", "3", "--k", "2",
+                      "--sampler", "ddim", "--steps", "3", "--out", str(out)]) == 0
+    results = json.load(open(out / "results.json"))
+    assert results["summary"]["n"] == 3 and results["summary"]["k"] == 2
+    assert all(r["match_k"] >= r["match_1"] for r in results["rows"])
+    assert (out / "predicted.png").stat().st_size > 10000
+    for row, cif in zip(results["rows"], sorted(out.glob("*_predicted.cif"))):
+        assert Structure.from_file(cif).composition == Composition(row["formula"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -852,7 +917,7 @@ def test_translation_augmentation_moves_the_atoms_but_keeps_the_crystal(mp20):
     cloud, elements = data.encode(s)
     x0 = diffusion.to_model(torch.from_numpy(np.stack([cloud, cloud])))
     torch.manual_seed(0)
-    shifted = pccd.translate_randomly(x0)
+    shifted = diffusion.translate_randomly(x0)
     assert torch.equal(shifted[:, 1:], x0[:, 1:])                      # elements and lattice untouched
     assert not torch.allclose(shifted[:, 0], x0[:, 0], atol=1e-3)       # the atoms moved ...
     assert not torch.allclose(shifted[0, 0], shifted[1, 0], atol=1e-3)  # ... by a shift per crystal
@@ -980,8 +1045,14 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["bench", "--batch-size", "0"], 2, "--batch-size"),
     (["generate", "--elements", "Xx"], 1, "'Xx' is not a chemical element symbol"),
     (["generate", "--elements", "Mg", "Mn", "O", "Fe"], 1, "4 elements"),
-    (["generate", "--elements", "Mg", "--pool", "common"], 1, "either --elements"),
-    (["generate"], 1, "either --elements"),
+    (["generate", "--elements", "Mg", "--pool", "common"], 1, "give one of --elements"),
+    (["generate"], 1, "give one of --elements"),
+    (["generate", "--formula", "LiQ2"], 1, "'Q' is not a valid Element"),
+    (["generate", "--formula", "LiNaCoO2"], 1, "4 elements"),
+    (["generate", "--formula", "Li10O7"], 1, "Li10O7 has 17 atoms; PCCD makes 1 to 16"),
+    (["generate", "--formula", "Li0"], 1, "0 elements"),
+    (["generate", "--formula", "Li0.5O"], 1, "atom counts must be whole numbers"),
+    (["csp", "--k", "0"], 2, "--k: '0' is not a number of samples from 1 to 100"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/nowhere.pt"], 1, "no checkpoint at"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/binary.cif"], 1, "is not a PCCD checkpoint"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "{r}/a_file"], 1, "is a file, not a folder"),
