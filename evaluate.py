@@ -450,11 +450,12 @@ def screen(structures, reference):
         structural = structurally_valid(s)
         compositional = compositionally_valid(s.composition)
         ratio = s.volume / predicted_volume(s.composition, volumes) if volumes else float("nan")
-        crowded = crowding(s) < CROWDED_BELOW
+        closeness = crowding(s)
+        crowded = closeness < CROWDED_BELOW
         plausible = not volumes or VOLUME_BAND[0] <= ratio <= VOLUME_BAND[1]
         row.update(decoded=True, structural=structural, compositional=compositional,
                    valid=structural and compositional, unique=next(unique), novel=next(novel),
-                   crowding=round(crowding(s), 4), crowded=crowded, volume_ratio=round(ratio, 4),
+                   crowding=round(closeness, 4), crowded=crowded, volume_ratio=round(ratio, 4),
                    physical=structural and compositional and not crowded and plausible)
         rows.append(row)
     summary = summarise_screening(rows)

@@ -497,11 +497,11 @@ def cmd_csp(args):
         if predicted[i]:
             predicted[i].to(filename=os.path.join(out, f"{i:04d}_{c.material_id}_predicted.cif"))
     summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=args.steps)
-    json.dump(dict(summary=summary, rows=rows), open(os.path.join(out, "results.json"), "w"), indent=1)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(dict(summary=summary, rows=rows), f, indent=1)
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
         evaluate.plot_prediction(crystals[i % n].structure, predicted[i], os.path.join(out, "predicted.png"))
-    print(evaluate.format_csp(summary))
-    print(f"results: {out}/ (results.json, predicted.png, the first sample of each as CIF)")
+    print(evaluate.format_csp(summary) + f"\nresults: {out}/ (results.json, predicted.png, first samples as CIF)")
 
 
 # ----------------------------------------------------------------------------------------------
