@@ -29,6 +29,8 @@ Where this differs from the paper, and why
 numpy and pymatgen only: porting PCCD to another framework never touches this file.
 """
 import csv
+import gzip
+import hashlib
 import os
 import sys
 import warnings
@@ -449,6 +451,32 @@ def encode_condition(elements, band_gap="unknown", ordering="unknown"):
     return z + [0] * (MAX_ELEMENTS - len(z)), BAND_GAP_CLASSES.index(band_gap), MAGNETIC_ORDERINGS.index(ordering)
 
 
+# Periodic-table features of an element, beside its learned embedding (unet.ConditionEmbedding):
+# an element seen in few training crystals still has a period, a group, an electronegativity.
+ELEMENT_FEATURES = ("period / 7", "group / 18", "Pauling electronegativity / 4", "no electronegativity",
+                    "covalent radius / 2.5 A", "valence electrons / 12", "s block", "p block", "d block",
+                    "f block")
+
+
+def element_features(n_atomic_numbers=119):
+    """(n_atomic_numbers, len(ELEMENT_FEATURES)) float32 table, row Z = the features of element Z
+    (row 0, the empty slot, all zeros). From pymatgen: row, group, X, block; covalent radii of
+    Cordero et al. (2008) (elements beyond Cm take Cm's); valence electrons = the group for s and d
+    blocks, group - 10 for the p block, 3 for the f block."""
+    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+    table = np.zeros((n_atomic_numbers, len(ELEMENT_FEATURES)), dtype=np.float32)
+    with warnings.catch_warnings():          # pymatgen warns that noble gases have no X
+        warnings.simplefilter("ignore")
+        for z in range(1, n_atomic_numbers):
+            e = Element.from_Z(z)
+            x = e.X if np.isfinite(e.X) else 0.0
+            radius = CovalentRadius.radius.get(e.symbol, CovalentRadius.radius["Cm"])
+            valence = {"s": e.group, "d": e.group, "p": e.group - 10, "f": 3}[e.block]
+            blocks = [e.block == b for b in "spdf"]
+            table[z] = [e.row / 7, e.group / 18, x / 4, x == 0.0, radius / 2.5, valence / 12, *blocks]
+    return table
+
+
 # The element sets of the paper's three generation batches (Table 2, Fig. 3)
 NOBLE_GASES = {"He", "Ne", "Ar", "Kr", "Xe", "Rn"}
 RADIOACTIVE = {"Tc", "Pm"} | {Element.from_Z(z).symbol for z in range(84, 119)}
@@ -498,6 +526,11 @@ def _parse_structure(text, fmt):
         return Structure.from_str(text, fmt=fmt)
 
 
+def is_csv(path):
+    """A CDVAE CSV, plain or gzip-compressed (the bundled MP-20 splits are .csv.gz)."""
+    return path.lower().endswith((".csv", ".csv.gz"))
+
+
 def _read_rows(path):
     """Yield (name, fmt, text, properties) for each structure in a CSV, a folder or a file."""
     if os.path.isdir(path):
@@ -509,9 +542,10 @@ def _read_rows(path):
                 continue                      # X.cif and X.vasp of one crystal count once
             if _is_structure_file(name):
                 yield from _read_rows(os.path.join(path, name))
-    elif path.lower().endswith(".csv"):
+    elif is_csv(path):
         csv.field_size_limit(2**31 - 1)
-        with open(path, newline="") as f:
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:    # -sig: a BOM is not a name
             reader = csv.DictReader(f)
             if "cif" not in (reader.fieldnames or []):
                 raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
@@ -534,37 +568,97 @@ def degenerate_lattice(lattice):
     return not volume >= 0.1 or not volume / np.prod(lattice.abc) >= 0.01
 
 
+def _parse_rows(path):
+    """Yield (name, structure or None, why it is unusable or '', band_gap, ordering) for each
+    structure in a CSV, a folder or a file: the slow part of loading (a CIF takes ~3 ms)."""
+    for name, fmt, text, props in _read_rows(path):
+        try:
+            structure = _parse_structure(text, fmt)
+            reason = "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
+                "" if structure.is_ordered else "disordered (partial occupancies)"
+        except Exception:
+            structure, reason = None, "unreadable"
+        ordering = (props.get("ordering") or "unknown").strip()
+        yield (name, None if reason else structure, reason, _to_float(props.get("band_gap")),
+               ordering if ordering in MAGNETIC_ORDERINGS else "unknown")
+
+
+# The parsed rows of a CSV are cached beside it, in .pccd_cache/, as arrays (a lattice, atomic
+# numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~40 s and come back
+# from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
+# again; the length range is applied after loading, so one cache serves every model.
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 1
+
+
+def cache_path(path):
+    """Where the parsed rows of the CSV `path` are cached: named after its content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), CACHE_FOLDER)
+    return os.path.join(folder, f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.v{CACHE_VERSION}.npz")
+
+
+def _cached_rows(path):
+    """The rows of `_parse_rows` for a CSV, from its cache when there is one; otherwise parsed
+    and cached (a folder that cannot be written to just goes without a cache)."""
+    cache = cache_path(path)
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            c = {k: f[k] for k in f.files}            # read each array once, not once per row
+        starts = np.cumsum(c["n_sites"]) - c["n_sites"]
+        for i, (name, reason, band_gap, ordering) in enumerate(
+                zip(c["name"].tolist(), c["reason"].tolist(), c["band_gap"].tolist(), c["ordering"].tolist())):
+            sites = slice(starts[i], starts[i] + c["n_sites"][i])
+            structure = None if reason else \
+                Structure(Lattice(c["lattice"][i]), c["numbers"][sites].tolist(), c["frac_coords"][sites])
+            yield name, structure, reason, band_gap, ordering
+        return
+    rows = list(_parse_rows(path))
+    structures = [s for _, s, _, _, _ in rows if s is not None]
+    arrays = dict(
+        name=np.array([r[0] for r in rows]), reason=np.array([r[2] for r in rows]),
+        band_gap=np.array([r[3] for r in rows], dtype=float), ordering=np.array([r[4] for r in rows]),
+        n_sites=np.array([len(s) if s else 0 for _, s, _, _, _ in rows], dtype=np.int64),
+        lattice=np.array([s.lattice.matrix if s else np.zeros((3, 3)) for _, s, _, _, _ in rows]).reshape(-1, 3, 3),
+        numbers=np.array([site.specie.Z for s in structures for site in s], dtype=np.int64),
+        frac_coords=np.array([site.frac_coords for s in structures for site in s]).reshape(-1, 3))
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        for old in os.listdir(os.path.dirname(cache)):              # earlier contents of this file
+            if old.startswith(os.path.basename(path) + ".") and old != os.path.basename(cache):
+                os.remove(os.path.join(os.path.dirname(cache), old))
+        with open(cache + ".tmp", "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(cache + ".tmp", cache)
+    except OSError:
+        pass                                  # a read-only folder: load without a cache
+    yield from rows
+
+
 def load_structures(path, verbose=True, only_encodable=True, skipped=None, length_range=None):
     """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
-    `material_id`, `band_gap`, `ordering`), a folder of CIF/POSCAR files, or one such file.
+    `material_id`, `band_gap`, `ordering`; plain or .csv.gz; its parsed rows are cached, see
+    CACHE_FOLDER), a folder of CIF/POSCAR files, or one such file.
 
     Keeps crystals of <= 3 elements and <= 16 sites (the paper's filter; only_encodable=False
-    keeps every readable one; a model's length_range also drops longer and shorter cells). A bad row or file (unparsable, binary, empty, a degenerate cell)
-    is counted and skipped, never fatal. Prints one line saying what was kept and skipped (or,
-    with verbose=False, fills the dict `skipped` with {reason: count}).
+    keeps every readable one; a model's length_range also drops longer and shorter cells). A bad
+    row or file (unparsable, binary, empty, a degenerate cell, partial occupancies) is counted
+    and skipped, never fatal. Prints one line saying what was kept and skipped (or, with
+    verbose=False, fills the dict `skipped` with {reason: count}).
     Returns a list of `Crystal`.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
     kept, skipped = [], {} if skipped is None else skipped
-    for name, fmt, text, props in _read_rows(path):
-        try:
-            structure = _parse_structure(text, fmt)
-            reason = "with a degenerate cell" if degenerate_lattice(structure.lattice) else ""
-        except Exception:
-            structure, reason = None, "unreadable"
+    for name, structure, reason, band_gap, ordering in (_cached_rows if is_csv(path) else _parse_rows)(path):
         if not reason and only_encodable:
             reason = unencodable_reason(structure, length_range)
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        ordering = (props.get("ordering") or "unknown").strip()
-        kept.append(Crystal(
-            structure=structure,
-            material_id=props.get("material_id") or name,
-            band_gap=_to_float(props.get("band_gap")),
-            ordering=ordering if ordering in MAGNETIC_ORDERINGS else "unknown",
-        ))
+        kept.append(Crystal(structure=structure, material_id=name, band_gap=band_gap, ordering=ordering))
     if verbose:
         print(describe_load(path, kept, skipped), file=sys.stderr)
     return kept

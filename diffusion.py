@@ -89,21 +89,37 @@ class Diffusion:
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=COND_DROP, t=None):
+    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=COND_DROP, t=None, min_snr=None,
+             composition_given=None):
         """Eq. (S4): E_{t, x0, eps} | eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) |,
         the mean absolute error. The condition is dropped (replaced by the null embedding) for a
         fraction `cond_drop` of the batch (a probability, or one per crystal, shape (B,)), so the
         same network also learns eps_theta(x_t, t).
-        t: the step of each crystal, (B,); drawn uniformly from 0 .. T-1 when None."""
+        t: the step of each crystal, (B,); drawn uniformly from 0 .. T-1 when None.
+        min_snr: gamma of min-SNR weighting (Hang et al. 2023): each crystal's error is weighted by
+          min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) / (SNR_t + 1) for v, SNR_t =
+          abar_t / (1 - abar_t), so the easy low-noise steps stop dominating. None: unweighted.
+        composition_given: None, or (B,) bool: for these crystals channel 1 (the composition) is
+          shown clean in x_t and left out of the loss, as structure prediction then holds it."""
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0)
         drop = torch.rand(B, device=x0.device) < cond_drop
-        out = model(self.q_sample(x0, t, noise), t, elements, band_gap, magnetic, drop)
-        if self.prediction == "v":
-            abar = self._at(self.alphas_cumprod, t, x0)
-            return (abar.sqrt() * noise - (1 - abar).sqrt() * x0 - out).abs().mean()
-        return (noise - out).abs().mean()
+        x_t = self.q_sample(x0, t, noise)
+        if composition_given is not None:
+            given = composition_given[:, None, None, None] & (torch.arange(3, device=x0.device) == 1)[:, None, None]
+            x_t = torch.where(given, x0, x_t)
+        out = model(x_t, t, elements, band_gap, magnetic, drop)
+        abar = self._at(self.alphas_cumprod, t, x0)
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if self.prediction == "v" else noise
+        error = (target - out).abs()                                        # (B, 3, 128, 3)
+        if composition_given is not None:
+            error = error.masked_fill(given, 0.0)
+        if min_snr is None:
+            return error.mean()
+        snr = abar / (1 - abar)
+        weight = snr.clamp(max=min_snr) / (snr + 1 if self.prediction == "v" else snr)
+        return (weight * error).mean()
 
     # ---- reverse process ---------------------------------------------------------------------
 
@@ -163,7 +179,7 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, condition, *, guidance, condition_above, sampler="ddpm", steps=100, refine=0,
-               known=None, x_T=None, t_start=None, generator=None, progress=None, trajectory=None):
+               known=None, known_clean=False, x_T=None, t_start=None, generator=None, progress=None, trajectory=None):
         """Denoise from step t_start (default T-1: pure noise) to a [0, 1] cloud (B, 3, 128, 3).
 
         condition: (elements (B, 3), band_gap (B,), magnetic (B,)) long tensors.
@@ -173,7 +189,8 @@ class Diffusion:
         sampler: 'ddpm' (ancestral, every step) or 'ddim' (`steps` evenly spaced steps).
         known: None, or (mask, x0) in model units, mask a bool tensor that broadcasts against the
           cloud: the entries under the mask are known to be x0, and are held to x0 noised to each
-          step (inpainting, see `hold`); the rest is sampled to agree with them.
+          step (inpainting, see `hold`); the rest is sampled to agree with them. known_clean: hold
+          them to x0 itself at every step (for a network trained with the composition given clean).
         refine: how many times to run the last steps of the schedule (those <= REFINE_FROM) again
           on the positions alone: channel 0 is noised back with q (Eq. 3), channels 1 and 2 (the
           elements and the lattice) are held to the sample's, and the positions are denoised
@@ -200,7 +217,7 @@ class Diffusion:
         model.eval()
         for k, steps_k in enumerate(passes):
             if k == 0:
-                x = self.hold(x, known, steps_k[0], generator)
+                x = self.hold(x, known, -1 if known_clean else steps_k[0], generator)
             else:           # a refinement pass: back to step tail[0]; elements and lattice held
                 mask = torch.zeros(1, 3, 1, 1, dtype=torch.bool, device=device)
                 mask[:, 1:] = True
@@ -214,7 +231,7 @@ class Diffusion:
                     x = self.p_sample(model, x, t, condition, w, generator)
                 else:
                     x = self.ddim_step(model, x, t, t_prev, condition, w)
-                x = self.hold(x, known, t_prev, generator)
+                x = self.hold(x, known, -1 if known_clean and k == 0 else t_prev, generator)
                 if trajectory is not None and k == 0:     # the first cloud only: Fig. S2
                     trajectory[t] = from_model(x[0]).cpu()
                 done += 1

@@ -27,16 +27,17 @@ import evaluate
 import unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BUNDLED_TRAIN = os.path.join(HERE, "datasets", "mp20_train.csv")
-BUNDLED_VAL = os.path.join(HERE, "datasets", "mp20_val.csv")
+BUNDLED_TRAIN = os.path.join(HERE, "datasets", "mp20_train.csv.gz")
+BUNDLED_VAL = os.path.join(HERE, "datasets", "mp20_val.csv.gz")
 DEFAULT_RUN = os.path.join("runs", "default")
 CHECKPOINT = "checkpoint.pt"
 SHIPPED_CHECKPOINT = os.path.join(HERE, "checkpoints", "pccd_mp20.pt")
 
 # Training presets: Table S1 where measurements kept it, our values where they did not (README,
 # "Training"). A flag given on the command line overrides the preset.
-BOTH_PRESETS = dict(data="datasets/mp20_train.csv", prediction="v", condition_above=250,
+BOTH_PRESETS = dict(data="datasets/mp20_train.csv.gz", prediction="v", condition_above=250,
                     property_drop=0.3, translate=False, widths=list(unet.UNetConfig.widths), seed=0,
+                    min_snr=None, element_features=False, composition_given=0.0,
                     guidance=3.0)          # the guidance scale sampling uses by default
 PRESETS = {
     "quick": BOTH_PRESETS | dict(steps=6000, batch_size=32, lr=2e-3, schedule="constant"),
@@ -44,6 +45,7 @@ PRESETS = {
 }
 EMA_DECAY = 0.995      # the moving average of the weights that sampling uses
 SAVE_EVERY = 250       # steps between checkpoints (and one at the end)
+HELD_OUT = 512         # val crystals whose loss train reports at every checkpoint
 
 
 class UserError(Exception):
@@ -119,13 +121,15 @@ def load_checkpoint(path, device="cpu"):
 def sampling_entry(settings):
     """The checkpoint's `sampling` entry: what a sampler (or a port) must know of the network."""
     return dict(prediction=settings["prediction"], T=diffusion.T,
-                condition_above=settings["condition_above"], guidance=settings["guidance"])
+                condition_above=settings["condition_above"], guidance=settings["guidance"],
+                composition_given=bool(settings.get("composition_given")))
 
 
 def sampling_of(ckpt, args):
     """The diffusion process of a checkpoint's network; --guidance and --condition-above default
     to its `sampling` entry."""
     entry = ckpt["sampling"]
+    args.known_clean = entry.get("composition_given", False)
     args.guidance = entry["guidance"] if args.guidance is None else args.guidance
     args.condition_above = entry["condition_above"] if args.condition_above is None else args.condition_above
     return diffusion.Diffusion(T=entry["T"], prediction=entry["prediction"])
@@ -179,6 +183,23 @@ def drop_properties(band_gap, magnetic, p):
     return band_gap, magnetic
 
 
+def held_out_loss(model, ddpm, held_out, condition_above):
+    """The training loss (Eq. S4, unweighted) on crystals training never sees, with the steps t
+    spread evenly over 0 .. T-1 and the noise fixed: the same number every time it is asked for
+    the same weights, so two runs compare on it directly. Leaves the random state untouched."""
+    x0, elements, band_gap, magnetic = held_out
+    t = torch.linspace(0, ddpm.T - 1, len(x0)).round().long()
+    total = 0.0
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        for lo in range(0, len(x0), 128):
+            sl = slice(lo, lo + 128)
+            drop = (t[sl] < condition_above).float()                  # as in training, never at random
+            total += ddpm.loss(model, x0[sl], elements[sl], band_gap[sl], magnetic[sl], drop, t=t[sl]).item() \
+                * len(x0[sl])
+    return total / len(x0)
+
+
 def cmd_train(args):
     path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(path) and not args.resume:
@@ -199,19 +220,28 @@ def cmd_train(args):
         raise UserError(f"the clouds of {s['data']} are not all finite numbers; nothing trained")
     clouds, elements, band_gap, magnetic = map(torch.from_numpy, encoded)
     x0_all = diffusion.to_model(clouds)                                  # (N, 3, 128, 3) in [-1, 1]
+    held_out = None
+    if args.val != "none":
+        val = load_or_fail(args.val, length_range=length_range)
+        val = [val[i] for i in np.random.default_rng(0).permutation(len(val))[:HELD_OUT]]
+        v_clouds, *v_condition = map(torch.from_numpy, data.encode_dataset(val, length_range))
+        held_out = [diffusion.to_model(v_clouds).to(device)] + [c.to(device) for c in v_condition]
 
     torch.manual_seed(s["seed"])
-    config = unet.UNetConfig(widths=tuple(s["widths"]))
+    config = unet.UNetConfig(widths=tuple(s["widths"]),
+                             n_element_features=len(data.ELEMENT_FEATURES) if s["element_features"] else 0)
     model = unet.UNet(config).to(device)
+    if s["element_features"]:
+        model.condition.element_table.copy_(torch.from_numpy(data.element_features()))
     ema = copy.deepcopy(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=s["lr"], betas=(0.9, 0.99))   # Table S1
     batches = torch.Generator().manual_seed(s["seed"])                   # which crystals, per step
     ddpm = diffusion.Diffusion(prediction=s["prediction"])
-    step, losses = 0, []
+    step, losses, val_losses = 0, [], []
     if resumed:
         model.load_state_dict(resumed["model"]), ema.load_state_dict(resumed["ema"])
         optimizer.load_state_dict(resumed["optimizer"])
-        step, losses = resumed["step"], resumed["losses"]
+        step, losses, val_losses = resumed["step"], resumed["losses"], resumed.get("val_losses", [])
         torch.set_rng_state(resumed["rng"]["torch"]), batches.set_state(resumed["rng"]["batches"])
     print(f"training a {unet.count_parameters(model) / 1e6:.2f} M-parameter U-Net on {len(crystals)} "
           f"crystals, device {device}, steps {step} -> {s['steps']}, batch {s['batch_size']}, lr "
@@ -221,7 +251,8 @@ def cmd_train(args):
     def state():
         return dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                     rng=dict(torch=torch.get_rng_state(), batches=batches.get_state()),
-                    step=step, losses=losses, model_config=config.to_dict(), length_range=length_range,
+                    step=step, losses=losses, val_losses=val_losses, model_config=config.to_dict(),
+                    length_range=length_range,
                     settings=s, sampling=sampling_entry(s), train_ids=[c.material_id for c in crystals],
                     train_compositions=[c.structure.composition.formula for c in crystals])
 
@@ -238,8 +269,9 @@ def cmd_train(args):
         cond_drop = torch.where(t < s["condition_above"], 1.0, diffusion.COND_DROP)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(s, step)
-        loss = ddpm.loss(model, x0.to(device), elements[idx].to(device), bg.to(device),
-                         mag.to(device), cond_drop, t=t)                  # Eq. S4 (on eps or v)
+        given = (torch.rand(len(idx)) < s["composition_given"]).to(device) if s["composition_given"] else None
+        loss = ddpm.loss(model, x0.to(device), elements[idx].to(device), bg.to(device), mag.to(device),
+                         cond_drop, t=t, min_snr=s["min_snr"], composition_given=given)   # Eq. S4 (eps or v)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -250,6 +282,10 @@ def cmd_train(args):
         losses.append(loss.item())
         progress.update(1, f"loss {np.mean(losses[-50:]):.4f}", out=sys.stdout)
         if step % SAVE_EVERY == 0 or step == s["steps"]:
+            if held_out:
+                val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
+                print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
+                      f"crystals of {args.val})", flush=True)
             save_checkpoint(path, state())
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
@@ -333,6 +369,7 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
                              condition_above=args.condition_above, sampler=args.sampler, steps=args.steps,
                              refine=args.refine, t_start=t_start,
                              known=None if known is None else (known[0], known[1][lo:hi].to(device)),
+                             known_clean=known is not None and args.known_clean,
                              x_T=None if x_T is None else x_T[lo:hi].to(device),
                              generator=generator, progress=lambda i, steps: progress.update((hi - lo) / steps),
                              trajectory=trajectory if lo == 0 else None)
@@ -496,7 +533,8 @@ def cmd_csp(args):
         row.update(material_id=c.material_id, formula=c.structure.composition.formula)
         if predicted[i]:
             predicted[i].to(filename=os.path.join(out, f"{i:04d}_{c.material_id}_predicted.cif"))
-    summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=args.steps)
+    summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=args.steps,
+                                                          train_crystals=len(ckpt["train_ids"]))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(dict(summary=summary, rows=rows), f, indent=1)
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
@@ -672,6 +710,15 @@ def build_parser():
                    "separately ordering, is trained as 'unknown', which then means 'any' (presets: 0.3)")
     p.add_argument("--translate", action="store_true", default=None, help="augment every batch by "
                    "random periodic translations of each crystal (presets: off)")
+    p.add_argument("--min-snr", type=number(float, 0, what="a positive number", above=True), metavar="GAMMA",
+                   help="weight each crystal's loss by min(SNR_t, GAMMA) / (SNR_t + 1) (min-SNR weighting, "
+                   "Hang et al. 2023; presets: off)")
+    p.add_argument("--element-features", action="store_true", default=None, help="add periodic-table "
+                   "features of each element to its learned embedding (presets: off)")
+    p.add_argument("--composition-given", type=PROBABILITY, metavar="P", help="share of crystals trained "
+                   "with channel 1 (the composition) shown clean, as structure prediction holds it (presets: 0)")
+    p.add_argument("--val", default=BUNDLED_VAL, help="crystals whose loss is reported at every checkpoint "
+                   "and never trained on (default: the bundled MP-20 val split; none: skip)")
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
@@ -691,7 +738,7 @@ def build_parser():
                        "decode, and compare with the originals: atom counts, Table 1's box-plot "
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
     p.add_argument("--data", default=BUNDLED_TRAIN, help="structures to reconstruct (default: the "
-                   "training split, as the paper; use datasets/mp20_val.csv for unseen ones)")
+                   "training split, as the paper; use datasets/mp20_val.csv.gz for unseen ones)")
     p.add_argument("--n", type=POSITIVE, default=256, help="how many structures (default 256)")
     p.add_argument("--t", type=number(int, 1, diffusion.T, what=f"a step from 1 to {diffusion.T}"),
                    help=f"noise to step t, 1..{diffusion.T} (default {diffusion.T} = T)")
