@@ -14,8 +14,8 @@ lattice rows are averaged into a, b, c, alpha, beta, gamma and turned into vecto
 Eqs. S1-S3 (`lattice_from_parameters`).
 
 Where this differs from the paper, and why
-- Lengths. The paper divides lengths by a fixed 15 A, so 3.5% of the MP-20 sample (cells up to
-  40.9 A) are clipped, and the common 3-10 A cells use only a sliver of the range. Here a length
+- Lengths. The paper divides lengths by a fixed 15 A, so 2.8% of MP-20's training crystals (cells
+  up to 40.9 A) are clipped, and the common 3-10 A cells use only a sliver of the range. Here a length
   L is stored as (log L - log lo) / (log hi - log lo), where (lo, hi) is `length_range`, fitted
   to the training data (`fit_length_range`) and saved in the checkpoint. Nothing in the training
   data is clipped, and relative precision is the same for every length.
@@ -42,9 +42,9 @@ from pymatgen.core import Composition, Element, Lattice, Structure
 N_POINTS = 128       # points per channel (the paper's W)
 MAX_ELEMENTS = 3     # slots in channel 1
 MAX_SITES = 16       # the paper's filter: at most 16 atoms in the cell
-# Lengths (A) spanned by channel 2 when no model says otherwise. It is what `fit_length_range`
-# gives for the bundled MP-20 training sample (2.47-40.9 A) with room to spare, and it also
-# covers the Perov-5 and Carbon-24 samples (2.41-12.0 A). A trained model carries its own.
+# Lengths (A) spanned by channel 2 when no model says otherwise: it covers every cell of the
+# bundled MP-20 splits (2.26-40.9 A) and the Perov-5 and Carbon-24 samples (2.41-12.0 A). A
+# trained model carries its own (`fit_length_range`: 1.95-51.1 A for the MP-20 train split).
 DEFAULT_LENGTH_RANGE = (2.0, 50.0)
 
 # Conditions of the model (paper: "band gap and magnetic ordering as the primary control
@@ -449,32 +449,6 @@ def encode_condition(elements, band_gap="unknown", ordering="unknown"):
         raise ValueError(f"magnetic ordering {ordering!r} is not one of {', '.join(MAGNETIC_ORDERINGS)}")
     z = [Element(e).Z for e in check_elements(elements)]
     return z + [0] * (MAX_ELEMENTS - len(z)), BAND_GAP_CLASSES.index(band_gap), MAGNETIC_ORDERINGS.index(ordering)
-
-
-# Periodic-table features of an element, beside its learned embedding (unet.ConditionEmbedding):
-# an element seen in few training crystals still has a period, a group, an electronegativity.
-ELEMENT_FEATURES = ("period / 7", "group / 18", "Pauling electronegativity / 4", "no electronegativity",
-                    "covalent radius / 2.5 A", "valence electrons / 12", "s block", "p block", "d block",
-                    "f block")
-
-
-def element_features(n_atomic_numbers=119):
-    """(n_atomic_numbers, len(ELEMENT_FEATURES)) float32 table, row Z = the features of element Z
-    (row 0, the empty slot, all zeros). From pymatgen: row, group, X, block; covalent radii of
-    Cordero et al. (2008) (elements beyond Cm take Cm's); valence electrons = the group for s and d
-    blocks, group - 10 for the p block, 3 for the f block."""
-    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
-    table = np.zeros((n_atomic_numbers, len(ELEMENT_FEATURES)), dtype=np.float32)
-    with warnings.catch_warnings():          # pymatgen warns that noble gases have no X
-        warnings.simplefilter("ignore")
-        for z in range(1, n_atomic_numbers):
-            e = Element.from_Z(z)
-            x = e.X if np.isfinite(e.X) else 0.0
-            radius = CovalentRadius.radius.get(e.symbol, CovalentRadius.radius["Cm"])
-            valence = {"s": e.group, "d": e.group, "p": e.group - 10, "f": 3}[e.block]
-            blocks = [e.block == b for b in "spdf"]
-            table[z] = [e.row / 7, e.group / 18, x / 4, x == 0.0, radius / 2.5, valence / 12, *blocks]
-    return table
 
 
 # The element sets of the paper's three generation batches (Table 2, Fig. 3)

@@ -89,16 +89,13 @@ class Diffusion:
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=COND_DROP, t=None, min_snr=None,
+    def loss(self, model, x0, elements, band_gap, magnetic, cond_drop=COND_DROP, t=None,
              composition_given=None):
         """Eq. (S4): E_{t, x0, eps} | eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) |,
         the mean absolute error. The condition is dropped (replaced by the null embedding) for a
         fraction `cond_drop` of the batch (a probability, or one per crystal, shape (B,)), so the
         same network also learns eps_theta(x_t, t).
         t: the step of each crystal, (B,); drawn uniformly from 0 .. T-1 when None.
-        min_snr: gamma of min-SNR weighting (Hang et al. 2023): each crystal's error is weighted by
-          min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) / (SNR_t + 1) for v, SNR_t =
-          abar_t / (1 - abar_t), so the easy low-noise steps stop dominating. None: unweighted.
         composition_given: None, or (B,) bool: for these crystals channel 1 (the composition) is
           shown clean in x_t and left out of the loss, as structure prediction then holds it."""
         B = x0.shape[0]
@@ -115,11 +112,7 @@ class Diffusion:
         error = (target - out).abs()                                        # (B, 3, 128, 3)
         if composition_given is not None:
             error = error.masked_fill(given, 0.0)
-        if min_snr is None:
-            return error.mean()
-        snr = abar / (1 - abar)
-        weight = snr.clamp(max=min_snr) / (snr + 1 if self.prediction == "v" else snr)
-        return (weight * error).mean()
+        return error.mean()
 
     # ---- reverse process ---------------------------------------------------------------------
 

@@ -37,11 +37,11 @@ SHIPPED_CHECKPOINT = os.path.join(HERE, "checkpoints", "pccd_mp20.pt")
 # "Training"). A flag given on the command line overrides the preset.
 BOTH_PRESETS = dict(data="datasets/mp20_train.csv.gz", prediction="v", condition_above=250,
                     property_drop=0.3, translate=False, widths=list(unet.UNetConfig.widths), seed=0,
-                    min_snr=None, element_features=False, composition_given=0.0,
+                    composition_given=0.0,
                     guidance=3.0)          # the guidance scale sampling uses by default
 PRESETS = {
-    "quick": BOTH_PRESETS | dict(steps=6000, batch_size=32, lr=2e-3, schedule="constant"),
-    "hour": BOTH_PRESETS | dict(steps=8600, batch_size=128, lr=2e-3, schedule="cosine"),
+    "quick": BOTH_PRESETS | dict(steps=3600, batch_size=64, lr=2e-3, schedule="cosine"),
+    "long": BOTH_PRESETS | dict(steps=24000, batch_size=64, lr=2e-3, schedule="cosine"),
 }
 EMA_DECAY = 0.995      # the moving average of the weights that sampling uses
 SAVE_EVERY = 250       # steps between checkpoints (and one at the end)
@@ -122,7 +122,7 @@ def sampling_entry(settings):
     """The checkpoint's `sampling` entry: what a sampler (or a port) must know of the network."""
     return dict(prediction=settings["prediction"], T=diffusion.T,
                 condition_above=settings["condition_above"], guidance=settings["guidance"],
-                composition_given=bool(settings.get("composition_given")))
+                composition_given=settings["composition_given"] > 0)
 
 
 def sampling_of(ckpt, args):
@@ -228,11 +228,8 @@ def cmd_train(args):
         held_out = [diffusion.to_model(v_clouds).to(device)] + [c.to(device) for c in v_condition]
 
     torch.manual_seed(s["seed"])
-    config = unet.UNetConfig(widths=tuple(s["widths"]),
-                             n_element_features=len(data.ELEMENT_FEATURES) if s["element_features"] else 0)
+    config = unet.UNetConfig(widths=tuple(s["widths"]))
     model = unet.UNet(config).to(device)
-    if s["element_features"]:
-        model.condition.element_table.copy_(torch.from_numpy(data.element_features()))
     ema = copy.deepcopy(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=s["lr"], betas=(0.9, 0.99))   # Table S1
     batches = torch.Generator().manual_seed(s["seed"])                   # which crystals, per step
@@ -271,7 +268,7 @@ def cmd_train(args):
             group["lr"] = learning_rate(s, step)
         given = (torch.rand(len(idx)) < s["composition_given"]).to(device) if s["composition_given"] else None
         loss = ddpm.loss(model, x0.to(device), elements[idx].to(device), bg.to(device), mag.to(device),
-                         cond_drop, t=t, min_snr=s["min_snr"], composition_given=given)   # Eq. S4 (eps or v)
+                         cond_drop, t=t, composition_given=given)   # Eq. S4 (eps or v)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -694,7 +691,7 @@ def build_parser():
                        "comes from the preset, or, with --resume, from the run itself.")
     p.add_argument("--data", help="training crystals: CDVAE CSV, folder or file (default: the "
                    "bundled MP-20 train split; the val split stays unseen)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 9 min on 2 cores) or hour "
+    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 9 min on 2 cores) or long "
                    "(42 min; the shipped model): README, Training")
     p.add_argument("--steps", type=POSITIVE, help="total optimisation steps")
     p.add_argument("--batch-size", type=POSITIVE, help="crystals per step (Table S1: 128)")
@@ -710,15 +707,10 @@ def build_parser():
                    "separately ordering, is trained as 'unknown', which then means 'any' (presets: 0.3)")
     p.add_argument("--translate", action="store_true", default=None, help="augment every batch by "
                    "random periodic translations of each crystal (presets: off)")
-    p.add_argument("--min-snr", type=number(float, 0, what="a positive number", above=True), metavar="GAMMA",
-                   help="weight each crystal's loss by min(SNR_t, GAMMA) / (SNR_t + 1) (min-SNR weighting, "
-                   "Hang et al. 2023; presets: off)")
-    p.add_argument("--element-features", action="store_true", default=None, help="add periodic-table "
-                   "features of each element to its learned embedding (presets: off)")
     p.add_argument("--composition-given", type=PROBABILITY, metavar="P", help="share of crystals trained "
                    "with channel 1 (the composition) shown clean, as structure prediction holds it (presets: 0)")
-    p.add_argument("--val", default=BUNDLED_VAL, help="crystals whose loss is reported at every checkpoint "
-                   "and never trained on (default: the bundled MP-20 val split; none: skip)")
+    p.add_argument("--val", default=BUNDLED_VAL, metavar="DATA", help="crystals whose loss is reported at "
+                   "every checkpoint and never trained on (default: the bundled MP-20 val split; none: skip)")
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")

@@ -296,7 +296,7 @@ def train(csv_path, out, steps, *extra):
 @pytest.fixture(scope="module")
 def tiny_run(small_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert train(small_csv, out, 60) == 0
+    assert train(small_csv, out, 60, "--schedule", "constant") == 0     # a decayed rate learns less in 60
     return out
 
 
@@ -420,7 +420,7 @@ def test_a_tiny_model_learns_and_its_samples_decode_or_fail_clearly(tiny_run):
     model, ckpt = pccd.load_checkpoint(str(tiny_run))
     z, bg, mag = data.encode_condition(["Mg", "O"])
     cond = (torch.tensor([z] * 4), torch.tensor([bg] * 4), torch.tensor([mag] * 4))
-    assert ckpt["sampling"] == dict(prediction="v", T=1000, condition_above=250, guidance=3.0)  # the preset's
+    assert ckpt["sampling"] == dict(prediction="v", T=1000, condition_above=250, guidance=3.0, composition_given=False)  # the preset's
     clouds = diffusion.Diffusion(prediction="v").sample(model, cond, guidance=3.0, condition_above=250,
                                                         sampler="ddim", steps=10,
                                                         generator=torch.Generator().manual_seed(0))
@@ -448,7 +448,7 @@ def test_the_checkpoint_holds_what_sampling_needs_and_reloads_identically(tiny_r
 
 
 def test_same_seed_same_loss_curve_and_resume_continues_it_exactly(small_csv, tiny_run, tmp_path):
-    assert train(small_csv, tmp_path / "a", 30) == 0
+    assert train(small_csv, tmp_path / "a", 30, "--schedule", "constant") == 0
     assert train(small_csv, tmp_path / "a", 60, "--resume") == 0
     resumed = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     straight = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
@@ -631,6 +631,34 @@ def test_inpainting_returns_the_known_part_exactly_and_samples_the_rest(mp20):
         assert np.abs(out[:, 0].numpy() - clouds[:, 0]).max() > 0.1                        # sampled
 
 
+def test_a_composition_given_in_training_is_shown_clean_left_out_of_the_loss_and_held_clean_in_sampling(mp20):
+    ddpm = diffusion.Diffusion(prediction="v")
+    clouds = np.stack([data.encode(c.structure)[0] for c in mp20[:2]])
+    x0 = diffusion.to_model(torch.from_numpy(clouds))
+    seen = []
+    class Spy(torch.nn.Module):
+        def __init__(self, bump=0.0):
+            super().__init__()
+            self.bump = bump
+        def forward(self, x, t, elements, band_gap, magnetic, drop):
+            seen.append(x.clone())
+            out = torch.zeros_like(x)
+            out[0, 1] += self.bump                    # a different guess for the given channel only
+            return out
+    cond = (torch.ones(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    given, t = torch.tensor([True, False]), torch.tensor([800, 800])
+    losses = []
+    for bump in (0.0, 5.0):
+        torch.manual_seed(0)
+        losses.append(ddpm.loss(Spy(bump), x0, *cond, cond_drop=0.0, t=t, composition_given=given).item())
+    assert torch.equal(seen[0][0, 1], x0[0, 1]) and not torch.allclose(seen[0][1, 1], x0[1, 1])
+    assert losses[0] == losses[1]                     # channel 1 of crystal 0 is not learned
+    seen.clear()
+    ddpm.sample(Spy(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=5,
+                known=diffusion.known_channels(clouds, [1]), known_clean=True)
+    assert len(seen) == 5 and all(torch.equal(x[:, 1], x0[:, 1]) for x in seen)
+
+
 def test_the_element_layout_is_channel_1_of_the_encoding_and_blocks_decode_it_back(mp20):
     for c in mp20[:20]:
         cloud, elements = data.encode(c.structure)
@@ -792,7 +820,7 @@ def test_csp_predicts_from_compositions_and_scores_each_first_and_best_sample(ti
 
 
 # ----------------------------------------------------------------------------------------------
-# The one-hour recipe and the shipped checkpoint
+# The long recipe and the shipped checkpoint
 # ----------------------------------------------------------------------------------------------
 
 def test_the_held_out_loss_is_the_same_number_for_the_same_weights_and_leaves_the_random_state(mp20):
@@ -882,13 +910,13 @@ SHIPPED_MIN_STRUCTURAL = 7     # of 8: seeds 0-4 gave 8 each with 20 DDIM steps
 
 
 def test_the_shipped_checkpoint_is_small_and_generates_valid_crystals_of_a_training_element_set(tmp_path):
-    """The model in checkpoints/ (train --preset hour, then export) samples
+    """The model in checkpoints/ (train --preset long, then export) samples
     crystals of Li, Co and O (a bundled training set: LiCoO2) that pass structural validity."""
     import csv
     assert os.path.getsize(pccd.SHIPPED_CHECKPOINT) <= 10e6
     _, ckpt = pccd.load_checkpoint(pccd.SHIPPED_CHECKPOINT)
-    assert ckpt["settings"] == pccd.PRESETS["hour"] | dict(preset="hour")     # trained as the preset says
-    assert ckpt["sampling"] == dict(prediction="v", T=1000, condition_above=250, guidance=3.0)
+    assert ckpt["settings"] == pccd.PRESETS["long"] | dict(preset="long")     # trained as the preset says
+    assert ckpt["sampling"] == dict(prediction="v", T=1000, condition_above=250, guidance=3.0, composition_given=False)
     out = tmp_path / "gen"
     assert pccd.main(["generate", "--checkpoint", pccd.SHIPPED_CHECKPOINT, "--elements", "Li", "Co", "O",
                       "--n", "8", "--sampler", "ddim", "--steps", "20", "--out", str(out)]) == 0
@@ -972,10 +1000,10 @@ def test_resume_keeps_the_runs_own_preset_and_settings(small_csv, tmp_path):
     import torch
     out = tmp_path / "r"
     common = ["--data", small_csv, "--out", str(out), "--device", "cpu"]
-    assert pccd.main(["train", *common, "--preset", "hour", "--steps", "4", "--batch-size", "8"]) == 0
+    assert pccd.main(["train", *common, "--preset", "long", "--steps", "4", "--batch-size", "8"]) == 0
     assert pccd.main(["train", *common, "--steps", "6", "--resume"]) == 0      # no preset, no batch size
     settings = torch.load(out / "checkpoint.pt", weights_only=False)["settings"]
-    assert (settings["preset"], settings["batch_size"], settings["schedule"], settings["steps"]) == ("hour", 8, "cosine", 6)
+    assert (settings["preset"], settings["batch_size"], settings["schedule"], settings["steps"]) == ("long", 8, "cosine", 6)
 
 
 def test_translation_augmentation_moves_the_atoms_but_keeps_the_crystal(mp20):

@@ -64,7 +64,6 @@ class UNetConfig:
     n_band_gap_classes: int = 4
     n_magnetic_orderings: int = 5
     n_element_slots: int = 3
-    n_element_features: int = 0      # periodic-table features per element (0: none; see data.ELEMENT_FEATURES)
 
     def to_dict(self):
         return asdict(self)
@@ -119,23 +118,13 @@ class ConditionEmbedding(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.element = nn.Embedding(cfg.n_atomic_numbers, cfg.embed_dim)
-        if cfg.n_element_features:
-            # What an element is, beside which one it is: a fixed table of its periodic-table
-            # properties (filled from data.element_features(), saved with the weights) read by a
-            # Linear, so an element seen in few training crystals still means something.
-            self.register_buffer("element_table", torch.zeros(cfg.n_atomic_numbers, cfg.n_element_features))
-            self.element_properties = nn.Linear(cfg.n_element_features, cfg.embed_dim)
         self.slots = nn.Linear(cfg.n_element_slots * cfg.embed_dim, cfg.embed_dim)  # keeps order
         self.band_gap = nn.Embedding(cfg.n_band_gap_classes, cfg.embed_dim)
         self.magnetic = nn.Embedding(cfg.n_magnetic_orderings, cfg.embed_dim)
         self.null = nn.Parameter(torch.zeros(cfg.embed_dim))
-        self.cfg_features = cfg.n_element_features > 0
 
     def forward(self, elements, band_gap, magnetic, drop=None):
-        per_slot = self.element(elements)                        # (B, 3, E)
-        if self.cfg_features:
-            per_slot = per_slot + self.element_properties(self.element_table[elements])
-        per_slot = per_slot.flatten(1)                           # (B, 3, E) -> (B, 3E)
+        per_slot = self.element(elements).flatten(1)             # (B, 3, E) -> (B, 3E)
         c = self.slots(per_slot) + self.band_gap(band_gap) + self.magnetic(magnetic)
         if drop is not None:                                     # classifier-free guidance
             c = torch.where(drop[:, None], self.null.expand_as(c), c)
