@@ -241,6 +241,16 @@ def test_a_compressed_csv_loads_the_same_crystals_as_the_plain_one(tmp_path):
         assert a.structure.lattice == b.structure.lattice and a.structure.species == b.structure.species
 
 
+def test_a_disordered_crystal_is_skipped_with_its_reason_even_when_any_readable_one_is_kept(tmp_path, mp20):
+    mp20[0].structure.to(filename=str(tmp_path / "good.cif"))
+    Structure(Lattice.cubic(4.0), [{"Fe": 0.5, "Mn": 0.5}, "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
+        filename=str(tmp_path / "mixed.cif"))
+    skipped = {}
+    crystals = data.load_structures(str(tmp_path), verbose=False, only_encodable=False, skipped=skipped)
+    assert [c.material_id for c in crystals] == ["good.cif"]
+    assert skipped == {"disordered (partial occupancies)": 1}
+
+
 def test_a_csv_is_parsed_once_then_read_from_its_cache_until_its_content_changes(tmp_path, monkeypatch):
     rows = bundled_rows(8)
     path = tmp_path / "c.csv.gz"
