@@ -282,7 +282,7 @@ def cmd_train(args):
             if held_out:
                 val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
                 print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
-                      f"crystals of {args.val})", flush=True)
+                      f"crystals of {os.path.relpath(args.val)})", flush=True)
             save_checkpoint(path, state())
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
@@ -685,14 +685,14 @@ def build_parser():
         prog="pccd.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="command")
 
-    p = sub.add_parser("train", help="train the diffusion model (Table S1; ~9 min on a 2-core CPU)",
+    p = sub.add_parser("train", help="train the diffusion model (Table S1; ~11 min on a 2-core CPU)",
                        description=f"Train PCCD's U-Net (L1 loss, Eq. S4). Writes OUT/checkpoint.pt (every "
                        f"{SAVE_EVERY} steps and at the end) and OUT/loss.png (Fig. S4). A setting not given "
                        "comes from the preset, or, with --resume, from the run itself.")
     p.add_argument("--data", help="training crystals: CDVAE CSV, folder or file (default: the "
                    "bundled MP-20 train split; the val split stays unseen)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 9 min on 2 cores) or long "
-                   "(42 min; the shipped model): README, Training")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 11 min on 2 cores) or long "
+                   "(69 min; the shipped model): README, Training")
     p.add_argument("--steps", type=POSITIVE, help="total optimisation steps")
     p.add_argument("--batch-size", type=POSITIVE, help="crystals per step (Table S1: 128)")
     p.add_argument("--lr", type=number(float, 0, 1, what="a learning rate in (0, 1]", above=True),

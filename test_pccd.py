@@ -272,6 +272,10 @@ def test_a_csv_is_parsed_once_then_read_from_its_cache_until_its_content_changes
     write_rows(path, rows[:5])                                    # new content: parsed again
     assert len(data.load_structures(str(path), verbose=False)) == 5 and len(parsed) == 2
     assert len(os.listdir(tmp_path / data.CACHE_FOLDER)) == 1     # the stale cache is gone
+    write_rows(tmp_path / "c.csv", rows)                          # c.csv beside c.csv.gz: its own cache
+    data.load_structures(str(tmp_path / "c.csv"), verbose=False)
+    data.load_structures(str(path), verbose=False)
+    assert len(os.listdir(tmp_path / data.CACHE_FOLDER)) == 2 and len(parsed) == 3
 
 
 # ----------------------------------------------------------------------------------------------
