@@ -1,7 +1,7 @@
 """PCCD, point-cloud crystal diffusion (Li et al., arXiv:2401.13192): the one command.
 `python pccd.py --help` lists the commands, `python pccd.py COMMAND --help` what each takes.
 Read in order: presets, checkpoints, train, sampling, reconstruct, generate and evaluate, the
-smaller commands, the command line. Threads: see add_run_arguments.
+smaller commands, the command line. Threads: see idle_cores.
 """
 import argparse
 import copy
@@ -12,10 +12,8 @@ import shutil
 import sys
 import time
 
-# Set before torch and spglib load: spglib's "failed" lines for odd cells are noise here, and
-# OpenMP threads that spin while waiting thrash when another program is busy (README, Threads).
+# Set before spglib loads: its "failed" lines for odd cells are noise here.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -648,13 +646,32 @@ def device(text):
     return text
 
 
+def idle_cores(seconds=0.1, stat="/proc/stat"):
+    """How many of the cores this process may run on are idle now (at least 1): the time they
+    spent idle over `seconds`, from /proc/stat (Linux), else the load average. Threads that
+    wait for each other spin, and a second one beside a busy program makes every step 2-3x
+    slower, so torch gets one thread per idle core (README, Threads)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+
+    def idle_and_total():                   # per core: (idle + iowait ticks, all ticks)
+        with open(stat) as f:
+            ticks = {line.split()[0]: [int(v) for v in line.split()[1:9]] for line in f if line.startswith("cpu")}
+        return [(ticks[f"cpu{c}"][3] + ticks[f"cpu{c}"][4], sum(ticks[f"cpu{c}"])) for c in cores]
+    try:
+        before = idle_and_total()
+        time.sleep(seconds)
+        idle = sum((i1 - i0) / max(1, t1 - t0) for (i0, t0), (i1, t1) in zip(before, idle_and_total()))
+    except (OSError, KeyError, ValueError, IndexError):
+        idle = len(cores) - os.getloadavg()[0] if hasattr(os, "getloadavg") else len(cores)
+    return max(1, min(len(cores), round(idle)))
+
+
 def add_run_arguments(p, seed=0):
     """--device, --threads and --seed, for every command that runs the network."""
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu, cuda "
                    "or cuda:N")
-    p.add_argument("--threads", type=POSITIVE, help="CPU threads for torch (default: one per core; on "
-                   "a 2-core machine busy with something else, 1 is faster). Waiting threads sleep "
-                   "(OMP_WAIT_POLICY=PASSIVE) unless the environment sets OMP_WAIT_POLICY")
+    p.add_argument("--threads", type=POSITIVE, help="CPU threads for torch (default: "
+                   "$OMP_NUM_THREADS if set, else one per core that is idle when the command starts)")
     p.add_argument("--seed", type=SEED, default=seed, help=f"random seed (default {seed})" if seed is not None
                    else "random seed (default: the preset's, 0)")
 
@@ -816,8 +833,8 @@ def main(argv=None):
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    if hasattr(args, "threads") and (args.threads or "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(args.threads or idle_cores())
     try:
         args.run(args)
         return 0

@@ -851,6 +851,18 @@ def test_the_held_out_loss_is_the_same_number_for_the_same_weights_and_leaves_th
     assert pccd.held_out_loss(model, ddpm, held_out, condition_above=250) != first
 
 
+@pytest.mark.parametrize("busy, threads", [((0, 0), 2), ((95, 0), 1), ((60, 70), 1), ((100, 100), 1)])
+def test_torch_gets_one_thread_per_core_that_is_idle_when_a_command_starts(busy, threads, tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    def snapshot(ticks):                       # /proc/stat: cpuN user nice system idle iowait ...
+        stat.write_text("cpu  0 0 0 0 0 0 0 0\n" + "".join(
+            f"cpu{c} {b} 0 0 {t - b} 0 0 0 0\n" for c, (b, t) in enumerate(ticks)))
+    snapshot([(1000, 5000), (2000, 5000)])
+    monkeypatch.setattr(pccd.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(pccd.time, "sleep", lambda s: snapshot([(1000 + busy[0], 5100), (2000 + busy[1], 5100)]))
+    assert pccd.idle_cores(stat=str(stat)) == threads
+
+
 def test_the_cosine_schedule_decays_the_learning_rate_from_lr_to_0():
     settings = dict(lr=2e-3, steps=1000, schedule="cosine")
     assert pccd.learning_rate(settings, 0) == pytest.approx(2e-3)
