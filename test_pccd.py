@@ -251,6 +251,14 @@ def test_a_disordered_crystal_is_skipped_with_its_reason_even_when_any_readable_
     assert skipped == {"disordered (partial occupancies)": 1}
 
 
+def test_a_csv_saved_with_a_byte_order_mark_keeps_its_material_ids(tmp_path):
+    rows = bundled_rows(3)
+    write_rows(tmp_path / "plain.csv", rows)
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())
+    crystals = data.load_structures(str(tmp_path / "bom.csv"), verbose=False)
+    assert [c.material_id for c in crystals] == [r["material_id"] for r in rows]
+
+
 def test_a_csv_is_parsed_once_then_read_from_its_cache_until_its_content_changes(tmp_path, monkeypatch):
     rows = bundled_rows(8)
     path = tmp_path / "c.csv.gz"
