@@ -156,12 +156,12 @@ def element_layout(elements, counts):
 def decode_blocks(cloud, elements, counts, length_range=DEFAULT_LENGTH_RANGE):
     """Decode a cloud whose composition is known (channel 1 = `element_layout(elements, counts)`):
     atom i sits at the circular mean of its own block of points -- no clustering, no count to
-    guess; the structure has exactly the given composition."""
+    guess; the structure has exactly the given composition (no atom merged: atoms_merged 0)."""
     owner, n = point_owner(int(sum(counts))), int(sum(counts))
     positions = np.mod(np.asarray(cloud[0], dtype=float), 1.0)
     coords = [circular_mean(positions[owner == i]) for i in range(n)]
     lattice = lattice_from_parameters(*decode_lattice(cloud, length_range))
-    return Structure(Lattice(lattice), list(np.repeat(elements, counts)), coords)
+    return Structure(Lattice(lattice), list(np.repeat(elements, counts)), coords, properties=dict(atoms_merged=0))
 
 
 def parse_formula(text):
@@ -180,14 +180,56 @@ def parse_formula(text):
     return elements, [int(c) for c in counts]
 
 
+def covalent_radius(symbol):
+    """Covalent radius (A) of an element: Cordero et al. (2008), as pymatgen tabulates them."""
+    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+    return CovalentRadius.radius[symbol]
+
+
+def read_counts(cloud, elements, length_range=DEFAULT_LENGTH_RANGE):
+    """How many atoms of each element a cloud holds, as the clustering decoder reads it (None when
+    it reads no crystal): what physics-aware generation commits to (diffusion.Physics)."""
+    try:
+        composition = decode(cloud, elements, length_range).composition
+    except ValueError:
+        return None
+    return [int(composition[e]) for e in elements]
+
+
+def atom_layouts(element_lists, count_lists, volume_of):
+    """The atoms behind a batch of clouds, for physics-aware sampling (diffusion.Physics), as
+    arrays: owner (B, 128) the atom of each point (`point_owner`), radius (B, 16) each atom's
+    covalent radius in A (0 past the last atom), volume (B, 16) the volume each atom takes in a
+    crystal (`volume_of(symbol)`, A^3; 0 past the last atom), composition (B, 128, 3) channel 1
+    (`element_layout`), committed (B,) bool, counts (the given counts, None where not committed).
+    A None in count_lists: no layout (not committed)."""
+    B = len(element_lists)
+    layout = dict(owner=np.zeros((B, N_POINTS), dtype=np.int64), radius=np.zeros((B, MAX_SITES)),
+                  volume=np.zeros((B, MAX_SITES)),
+                  composition=np.zeros((B, N_POINTS, MAX_ELEMENTS), dtype=np.float32),
+                  committed=np.zeros(B, dtype=bool), counts=[None] * B)
+    for i, (elements, counts) in enumerate(zip(element_lists, count_lists)):
+        if counts is None or not 1 <= sum(counts) <= MAX_SITES:
+            continue
+        layout["counts"][i] = [int(k) for k in counts]
+        n = int(sum(counts))
+        layout["owner"][i] = point_owner(n)
+        layout["radius"][i, :n] = np.repeat([covalent_radius(e) for e in elements], counts)
+        layout["volume"][i, :n] = np.repeat([volume_of(e) for e in elements], counts)
+        layout["composition"][i] = element_layout(elements, counts)
+        layout["committed"][i] = True
+    return layout
+
+
 def decode_all(clouds, element_lists, length_range=DEFAULT_LENGTH_RANGE, count_lists=None):
-    """Decode every cloud (with `decode_blocks` where its atom counts are given); returns
+    """Decode every cloud (with `decode_blocks` where its atom counts are given, not None); returns
     (structures, with None where decoding failed; the reasons)."""
     structures, reasons = [], []
     for i, (cloud, elements) in enumerate(zip(clouds, element_lists)):
         try:
-            structures.append(decode(cloud, elements, length_range=length_range) if count_lists is None
-                              else decode_blocks(cloud, elements, count_lists[i], length_range))
+            counts = count_lists and count_lists[i]
+            structures.append(decode(cloud, elements, length_range=length_range) if counts is None
+                              else decode_blocks(cloud, elements, counts, length_range))
             reasons.append("")
         except ValueError as e:
             structures.append(None)

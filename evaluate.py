@@ -133,20 +133,27 @@ def csp_scores(originals, predictions):
     """Crystal structure prediction as CDVAE and DiffCSP score it: for each original, its k
     predictions (a list) matched under CDVAE's tolerances. match_1 / rms_1: the first
     prediction; match_k / rms_k: the best of the k (a match if any matches, the smallest RMS
-    among those that do). RMS is get_rms_dist's, normalised by (V / n)^(1/3)."""
+    among those that do). RMS is get_rms_dist's, normalised by (V / n)^(1/3). shortest_1 and
+    crowding_1: how physical the first prediction is (None where it did not decode)."""
     rows = []
     for original, predicted in zip(originals, predictions):
         rms = [rms_distance(original, p) for p in predicted]
         matched = [r for r in rms if r is not None]
+        first = predicted[0]
         rows.append(dict(match_1=rms[0] is not None, rms_1=rms[0], match_k=bool(matched),
-                         rms_k=min(matched) if matched else None))
+                         rms_k=min(matched) if matched else None,
+                         shortest_1=first and round(shortest_distance(first), 4),
+                         crowding_1=first and round(crowding(first), 4)))
     return rows
 
 
 def summarise_csp(rows, k):
     mean = lambda key: float(np.mean([r[key] for r in rows if r[key] is not None] or [np.nan]))  # noqa: E731
+    share = lambda test: float(np.mean([r["shortest_1"] is not None and test(r) for r in rows]))  # noqa: E731
     return dict(n=len(rows), k=k, match_rate_1=float(np.mean([r["match_1"] for r in rows])), rmse_1=mean("rms_1"),
-                match_rate_k=float(np.mean([r["match_k"] for r in rows])), rmse_k=mean("rms_k"))
+                match_rate_k=float(np.mean([r["match_k"] for r in rows])), rmse_k=mean("rms_k"),
+                closer_than_1A_1=share(lambda r: r["shortest_1"] < 1.0),
+                crowded_1=share(lambda r: r["crowding_1"] < CROWDED_BELOW))
 
 
 def format_csp(summary):
@@ -159,6 +166,8 @@ def format_csp(summary):
         f"{'':<28}{'match':>9}{'RMSE':>9}",
         f"{'first sample (k = 1)':<28}{100 * summary['match_rate_1']:>8.2f}%{summary['rmse_1']:>9.4f}",
         f"{best:<28}{100 * summary['match_rate_k']:>8.2f}%{summary['rmse_k']:>9.4f}",
+        f"first samples with a pair closer than 1.0 A: {100 * summary['closer_than_1A_1']:.2f}%, crowded "
+        f"(d < {CROWDED_BELOW} (r_i + r_j)): {100 * summary['crowded_1']:.2f}%",
         f"published on MP-20's test split, 27,136 training crystals (this model: {summary['train_crystals']}):",
         "  CDVAE   k = 1: 33.90% RMSE 0.1045   k = 20: 66.95% RMSE 0.1026",
         "  DiffCSP k = 1: 51.49% RMSE 0.0631   k = 20: 77.93% RMSE 0.0492"])
@@ -189,12 +198,12 @@ def summarise_reconstruction(pairs, train_compositions):
     return summary
 
 
-def describe_sampler(sampler, steps, guidance, condition_above, refine=0, **_):
+def describe_sampler(sampler, steps, guidance, condition_above, refine=0, physics=False, **_):
     """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below,
-    refined 5 times'."""
+    refined 5 times, physics-aware'."""
     words = (sampler if sampler == "ddpm" else f"ddim, {steps} steps") + f", guidance {guidance:g}"
     words += f" at steps >= {condition_above}, no condition below" if condition_above else ""
-    return words + (f", refined {refine} times" if refine else "")
+    return words + (f", refined {refine} times" if refine else "") + (", physics-aware" if physics else "")
 
 
 def format_reconstruction(summary):
@@ -346,19 +355,13 @@ VOLUME_BAND = (0.5, 2.0)    # V / V_predicted outside this: not a plausible cell
 #                             val crystals 21 of 6,361 are outside
 
 
-def covalent_radius(symbol):
-    """Covalent radius (A) of an element: Cordero et al. (2008), as pymatgen tabulates them."""
-    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
-    return CovalentRadius.radius[symbol]
-
-
 def crowding(structure):
     """The shortest interatomic distance relative to what the two atoms' covalent radii allow:
     min over pairs i != j (periodic images included) of d_ij / (r_i + r_j). A bonded pair is
     near 1 (an O-O pair at 1.0 A is 0.76, Mn-O at 1.0 A is 0.46); inf for a one-atom cell."""
     if len(structure) < 2:
         return float("inf")
-    radii = np.array([covalent_radius(site.specie.symbol) for site in structure])
+    radii = np.array([data.covalent_radius(site.specie.symbol) for site in structure])
     d = structure.distance_matrix / (radii[:, None] + radii[None, :])
     return float((d + np.diag(np.full(len(structure), np.inf))).min())
 
@@ -378,12 +381,18 @@ def atomic_volumes(reference):
     return {e: float(x) for e, x in zip(symbols, v) if x > 0}
 
 
-def predicted_volume(composition, volumes):
-    """sum_e n_e v_e; an element the reference lacks gets k r_e^3 (r its covalent radius), with k
+def element_volume(symbol, volumes):
+    """v_e of `atomic_volumes`; an element they lack gets k r_e^3 (r its covalent radius), with k
     the median of v_e / r_e^3 over the fitted elements."""
-    k = np.median([v / covalent_radius(e) ** 3 for e, v in volumes.items()]) if volumes else 6.0
-    return sum(n * volumes.get(e.symbol, k * covalent_radius(e.symbol) ** 3)
-               for e, n in Composition(composition).items())
+    if symbol in volumes:
+        return volumes[symbol]
+    k = np.median([v / data.covalent_radius(e) ** 3 for e, v in volumes.items()]) if volumes else 6.0
+    return k * data.covalent_radius(symbol) ** 3
+
+
+def predicted_volume(composition, volumes):
+    """sum_e n_e v_e (`element_volume`)."""
+    return sum(n * element_volume(e.symbol, volumes) for e, n in Composition(composition).items())
 
 
 def wasserstein_1d(u, v):
@@ -499,6 +508,7 @@ def format_screening(summary):
                        ("valid_novel", "valid and novel"),
                        ("valid_unique_novel", "valid, unique and novel"),
                        ("crystals_with_merges", "(decoder merged atoms on one spot)"),
+                       ("uncommitted", "(not committed to an atom layout)"),
                        ("closer_than_1A", "a pair closer than 1.0 A"),
                        ("crowded", f"crowded (d < {CROWDED_BELOW} (r_i + r_j))"), ("p1", "P1 (symprec 0.1)"),
                        ("physical", f"physical (valid, uncrowded, V ok)"),

@@ -5,6 +5,7 @@ smaller commands, the command line. Threads: see idle_cores.
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -352,24 +353,42 @@ def condition_tensors(conditions, device):
     return tuple(torch.tensor(column, device=device) for column in zip(*encoded))
 
 
-def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=None, trajectory=None, known=None):
+def physics_for(element_sets, count_lists, length_range, volumes):
+    """A diffusion.Physics for these samples: their atom layouts from the given counts, or (count_lists
+    None) read from x0 by the clustering decoder when the sampler commits; volumes: per-element
+    volumes (evaluate.atomic_volumes) for the smallest cell."""
+    volume_of = functools.partial(evaluate.element_volume, volumes=volumes)
+    if count_lists is not None:
+        return diffusion.Physics(length_range, layout=data.atom_layouts(element_sets, count_lists, volume_of))
+    return diffusion.Physics(length_range, read_layout=lambda clouds: data.atom_layouts(
+        element_sets, [data.read_counts(c, e, length_range) for c, e in zip(clouds, element_sets)], volume_of))
+
+
+def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=None, trajectory=None, known=None,
+                      physics=None):
     """Denoise len(conditions) clouds, --batch-size at a time, with a progress line; known: None or
-    (mask, x0 (N, 3, 128, 3)), what inpainting holds. Returns ((N, 3, 128, 3) in [0, 1], seconds)."""
+    (mask, x0 (N, 3, 128, 3)), what inpainting holds; physics: None, or (count_lists or None, length
+    range) for physics-aware sampling (`physics_for`). Returns ((N, 3, 128, 3) in [0, 1], seconds, the
+    atom counts each sample was committed to: None where it was not, or physics is off)."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    n, out = len(conditions), []
+    n, out, committed = len(conditions), [], []
     progress = Progress(n, "structures")
     for lo in range(0, n, args.batch_size):
         hi = min(n, lo + args.batch_size)
+        element_sets = [c[0] for c in conditions[lo:hi]]
+        counts = physics and physics[0] and physics[0][lo:hi]
+        batch_physics = physics and physics_for(element_sets, counts, *physics[1:])
         clouds = ddpm.sample(model, condition_tensors(conditions[lo:hi], device), guidance=args.guidance,
                              condition_above=args.condition_above, sampler=args.sampler, steps=args.steps,
                              refine=args.refine, t_start=t_start,
                              known=None if known is None else (known[0], known[1][lo:hi].to(device)),
-                             known_clean=known is not None and args.known_clean,
+                             known_clean=known is not None and args.known_clean, physics=batch_physics,
                              x_T=None if x_T is None else x_T[lo:hi].to(device),
                              generator=generator, progress=lambda i, steps: progress.update((hi - lo) / steps),
                              trajectory=trajectory if lo == 0 else None)
         out.append(clouds.cpu().numpy())
-    return np.concatenate(out), progress.elapsed()
+        committed += batch_physics.layout["counts"] if physics else [None] * (hi - lo)
+    return np.concatenate(out), progress.elapsed(), committed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +411,7 @@ def cmd_reconstruct(args):
     np.savez_compressed(os.path.join(out, "noised.npz"), x_t=x_t.numpy(), t=t,
                         material_id=[c.material_id for c, _, _ in usable])
     conditions = [(elements, c.band_gap_class, c.ordering) for c, _, elements in usable]
-    clouds, seconds = sample_in_batches(model, ddpm, conditions, args, device, x_T=x_t, t_start=t - 1)
+    clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, x_T=x_t, t_start=t - 1)
     np.savez_compressed(os.path.join(out, "denoised.npz"), clouds=clouds,
                         elements=np.array([" ".join(e) for e, _, _ in conditions]))
     recon, reasons = data.decode_all(clouds, [e for e, _, _ in conditions], length_range)
@@ -453,7 +472,7 @@ def cmd_generate(args):
     else:
         element_sets = data.draw_element_sets(args.pool, args.n, rng)
     element_sets = [data.canonical_order(s) for s in element_sets]   # the slot order of training
-    reference = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
+    reference_file = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
     out = fresh_dir(args)
     unseen = sorted({e for s in element_sets for e in s}
                     - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
@@ -464,12 +483,17 @@ def cmd_generate(args):
     trajectory = {} if args.trajectory else None
     lay = data.element_layout(elements, counts) if counts else None      # --formula: channel 1 held
     known = diffusion.known_channels(np.stack([[0 * lay, lay, 0 * lay]] * args.n), [1]) if counts else None
-    clouds, seconds = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory, known=known)
+    reference = load_reference(reference_file)
+    physics = None if args.no_physics else (counts and [counts] * args.n, ckpt["length_range"],
+                                            evaluate.atomic_volumes(reference))
+    clouds, seconds, committed = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory,
+                                                   known=known, physics=physics)
     if trajectory:
         evaluate.plot_trajectory(trajectory, element_sets[0], os.path.join(out, "trajectory.png"))
     np.savez_compressed(os.path.join(out, "clouds.npz"), clouds=clouds,   # to decode again later
                         elements=np.array([" ".join(e) for e in element_sets]))
-    structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], counts and [counts] * args.n)
+    count_lists = [counts or c for c in committed]            # decoded by blocks where the counts are known
+    structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], count_lists)
     names = []
     for i, s in enumerate(structures):
         names.append(f"{i:04d}_{s.composition.reduced_formula if s else 'failed'}")
@@ -477,13 +501,16 @@ def cmd_generate(args):
             s.to(filename=os.path.join(out, names[-1] + ".cif"))
             s.to(filename=os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
     print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
-    rows, summary = evaluate.screen(structures, load_reference(reference))
+    rows, summary = evaluate.screen(structures, reference)
     for row, name, why, element_set in zip(rows, names, reasons, element_sets):
         row.update(name=name, elements=" ".join(element_set), reason=why)
     data.write_csv(os.path.join(out, "summary.csv"), rows, evaluate.SCREENING_FIELDS)
     summary.update(seconds=seconds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed,
-                   checkpoint=os.path.abspath(args.checkpoint), novelty_checked=reference is not None)
+                   physics=not args.no_physics, checkpoint=os.path.abspath(args.checkpoint),
+                   novelty_checked=reference_file is not None)
+    if not args.no_physics:
+        summary["uncommitted"] = sum(c is None for c in count_lists)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(evaluate.format_screening(summary))
@@ -519,9 +546,12 @@ def cmd_csp(args):
     truth = [data.encode(c.structure, elements, length_range)[0] for c, (elements, _) in zip(crystals, compositions)]
     conditions = [(e, c.band_gap_class, c.ordering) for c, (e, _) in zip(crystals, compositions)] * args.k
     known = diffusion.known_channels(np.stack(truth * args.k), [1])          # the composition, held
-    clouds, seconds = sample_in_batches(model, ddpm, conditions, args, device, known=known)
-    predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range,
-                                   [c for _, c in compositions] * args.k)
+    count_lists = [c for _, c in compositions] * args.k
+    training = resolve_path(ckpt["settings"]["data"])        # for the atoms' volumes (none: from radii)
+    training = load_reference(training) if os.path.exists(training) and not args.no_physics else []
+    physics = None if args.no_physics else (count_lists, length_range, evaluate.atomic_volumes(training))
+    clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
+    predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
     print(f"matching {len(predicted)} structures ...", file=sys.stderr, flush=True)
     rows = evaluate.csp_scores([c.structure for c in crystals], [predicted[i::n] for i in range(n)])
     for i, (row, c) in enumerate(zip(rows, crystals)):
@@ -529,6 +559,7 @@ def cmd_csp(args):
         if predicted[i]:
             predicted[i].to(filename=os.path.join(out, f"{i:04d}_{c.material_id}_predicted.cif"))
     summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=args.steps,
+                                                          physics=not args.no_physics,
                                                           train_crystals=len(ckpt["train_ids"]))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(dict(summary=summary, rows=rows), f, indent=1)
@@ -697,6 +728,12 @@ def add_sampling_arguments(p, out, refine):
     add_run_arguments(p)
 
 
+def add_physics_argument(p):
+    p.add_argument("--no-physics", action="store_true", help="the network's own samples: no projection of "
+                   f"its x0 prediction onto a crystal, no pushing of atoms closer than {diffusion.SEPARATION} "
+                   f"(r_i + r_j) apart at steps <= {diffusion.PHYSICS_FROM} (diffusion.Physics)")
+
+
 def build_parser():
     parser = Parser(
         prog="pccd.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -775,6 +812,7 @@ def build_parser():
     p.add_argument("--reference", default=None, help="training structures for the novelty check "
                    "(default: the checkpoint's training data)")
     add_sampling_arguments(p, "generate", refine=5)   # EXPERIMENTS.md, Crowded atoms
+    add_physics_argument(p)
     p.add_argument("--trajectory", action="store_true", help="also draw the first sample's points "
                    "at several timesteps into trajectory.png (Fig. S2)")
     p.set_defaults(run=cmd_generate)
@@ -786,6 +824,7 @@ def build_parser():
     p.add_argument("--k", type=number(int, 1, 100, what="a number of samples from 1 to 100"), default=1,
                    help="samples per composition (1 or 20, as the field reports)")
     add_sampling_arguments(p, "csp", refine=0)
+    add_physics_argument(p)
     p.set_defaults(run=cmd_csp)
 
     p = sub.add_parser("evaluate", help="screen any folder of CIF/POSCAR files (Table 2)",

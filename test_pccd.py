@@ -1,4 +1,5 @@
 """PCCD's specification, one claim per test. Run: python -m pytest -q test_pccd.py"""
+import argparse
 import os
 import re
 
@@ -681,6 +682,95 @@ def test_a_composition_given_in_training_is_shown_clean_left_out_of_the_loss_and
     assert len(seen) == 5 and all(torch.equal(x[:, 1], x0[:, 1]) for x in seen)
 
 
+def physics_of(structures, volume_of=lambda e: 0.0, length_range=data.DEFAULT_LENGTH_RANGE):
+    """A diffusion.Physics holding the layouts of these structures, and their clouds in model units."""
+    encoded = [data.encode(s, length_range=length_range) for s in structures]
+    counts = [[sum(site.specie.symbol == e for site in s) for e in elements]
+              for s, (_, elements) in zip(structures, encoded)]
+    layout = data.atom_layouts([e for _, e in encoded], counts, volume_of)
+    x0 = diffusion.to_model(torch.from_numpy(np.stack([cloud for cloud, _ in encoded])))
+    return diffusion.Physics(length_range, layout=layout), x0, [e for _, e in encoded], counts
+
+
+def test_the_physical_projection_makes_each_atoms_points_one_point_and_the_lattice_rows_equal(mp20):
+    structures = [c.structure for c in mp20[:4]]
+    physics, x0, elements, counts = physics_of(structures)
+    physics.layout["committed"][3] = False                   # not committed: left as the network made it
+    noisy = (x0 + 0.03 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    projected = diffusion.from_model(physics.project(noisy)).numpy()
+    for i in range(3):
+        owner = data.point_owner(sum(counts[i]))
+        for atom in range(sum(counts[i])):
+            block = projected[i, 0, owner == atom]
+            assert np.ptp(block, axis=0).max() < 1e-6                             # one point per atom
+        assert np.ptp(projected[i, 2, :64], axis=0).max() < 1e-6 and np.ptp(projected[i, 2, 64:], axis=0).max() < 1e-6
+        np.testing.assert_array_equal(projected[i, 1], data.element_layout(elements[i], counts[i]))
+        assert StructureMatcher().fit(data.decode_blocks(projected[i], elements[i], counts[i]), structures[i])
+    assert torch.equal(physics.project(noisy)[3], noisy[3])
+    # a cell smaller than MIN_VOLUME of what its atoms take grows to it, its shape kept
+    volume = structures[0].volume / len(structures[0])
+    physics, x0, elements, counts = physics_of(structures[:1], volume_of=lambda e: 2 * volume / diffusion.MIN_VOLUME)
+    grown = data.decode_blocks(diffusion.from_model(physics.project(x0))[0].numpy(), elements[0], counts[0])
+    assert grown.volume == pytest.approx(2 * structures[0].volume, rel=1e-4)
+    np.testing.assert_allclose(grown.lattice.angles, structures[0].lattice.angles, atol=1e-3)
+
+
+@pytest.mark.parametrize("lattice", [Lattice.cubic(6.0), Lattice.from_parameters(5.0, 6.0, 7.0, 70, 100, 115)])
+def test_keeping_atoms_apart_moves_two_close_atoms_to_s_times_their_radii_and_leaves_a_real_crystal(lattice, mp20):
+    reach = data.covalent_radius("Na") + data.covalent_radius("Cl")
+    na = np.array([0.3, 0.4, 0.5])
+    cl = na + np.linalg.solve(lattice.matrix.T, [0.5 * reach, 0, 0])       # 0.5 (r_i + r_j) along x
+    physics, x0, elements, counts = physics_of([Structure(lattice, ["Na", "Cl"], [na, cl])])
+    apart = data.decode_blocks(diffusion.from_model(physics.keep_apart(x0))[0].numpy(), elements[0], counts[0])
+    assert apart.distance_matrix[0, 1] >= diffusion.SEPARATION * reach - 1e-4
+    # atoms already far enough apart do not move: real crystals none of whose pairs is that close
+    real = [c.structure for c in mp20[:60] if evaluate.crowding(c.structure) > diffusion.SEPARATION + 0.01][:20]
+    physics, x0, _, _ = physics_of(real)
+    assert len(real) == 20 and (physics.keep_apart(x0) - x0).abs().max() < 1e-5
+
+
+def test_a_committed_sample_decodes_to_exactly_the_composition_it_committed_to(mp20):
+    """A model whose x0 is crystal A down to step PHYSICS_FROM and then another composition:
+    generation commits to A's atom counts at that step, and its sample decodes to A."""
+    a, b = mp20[0].structure, next(c.structure for c in mp20 if len(c.structure) != len(mp20[0].structure))
+    ddpm = diffusion.Diffusion()
+    clouds = [diffusion.to_model(torch.from_numpy(data.encode(s)[0])) for s in (a, b)]
+    elements = data.encode(a)[1]
+    low = []
+    class Scripted(torch.nn.Module):                  # eps of the x0 it wants: A, then B after the commitment
+        def forward(self, x, t, *_):
+            abar = ddpm.alphas_cumprod[t[0]].item()
+            low.append(int(t[0]) <= diffusion.PHYSICS_FROM)
+            x0 = clouds[1] if sum(low) > 1 else clouds[0]
+            return (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
+    committed = []
+    def read_layout(x0_clouds):
+        counts = [data.read_counts(c, elements) for c in x0_clouds]
+        committed.extend(counts)
+        return data.atom_layouts([elements], counts, lambda e: 0.0)
+    cond = (torch.ones(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    out = ddpm.sample(Scripted(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=20,
+                      physics=diffusion.Physics(data.DEFAULT_LENGTH_RANGE, read_layout=read_layout))
+    assert committed == [[sum(site.specie.symbol == e for site in a) for e in elements]]
+    assert data.decode_blocks(out[0].numpy(), elements, committed[0]).composition == a.composition
+    np.testing.assert_allclose(out[0, 1].numpy(), data.element_layout(elements, committed[0]), atol=1e-6)
+
+
+def test_generate_without_physics_gives_the_networks_own_samples_bit_for_bit(tiny_run, tmp_path):
+    clouds = {}
+    for flags in ([], ["--no-physics"]):
+        out = tmp_path / ("off" if flags else "on")
+        assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "3",
+                          "--sampler", "ddim", "--steps", "6", "--refine", "0", "--out", str(out)] + flags) == 0
+        clouds[out.name] = np.load(out / "clouds.npz")["clouds"]
+    model, ckpt = pccd.load_checkpoint(str(tiny_run))
+    ddpm = pccd.sampling_of(ckpt, argparse.Namespace(guidance=None, condition_above=None))
+    own = ddpm.sample(model, pccd.condition_tensors([(["Mg", "O"], "unknown", "unknown")] * 3, "cpu"),
+                      guidance=ckpt["sampling"]["guidance"], condition_above=ckpt["sampling"]["condition_above"],
+                      sampler="ddim", steps=6, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(clouds["off"], own.numpy()) and not np.array_equal(clouds["on"], clouds["off"])
+
+
 def test_the_element_layout_is_channel_1_of_the_encoding_and_blocks_decode_it_back(mp20):
     for c in mp20[:20]:
         cloud, elements = data.encode(c.structure)
@@ -971,7 +1061,7 @@ def test_refinement_passes_separate_atoms_the_shipped_model_knows_should_not_tou
     ddpm, clouds, conditions = diffusion.Diffusion(prediction="v"), [], []
     for c in [c for c in mp20 if len(c.structure) >= 4][:24]:
         s = c.structure.copy()
-        gap = 0.6 * (evaluate.covalent_radius(s[0].specie.symbol) + evaluate.covalent_radius(s[1].specie.symbol))
+        gap = 0.6 * (data.covalent_radius(s[0].specie.symbol) + data.covalent_radius(s[1].specie.symbol))
         s.replace(1, s[1].species, coords=s[0].coords + [gap, 0, 0], coords_are_cartesian=True)
         cloud, elements = data.encode(s, length_range=ckpt["length_range"])
         clouds.append(cloud)
