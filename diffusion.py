@@ -188,6 +188,19 @@ def cosine_beta_schedule(T, s=0.008):
     return betas.clamp(max=0.999)
 
 
+def ddim_timesteps(t_start, steps):
+    """The steps DDIM visits: t_start (1 - i / n) for i = 0 .. n-1, n = min(steps, t_start + 1),
+    rounded to the nearest integer, halves to the even one -- in integer arithmetic, so every
+    language visits the same steps (a float product rounds differently in C, JavaScript or
+    float32: at n = 6 and 74 from step 999, for two)."""
+    n = min(steps, t_start + 1)
+    visited = []
+    for i in range(n):
+        q, r = divmod(t_start * (n - i), n)               # t_start (n - i) / n = q + r / n
+        visited.append(q + (2 * r > n or (2 * r == n and q % 2 == 1)))
+    return sorted(set(visited), reverse=True)
+
+
 class Diffusion:
     """The forward process q and the reverse process p_theta over T steps. Index t = 0 .. T-1
     here stands for the paper's t = 1 .. T."""
@@ -331,10 +344,7 @@ class Diffusion:
         if sampler == "ddpm":
             timesteps = list(range(t_start, -1, -1))
         elif sampler == "ddim":
-            n = min(steps, t_start + 1)
-            # Python's round() rounds halves to even (round(2.5) == 2): a port must do the same
-            # to visit the same steps.
-            timesteps = sorted({round(t_start * (1 - i / n)) for i in range(n)}, reverse=True)
+            timesteps = ddim_timesteps(t_start, steps)
         else:
             raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
         tail = [t for t in timesteps if t <= REFINE_FROM]
@@ -410,22 +420,54 @@ class Diffusion:
             return train_ms, milliseconds(lambda: self.predict_noise(model.eval(), x, 500, condition, guidance=2.0))
 
 
+GOLDEN_TRACE = (0, 5, 10, 15, 19)    # the 20-step sample's steps whose states the golden file holds
+
+
+@torch.no_grad()
 def golden_tensors(model, sampling):
     """What a port of the network and of DDIM must reproduce (README, Porting), for a checkpoint's
     network and its `sampling` entry: for a fixed input x (model units), steps t and condition, the
     network's output with the condition (`output`) and with the null embedding (`output_null`);
-    and a 20-step DDIM sample from fixed noise x_T, sampled as `sampling` says (`sample`, in [0, 1])."""
+    a 20-step DDIM sample from fixed noise x_T, sampled as `sampling` says (`sample`, in [0, 1]),
+    and a 74-step one (`sample_74`: a step count where rounding a float product visits other
+    steps), with the steps each visits (`steps`, `steps_74`). To find where a port goes wrong:
+    the first cloud's activations at x (`act_*`: time and condition embeddings, the first and the
+    deepest encoder outputs, the middle, the last decoder block) and its states at the 20-step
+    sample's steps GOLDEN_TRACE (`trace_t`, `trace_x` the cloud entering the step, `trace_eps` the
+    guided noise prediction, `trace_x0` the clipped x0)."""
     g = torch.Generator().manual_seed(0)
     x, x_T = torch.randn(2, 3, 128, 3, generator=g), torch.randn(2, 3, 128, 3, generator=g)
     t = torch.tensor([900, 100])
     elements = torch.tensor([[3, 27, 8], [12, 8, 0]])      # Li Co O, and Mg O with an empty slot
     band_gap, magnetic = torch.tensor([3, 2]), torch.tensor([4, 0])   # unknown, >= 1.5 eV; unknown, NM
     condition = (elements, band_gap, magnetic)
-    with torch.no_grad():
-        output = model(x, t, *condition, torch.zeros(2, dtype=torch.bool))
-        output_null = model(x, t, *condition, torch.ones(2, dtype=torch.bool))
+    activations = {}
+
+    def keep(name):                                        # a forward hook that records, returns None
+        def hook(module, inputs, out):
+            activations[f"act_{name}"] = out[0].detach().clone()
+        return hook
+    hooks = [getattr(model, name).register_forward_hook(keep(name))
+             for name in ("time", "condition", "down1", "attn3", "mid2", "up1")]
+    output = model(x, t, *condition, torch.zeros(2, dtype=torch.bool))
+    for hook in hooks:
+        hook.remove()
+    output_null = model(x, t, *condition, torch.ones(2, dtype=torch.bool))
     ddpm = Diffusion(T=sampling["T"], prediction=sampling["prediction"])
-    sample = ddpm.sample(model, condition, guidance=sampling["guidance"], sampler="ddim", steps=20,
-                         condition_above=sampling["condition_above"], x_T=x_T)
-    return {k: v.numpy() for k, v in dict(x=x, t=t, elements=elements, band_gap=band_gap, magnetic=magnetic,
-                                           output=output, output_null=output_null, x_T=x_T, sample=sample).items()}
+    settings = dict(guidance=sampling["guidance"], sampler="ddim", condition_above=sampling["condition_above"], x_T=x_T)
+    trajectory = {}
+    sample = ddpm.sample(model, condition, steps=20, trajectory=trajectory, **settings)
+    steps = ddim_timesteps(ddpm.T - 1, 20)
+    trace = dict(trace_t=[], trace_x=[], trace_eps=[], trace_x0=[])
+    for i in GOLDEN_TRACE:                   # the first cloud entering step i, and what it gives
+        x_i = x_T[:1] if i == 0 else to_model(trajectory[steps[i - 1]])[None]
+        w = sampling["guidance"] if steps[i] >= sampling["condition_above"] else 0.0
+        eps = ddpm.predict_noise(model, x_i, steps[i], tuple(c[:1] for c in condition), w)
+        for key, value in (("trace_t", torch.tensor(steps[i])), ("trace_x", x_i[0]), ("trace_eps", eps[0]),
+                           ("trace_x0", ddpm.predict_x0(x_i, steps[i], eps)[0])):
+            trace[key].append(value)
+    return {k: v.numpy() for k, v in dict(
+        x=x, t=t, elements=elements, band_gap=band_gap, magnetic=magnetic, output=output, output_null=output_null,
+        x_T=x_T, sample=sample, steps=torch.tensor(steps), sample_74=ddpm.sample(model, condition, steps=74, **settings),
+        steps_74=torch.tensor(ddim_timesteps(ddpm.T - 1, 74)), **{k: torch.stack(v) for k, v in trace.items()},
+        **activations).items()}

@@ -1107,8 +1107,23 @@ def test_the_shipped_model_reproduces_its_golden_tensors():
     assert sorted(again) == sorted(golden.files)
     for key in golden.files:
         assert again[key].shape == golden[key].shape
-        np.testing.assert_allclose(again[key], golden[key], atol=1e-4, rtol=0, err_msg=key)
+        np.testing.assert_allclose(again[key], golden[key], atol=2e-5, rtol=0, err_msg=key)
     assert not np.allclose(golden["output"], golden["output_null"], atol=1e-2)   # the condition matters
+    assert golden["steps"].tolist() == diffusion.ddim_timesteps(999, 20) and golden["trace_t"].tolist() == [
+        golden["steps"][i] for i in diffusion.GOLDEN_TRACE]
+    assert {"act_time", "act_condition", "act_down1", "act_attn3", "act_mid2", "act_up1"} <= set(golden.files)
+
+
+def test_ddim_visits_the_nearest_steps_halves_to_even_computed_in_integers():
+    from fractions import Fraction
+    for n in range(1, 1001):
+        exact = {round(Fraction(999 * (n - i), n)) for i in range(n)}       # Fraction rounds halves to even
+        assert diffusion.ddim_timesteps(999, n) == sorted(exact, reverse=True)
+    floats = lambda t, n: sorted({round(t * (1 - i / n)) for i in range(n)}, reverse=True)   # noqa: E731
+    assert diffusion.ddim_timesteps(999, 74) != floats(999, 74)            # why the golden file has 74 steps
+    assert all(diffusion.ddim_timesteps(t, n) == floats(t, n)              # the rule the README's numbers used
+               for t in (999, 249) for n in (10, 20, 50, 100))
+    assert diffusion.ddim_timesteps(5, 100) == [5, 4, 3, 2, 1]             # 6 steps asked, 2.5 and 1.67 both 2
 
 
 def test_export_writes_golden_tensors_beside_the_checkpoint(tiny_run, tmp_path):
