@@ -1107,7 +1107,8 @@ def test_the_shipped_model_reproduces_its_golden_tensors():
     assert sorted(again) == sorted(golden.files)
     for key in golden.files:
         assert again[key].shape == golden[key].shape
-        np.testing.assert_allclose(again[key], golden[key], atol=2e-5, rtol=0, err_msg=key)
+        scale = max(1.0, np.abs(golden[key]).max()) if key.startswith("act_") else 1.0   # activations reach 315
+        np.testing.assert_allclose(again[key], golden[key], atol=2e-5 * scale, rtol=0, err_msg=key)
     assert not np.allclose(golden["output"], golden["output_null"], atol=1e-2)   # the condition matters
     assert golden["steps"].tolist() == diffusion.ddim_timesteps(999, 20) and golden["trace_t"].tolist() == [
         golden["steps"][i] for i in diffusion.GOLDEN_TRACE]
