@@ -10,7 +10,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 
 # Set before spglib loads: its "failed" lines for odd cells are noise here.
@@ -51,6 +53,66 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`timeout`, a scheduler, a closed terminal), handled as Ctrl-C is: `train`
+    saves its checkpoint, a sampling command removes its unfinished folder."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopRequests:
+    """While training: Ctrl-C, SIGTERM and SIGHUP are recorded (`signum`) and acted on between two
+    steps, so the checkpoint then saved is one that --resume continues exactly."""
+
+    SIGNALS = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+
+    def __enter__(self):
+        self.signum, self.before = None, {}
+        if threading.current_thread() is threading.main_thread():        # only it may set handlers
+            for signum in self.SIGNALS:
+                self.before[signum] = signal.signal(signum, self.request)
+        return self
+
+    def request(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.before.items():
+            signal.signal(signum, handler)
+
+
+class QuietPipe:
+    """stdout or stderr that, once its reader has gone (`python pccd.py generate ... | head -1`),
+    sends what is written to /dev/null instead of failing: the command finishes its work and keeps
+    its files."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_gone()
+
+    def reader_gone(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())            # Python's own flush at exit goes there too
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def load_or_fail(path, only_encodable=True, skipped=None, length_range=None):
     """The structures of a CSV, folder or file (that a model of this length range can encode), and one
     line saying what was skipped and why (also counted into `skipped`); the error if nothing is left."""
@@ -89,11 +151,16 @@ def pick_device(name):
 # `step`; a run's own also `model`, `optimizer` and `rng`, so that --resume continues exactly.
 
 def save_checkpoint(path, state):
-    """Write to a temporary file and rename it, so an interrupted run never leaves a broken one."""
+    """Write to a temporary file and rename it, so an interrupted run never leaves a broken one.
+    A save that fails (a full disk, a read-only folder) is one UserError naming `path`."""
     tmp = path + ".tmp"
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except Exception as e:                    # OSError, or torch's RuntimeError from its zip writer
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).replace(tmp, path)
+        raise UserError(f"cannot write {path}: {reason}"
+                        + (" (the checkpoint saved before is kept)" if os.path.exists(path) else ""))
     finally:
         if os.path.exists(tmp):               # a failed save (a full disk, Ctrl-C) leaves nothing behind
             os.remove(tmp)
@@ -200,6 +267,43 @@ def held_out_loss(model, ddpm, held_out, condition_above):
 
 
 def cmd_train(args):
+    with RunLock(args):
+        train(args)
+
+
+class RunLock:
+    """One `train` at a time in a run folder: an flock on OUT/train.lock, held while training (two
+    trainings in one folder would overwrite each other's checkpoints). A folder made here is removed
+    if the run fails before its first checkpoint (args.made, as for the sampling commands)."""
+
+    def __init__(self, args):
+        self.args, self.lock = args, os.path.join(args.out, "train.lock")
+
+    def __enter__(self):
+        if os.path.exists(self.args.out) and not os.path.isdir(self.args.out):
+            raise UserError(f"--out {self.args.out} is a file, not a folder")
+        if not os.path.isdir(self.args.out):
+            os.makedirs(self.args.out)
+            self.args.made = self.args.out
+        self.file = open(self.lock, "w")
+        try:
+            import fcntl                                  # POSIX; elsewhere runs are not locked
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except BlockingIOError:
+            self.file.close()
+            self.file = None
+            raise UserError(f"another train is running in {self.args.out}: wait for it, or choose another --out")
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            os.remove(self.lock)
+            self.file.close()
+
+
+def train(args):
     path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(path) and not args.resume:
         raise UserError(f"{path} exists: continue it with --resume, or choose another --out")
@@ -252,37 +356,45 @@ def cmd_train(args):
                     settings=s, sampling=sampling_entry(s), train_ids=[c.material_id for c in crystals],
                     train_compositions=[c.structure.composition.formula for c in crystals])
 
-    os.makedirs(args.out, exist_ok=True)
     progress = Progress(s["steps"], "step", done=step)
     model.train()
-    while step < s["steps"]:
-        idx = torch.randint(0, len(x0_all), (s["batch_size"],), generator=batches)
-        bg, mag = drop_properties(band_gap[idx], magnetic[idx], s["property_drop"])
-        x0 = diffusion.translate_randomly(x0_all[idx]) if s["translate"] else x0_all[idx]
-        t = torch.randint(0, ddpm.T, (len(idx),), device=device)        # each crystal's step
-        # Below condition_above the condition is always dropped: those steps learn to denoise
-        # any crystal without being told which, as sampling then runs them.
-        cond_drop = torch.where(t < s["condition_above"], 1.0, diffusion.COND_DROP)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(s, step)
-        given = (torch.rand(len(idx)) < s["composition_given"]).to(device) if s["composition_given"] else None
-        loss = ddpm.loss(model, x0.to(device), elements[idx].to(device), bg.to(device), mag.to(device),
-                         cond_drop, t=t, composition_given=given)   # Eq. S4 (eps or v)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - EMA_DECAY)
-        step += 1
-        losses.append(loss.item())
-        progress.update(1, f"loss {np.mean(losses[-50:]):.4f}", out=sys.stdout)
-        if step % SAVE_EVERY == 0 or step == s["steps"]:
-            if held_out:
-                val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
-                print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
-                      f"crystals of {os.path.relpath(args.val)})", flush=True)
-            save_checkpoint(path, state())
+    with StopRequests() as stop:
+        while step < s["steps"]:
+            if stop.signum:                               # Ctrl-C, SIGTERM, SIGHUP: keep the steps done
+                if step % SAVE_EVERY:
+                    save_checkpoint(path, state())
+                    args.made = None
+                if os.path.exists(path):
+                    print(f"{path} holds step {step}: continue with --resume", file=sys.stderr)
+                raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated(stop.signum)
+            idx = torch.randint(0, len(x0_all), (s["batch_size"],), generator=batches)
+            bg, mag = drop_properties(band_gap[idx], magnetic[idx], s["property_drop"])
+            x0 = diffusion.translate_randomly(x0_all[idx]) if s["translate"] else x0_all[idx]
+            t = torch.randint(0, ddpm.T, (len(idx),), device=device)        # each crystal's step
+            # Below condition_above the condition is always dropped: those steps learn to denoise
+            # any crystal without being told which, as sampling then runs them.
+            cond_drop = torch.where(t < s["condition_above"], 1.0, diffusion.COND_DROP)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(s, step)
+            given = (torch.rand(len(idx)) < s["composition_given"]).to(device) if s["composition_given"] else None
+            loss = ddpm.loss(model, x0.to(device), elements[idx].to(device), bg.to(device), mag.to(device),
+                             cond_drop, t=t, composition_given=given)   # Eq. S4 (eps or v)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - EMA_DECAY)
+            step += 1
+            losses.append(loss.item())
+            progress.update(1, f"loss {np.mean(losses[-50:]):.4f}", out=sys.stdout)
+            if step % SAVE_EVERY == 0 or step == s["steps"]:
+                if held_out:
+                    val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
+                    print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
+                          f"crystals of {os.path.relpath(args.val)})", flush=True)
+                save_checkpoint(path, state())
+                args.made = None                              # a folder with a checkpoint is kept
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
           f"of last 50 steps: {np.mean(losses[-50:]):.4f}; {progress.done - progress.first} steps in "
@@ -880,6 +992,9 @@ def main(argv=None):
     except BaseException as e:
         if getattr(args, "made", None):           # a command that fails leaves no half-written folder
             shutil.rmtree(args.made, ignore_errors=True)
+        if isinstance(e, Terminated):
+            print(f"terminated ({e})", file=sys.stderr)
+            return 128 + e.signum
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
@@ -891,5 +1006,17 @@ def main(argv=None):
         return 1
 
 
+def run_as_program():
+    """`python pccd.py ...`: main(), with SIGTERM and SIGHUP raised as `Terminated` and output that
+    survives a reader that stops reading."""
+    def terminate(signum, frame):
+        raise Terminated(signum)
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, terminate)
+    sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_program())

@@ -1380,10 +1380,16 @@ def test_a_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path,
         open(f, "wb").write(b"half a checkpoint")
         raise OSError(28, "No space left on device", f)
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(pccd.UserError, match=f"cannot write {path}: No space left on device .the checkpoint saved"):
         pccd.save_checkpoint(path, {"step": 2})
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     assert torch.load(path, weights_only=False) == {"step": 1}          # the old one, intact
+
+    def zip_writer_fails(state, f):                                     # what torch itself raises
+        raise RuntimeError(f"File {f} cannot be opened.")
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    with pytest.raises(pccd.UserError, match=f"cannot write {path}: File {path} cannot be opened"):
+        pccd.save_checkpoint(path, {"step": 2})
 
 
 def test_a_command_that_fails_after_making_its_folder_removes_it(tiny_run, tmp_path, capsys, monkeypatch):
@@ -1411,3 +1417,65 @@ def test_two_runs_started_together_with_one_out_get_two_folders(tiny_run, tmp_pa
     assert folders == ["gen", "gen-2"]
     seeds = {json.load(open(tmp_path / f / "summary.json"))["seed"] for f in folders}
     assert seeds == {1, 2}                               # each folder holds one run's own results
+
+
+def pccd_process(*argv, **popen):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "pccd.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for(path, process, seconds=120):
+    import time
+    deadline = time.time() + seconds
+    while not os.path.exists(path):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_a_reader_that_stops_reading_costs_nothing_finished(command, tiny_run, small_csv, tmp_path):
+    """`python pccd.py generate ... | head -1`: the command goes on, exits 0 and keeps its files."""
+    out = tmp_path / "out"
+    argv = (["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2", "--sampler", "ddim",
+             "--steps", "2"] if command == "generate" else
+            ["train", "--data", small_csv, "--steps", "300", "--batch-size", "2", "--widths", "8", "8", "8",
+             "--val", "none"])
+    p = pccd_process(*argv, "--out", str(out))
+    p.stdout.readline()
+    p.stdout.close()                                   # what `head -1` does after its line
+    assert p.wait() == 0, p.stderr.read()
+    assert "Traceback" not in p.stderr.read()
+    assert (out / ("summary.json" if command == "generate" else "checkpoint.pt")).exists()
+
+
+def test_sigterm_during_generate_removes_its_unfinished_folder(tiny_run, tmp_path):
+    import signal
+    out = tmp_path / "gen"
+    p = pccd_process("generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "256",
+                     "--out", str(out))                # 1000 DDPM steps: long enough to be stopped
+    wait_for(out, p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM
+    assert p.stderr.read().strip().splitlines()[-1] == "terminated (SIGTERM)"
+    assert not out.exists()
+
+
+def test_sigterm_during_train_saves_the_steps_done_and_a_second_train_there_is_refused(small_csv, tmp_path, capsys):
+    import signal
+    import time
+    out = tmp_path / "run"
+    p = pccd_process("train", "--data", small_csv, "--steps", "100000", "--batch-size", "2",
+                     "--widths", "8", "8", "8", "--val", "none", "--out", str(out))
+    wait_for(out / "train.lock", p)
+    time.sleep(4)                                     # some steps, fewer than the 250 of a checkpoint
+    code, err, _ = run_pccd(["train", "--data", small_csv, "--out", str(out), "--val", "none"], capsys)
+    assert code == 1 and f"another train is running in {out}" in err[-1]
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--val", "none"], capsys)
+    assert code == 1 and "another train is running" in err[-1]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert step > 0 and f"holds step {step}: continue with --resume" in p.stderr.read()
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"]                 # no lock or temporary file left
