@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pymatgen.core import Composition, Element, Lattice, Structure
+from pymatgen.io.cif import CifParser
 
 N_POINTS = 128       # points per channel (the paper's W)
 MAX_ELEMENTS = 3     # slots in channel 1
@@ -165,25 +166,30 @@ def decode_blocks(cloud, elements, counts, length_range=DEFAULT_LENGTH_RANGE):
 
 
 def parse_formula(text):
-    """'Li2Co2O4' -> (elements in slot order, counts): what `generate --formula` asks for.
-    Raises ValueError, with the reason, for what PCCD cannot make."""
-    try:
-        composition = Composition(text)
-    except Exception:
-        raise ValueError(f"cannot read the formula '{text}' (write it like Li2Co2O4)")
-    elements = check_elements(canonical_order(e.symbol for e in composition.elements))
-    counts = [composition[e] for e in elements]
-    if any(c != int(c) or c < 1 for c in counts):
-        raise ValueError(f"{text}: atom counts must be whole numbers of at least 1")
-    if not 1 <= sum(counts) <= MAX_SITES:
-        raise ValueError(f"{text} has {sum(counts):g} atoms; PCCD makes 1 to {MAX_SITES}")
-    return elements, [int(c) for c in counts]
+    """'Li2Co2O4' -> (elements in slot order, counts): what `generate --formula` asks for. Element
+    symbols each followed by a whole number of atoms (none: 1); spaces are ignored. Raises
+    ValueError, with the reason, for what PCCD cannot make (or a formula it cannot read: Li1.5,
+    NaCl0 and Na1e1Cl are refused, not read as something else)."""
+    compact = "".join(str(text).split())
+    if not re.fullmatch(r"(?:[A-Z][a-z]?\d*)+", compact):
+        raise ValueError(f"cannot read the formula '{text}': write element symbols, each followed by a "
+                         f"whole number of atoms, like Li2Co2O4")
+    counts = {}
+    for symbol, number in re.findall(r"([A-Z][a-z]?)(\d*)", compact):
+        if number and int(number) < 1:
+            raise ValueError(f"{text}: atom counts must be whole numbers of at least 1 ({symbol}{number})")
+        counts[symbol] = counts.get(symbol, 0) + int(number or 1)
+    elements = check_elements(canonical_order(check_elements(list(counts))))
+    if not 1 <= sum(counts.values()) <= MAX_SITES:
+        raise ValueError(f"{text} has {sum(counts.values())} atoms; PCCD makes 1 to {MAX_SITES}")
+    return elements, [counts[e] for e in elements]
 
 
 def covalent_radius(symbol):
-    """Covalent radius (A) of an element: Cordero et al. (2008), as pymatgen tabulates them."""
+    """Covalent radius (A) of an element: Cordero et al. (2008), as pymatgen tabulates them; the
+    elements after Cm (Z > 96), which the table lacks, get Cm's."""
     from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
-    return CovalentRadius.radius[symbol]
+    return CovalentRadius.radius.get(symbol, CovalentRadius.radius["Cm"])
 
 
 def read_counts(cloud, elements, length_range=DEFAULT_LENGTH_RANGE):
@@ -283,7 +289,7 @@ def unencodable_reason(structure, length_range=None):
     if len(structure) > MAX_SITES:
         return f"with > {MAX_SITES} sites"
     if length_range and not length_range[0] <= min(structure.lattice.abc) <= max(structure.lattice.abc) <= length_range[1]:
-        return "with lattice lengths outside the model's range"
+        return f"with a lattice length outside {length_range[0]:.3g}-{length_range[1]:.3g} A"
     return ""
 
 
@@ -303,8 +309,14 @@ def check_elements(elements):
 
 def canonical_order(symbols):
     """Element symbols in the slot order the model is trained with: by electronegativity
-    (Mg Mn O), so that `generate --elements O Mg Mn` asks for what training saw as Mg Mn O."""
-    return sorted((str(s) for s in symbols), key=lambda s: Element(s).X)
+    (Mg Mn O), so that `generate --elements O Mg Mn` asks for what training saw as Mg Mn O. The
+    elements without one (He, Ne, Ar, Og, ...) come last, by atomic number: Ar F and F Ar are F Ar."""
+    def key(symbol):
+        with warnings.catch_warnings():               # pymatgen warns, and says NaN, for He, Ne, Ar
+            warnings.simplefilter("ignore")
+            x = Element(symbol).X
+        return (x, 0) if np.isfinite(x) else (np.inf, Element(symbol).Z)
+    return sorted((str(s) for s in symbols), key=key)
 
 
 def default_elements(structure):
@@ -537,10 +549,32 @@ def _is_structure_file(name):
     return base.lower().endswith(STRUCTURE_SUFFIXES) or base.startswith(("POSCAR", "CONTCAR"))
 
 
-def _parse_structure(text, fmt):
-    with warnings.catch_warnings():      # pymatgen warns about rounding in most CIFs
-        warnings.simplefilter("ignore")
-        return Structure.from_str(text, fmt=fmt)
+class Misread(ValueError):
+    """A file pymatgen reads, but as another crystal than the one written in it."""
+
+
+# What pymatgen only warns about, but makes a different crystal of: (its warning, our reason)
+MISREAD = [("Missing elements", "with atoms pymatgen dropped (occupancy <= 0?)"),
+           ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)")]
+
+
+def _parse_structures(text, fmt):
+    """The structures of a CIF (one per data block) or of a POSCAR, without oxidation states (Li+
+    is Li). Raises Misread(reason) for a file pymatgen reads as another crystal (MISREAD)."""
+    blocks = [b for b in re.split(r"(?m)^(?=data_)", text) if b.startswith("data_")] if fmt == "cif" else [text]
+    structures = []
+    for block in blocks or [text]:                  # each data block alone: pymatgen's checks are per block
+        with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
+            warnings.simplefilter("always")
+            structures += CifParser.from_str(block).parse_structures(primitive=False) if fmt == "cif" \
+                else [Structure.from_str(block, fmt=fmt)]
+        for warning in caught:
+            for says, reason in MISREAD:
+                if says in str(warning.message):
+                    raise Misread(reason)
+    for s in structures:
+        s.remove_oxidation_states()
+    return structures
 
 
 def is_csv(path):
@@ -549,25 +583,32 @@ def is_csv(path):
 
 
 def _read_rows(path):
-    """Yield (name, fmt, text, properties) for each structure in a CSV, a folder or a file."""
+    """Yield (name, fmt, text, properties, why it is skipped or '') for each structure in a CSV, a
+    folder (its structure files; not its subfolders) or a file."""
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         cif_stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".cif")}
-        for name in names:
-            stem, suffix = os.path.splitext(name)
-            if suffix.lower() != ".cif" and stem in cif_stems:
-                continue                      # X.cif and X.vasp of one crystal count once
-            if _is_structure_file(name):
-                yield from _read_rows(os.path.join(path, name))
+        for name in filter(_is_structure_file, names):
+            full = os.path.join(path, name)
+            if not os.path.isfile(full):      # a folder, a link to one, a named pipe: never read
+                yield name, None, None, {}, "not a regular file"
+            elif os.path.splitext(name)[1].lower() != ".cif" and os.path.splitext(name)[0] in cif_stems:
+                yield name, None, None, {}, "a POSCAR beside its CIF"   # generate writes both
+            else:
+                yield from _read_rows(full)
     elif is_csv(path):
         csv.field_size_limit(2**31 - 1)
         opener = gzip.open if path.lower().endswith(".gz") else open
-        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:    # -sig: a BOM is not a name
-            reader = csv.DictReader(f)
-            if "cif" not in (reader.fieldnames or []):
-                raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
-            for i, row in enumerate(reader):
-                yield row.get("material_id") or f"row {i}", "cif", row["cif"], row
+        try:
+            with opener(path, "rt", newline="", encoding="utf-8-sig") as f:    # -sig: a BOM is not a name
+                reader = csv.DictReader(f)
+                if "cif" not in (reader.fieldnames or []):
+                    raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
+                for i, row in enumerate(reader):
+                    yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, ""
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}): "
+                             f"save it as UTF-8")
     else:
         fmt = "cif" if path.lower().endswith(".cif") else "poscar"
         try:
@@ -575,7 +616,7 @@ def _read_rows(path):
                 text = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError):
             text = None                       # unopenable or binary: unreadable, like any bad file
-        yield os.path.basename(path), fmt, text, {}
+        yield os.path.basename(path), fmt, text, {}, ""
 
 
 def degenerate_lattice(lattice):
@@ -588,23 +629,32 @@ def degenerate_lattice(lattice):
 def _parse_rows(path):
     """Yield (name, structure or None, why it is unusable or '', band_gap, ordering) for each
     structure in a CSV, a folder or a file: the slow part of loading (a CIF takes ~3 ms)."""
-    for name, fmt, text, props in _read_rows(path):
-        try:
-            structure = _parse_structure(text, fmt)
-            reason = "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
-                "" if structure.is_ordered else "disordered (partial occupancies)"
-        except Exception:
-            structure, reason = None, "unreadable"
+    for name, fmt, text, props, skip in _read_rows(path):
         ordering = (props.get("ordering") or "unknown").strip()
-        yield (name, None if reason else structure, reason, _to_float(props.get("band_gap")),
-               ordering if ordering in MAGNETIC_ORDERINGS else "unknown")
+        ordering = ordering if ordering in MAGNETIC_ORDERINGS else "unknown"
+        try:
+            structures = [] if skip else _parse_structures(text, fmt)
+            reason = skip or ("" if structures else "unreadable")
+        except Misread as e:
+            structures, reason = [], str(e)
+        except Exception:
+            structures, reason = [], "unreadable"
+        if reason:
+            yield name, None, reason, _to_float(props.get("band_gap")), ordering
+        for k, structure in enumerate(structures):      # a CIF of several data blocks: name#2, ...
+            reason = "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
+                "disordered (partial occupancies)" if not structure.is_ordered else \
+                "with a dummy species (not an element)" if not all(
+                    isinstance(e, Element) for e in structure.composition.elements) else ""
+            yield (name + (f"#{k + 1}" if len(structures) > 1 else ""), None if reason else structure, reason,
+                   _to_float(props.get("band_gap")), ordering)
 
 
 # The parsed rows of a CSV are cached beside it, in .pccd_cache/, as arrays (a lattice, atomic
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 1
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 2
 
 
 def cache_path(path):
@@ -760,6 +810,8 @@ def write_csv(path, rows, fields=CSV_FIELDS):
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, path)
+    except OSError as e:                      # name the file asked for, not the temporary one
+        raise OSError(e.errno, e.strerror, path) from None
     finally:
         if os.path.exists(tmp):               # a failed write (a full disk) leaves nothing behind
             os.remove(tmp)

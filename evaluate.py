@@ -3,6 +3,7 @@
 
 numpy and pymatgen only (and data.py); no torch.
 """
+import math
 import time
 
 import numpy as np
@@ -337,13 +338,23 @@ def structurally_valid(structure, cutoff=0.5):
     return shortest_distance(structure) >= cutoff and structure.volume >= 0.1
 
 
+CHARGE_BALANCE_LIMIT = 10**7   # assignments; pymatgen takes ~0.15 s for 3.7e5, minutes for 1e9
+
+
 def compositionally_valid(composition):
     """A charge-balanced assignment of common oxidation states exists (pymatgen's
-    oxi_state_guesses), or the compound is one element or all metals (an alloy)."""
+    oxi_state_guesses), or the compound is one element or all metals (an alloy). None (not
+    judged) where the guess would try more than CHARGE_BALANCE_LIMIT assignments: per element,
+    the multisets of its states over its atoms (many atoms of many-valent elements; never a
+    crystal of <= 16 sites)."""
     composition = Composition(composition)
     elements = composition.elements
     if len(elements) == 1 or all(e.is_metal for e in elements):
         return True
+    assignments = math.prod(math.comb(int(round(n)) + k - 1, k - 1) for n, k in (
+        (n, max(1, len(e.icsd_oxidation_states or e.oxidation_states))) for e, n in composition.items()))
+    if assignments > CHARGE_BALANCE_LIMIT:
+        return None
     return len(composition.oxi_state_guesses()) > 0
 
 
@@ -457,12 +468,13 @@ def screen(structures, reference):
             continue
         row = describe(s)
         structural = structurally_valid(s)
-        compositional = compositionally_valid(s.composition)
+        judged = compositionally_valid(s.composition)
+        compositional = bool(judged)
         ratio = s.volume / predicted_volume(s.composition, volumes) if volumes else float("nan")
         closeness = crowding(s)
         crowded = closeness < CROWDED_BELOW
         plausible = not volumes or VOLUME_BAND[0] <= ratio <= VOLUME_BAND[1]
-        row.update(decoded=True, structural=structural, compositional=compositional,
+        row.update(decoded=True, structural=structural, compositional=compositional if judged is not None else "",
                    valid=structural and compositional, unique=next(unique), novel=next(novel),
                    crowding=round(closeness, 4), crowded=crowded, volume_ratio=round(ratio, 4),
                    physical=structural and compositional and not crowded and plausible)
@@ -491,7 +503,8 @@ def summarise_screening(rows):
                 crowded=count(ok, "crowded"), closer_than_1A=sum(r["shortest_distance"] < 1.0 for r in ok),
                 p1=sum(r["spacegroup"] == "P1" for r in ok), physical=count(ok, "physical"),
                 physical_unique_novel=sum(r["physical"] and r["unique"] and r["novel"] for r in ok),
-                median_shortest_distance=median("shortest_distance"), median_volume_ratio=median("volume_ratio"))
+                median_shortest_distance=median("shortest_distance"), median_volume_ratio=median("volume_ratio"),
+                **({"charge_balance_not_judged": n} if (n := sum(r["compositional"] == "" for r in ok)) else {}))
 
 
 def format_screening(summary):
@@ -509,6 +522,7 @@ def format_screening(summary):
                        ("valid_unique_novel", "valid, unique and novel"),
                        ("crystals_with_merges", "(decoder merged atoms on one spot)"),
                        ("uncommitted", "(not committed to an atom layout)"),
+                       ("charge_balance_not_judged", f"(charge balance not judged: > {CHARGE_BALANCE_LIMIT:.0e} ways)"),
                        ("closer_than_1A", "a pair closer than 1.0 A"),
                        ("crowded", f"crowded (d < {CROWDED_BELOW} (r_i + r_j))"), ("p1", "P1 (symprec 0.1)"),
                        ("physical", f"physical (valid, uncrowded, V ok)"),

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 # Set before spglib loads: its "failed" lines for odd cells are noise here.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
@@ -166,13 +167,12 @@ def save_checkpoint(path, state):
             os.remove(tmp)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py train) or name one with --checkpoint"):
     """Returns (model with EMA weights, in eval mode, on device; the checkpoint dict)."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python pccd.py train) "
-                        f"or name one with --checkpoint")
+        raise UserError(f"no checkpoint at {path}: {advice}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
         model = unet.UNet(unet.UNetConfig(**ckpt["model_config"])).to(device)
@@ -307,16 +307,27 @@ def train(args):
     path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(path) and not args.resume:
         raise UserError(f"{path} exists: continue it with --resume, or choose another --out")
-    resumed = load_checkpoint(path)[1] if args.resume else None
+    resumed = load_checkpoint(path, advice="--resume continues the run in --out (default runs/default)")[1] \
+        if args.resume else None
     if resumed and "optimizer" not in resumed:
         raise UserError(f"{path} is an exported, sampling-only checkpoint and cannot be resumed: "
                         f"resume the run it was exported from, or train a new one")
-    if resumed and ((args.data and portable_path(args.data) != resumed["settings"]["data"])
-                    or (args.widths and list(args.widths) != resumed["settings"]["widths"])):
-        raise UserError("--resume continues the run's own data and network: leave out --data, --widths")
+    if resumed:
+        own = resumed["settings"]
+        changed = [flag for flag, given, same in (
+            ("--data", args.data, lambda v: portable_path(v) == own["data"]),
+            ("--widths", args.widths, lambda v: list(v) == list(own["widths"])),
+            ("--prediction", args.prediction, lambda v: v == own["prediction"]),
+            ("--preset", args.preset, lambda v: v == own.get("preset"))) if given is not None and not same(given)]
+        if changed:
+            raise UserError(f"--resume continues the run's own data, network, objective and preset "
+                            f"({own.get('preset')}): leave out {', '.join(changed)}")
     s = resolve_settings(args, resumed)
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
+    if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
+        raise UserError(f"{s['data']} has changed since this run began ({len(resumed['train_ids'])} crystals "
+                        f"then, {len(crystals)} now): --resume would train on other data; start a new run")
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
     encoded = data.encode_dataset(crystals, length_range)
     if not np.isfinite(encoded[0]).all():
@@ -408,7 +419,7 @@ def cmd_export(args):
     golden = os.path.splitext(args.out)[0] + "_golden.npz"
     if os.path.exists(args.out) or os.path.exists(golden):
         raise UserError(f"{args.out} or {golden} exists: remove it or choose another --out")
-    _, ckpt = load_checkpoint(args.source)
+    _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
     small = {k: ckpt[k] for k in ("model_config", "length_range", "sampling", "settings", "train_ids",
                                   "train_compositions", "losses", "step")}
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
@@ -445,6 +456,8 @@ def fresh_dir(args):
     """A new folder for results: --out, or --out-2, -3, ... Made by os.mkdir, which fails if it
     exists, so two runs never share one; main() removes it if the command fails."""
     out = os.path.normpath(args.out)                  # runs/x/ -> runs/x, so -2 goes beside it
+    if os.path.basename(out) in (".", ".."):
+        raise UserError(f"--out {args.out} is an existing folder, not a new one: name a new folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {args.out} is a file, not a folder")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -457,6 +470,20 @@ def fresh_dir(args):
             return candidate
         except FileExistsError:
             k += 1
+
+
+def write_json(path, value):
+    """JSON that strict parsers read: numpy numbers as numbers, NaN and infinities as null."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, (float, np.floating)):
+            return float(v) if math.isfinite(v) else None
+        return v.item() if isinstance(v, np.generic) else v
+    with open(path, "w") as f:
+        json.dump(plain(value), f, indent=1, allow_nan=False)
 
 
 def condition_tensors(conditions, device):
@@ -540,8 +567,7 @@ def cmd_reconstruct(args):
                    sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed, seconds=seconds)
     summary |= evaluate.summarise_reconstruction(pairs, ckpt["train_compositions"])
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(summary=summary, pairs=pairs), f, indent=1, default=float)
+    write_json(os.path.join(out, "results.json"), dict(summary=summary, pairs=pairs))
     data.write_csv(os.path.join(out, "pairs.csv"), pairs, evaluate.PAIR_FIELDS)
     evaluate.plot_reconstruction(pairs, summary, os.path.join(out, "fig1.png"))
     print(evaluate.format_reconstruction(summary))
@@ -563,17 +589,20 @@ def reference_path(path, named):
 
 
 def load_reference(path):
-    return [c.structure for c in data.load_structures(path, verbose=False)] if path else []
+    """The training structures novelty is judged against: every readable one, whatever its size or
+    number of elements (a copy of any of them is not novel)."""
+    if not path:
+        return []
+    reference = [c.structure for c in data.load_structures(path, verbose=False, only_encodable=False)]
+    if not reference:
+        raise UserError(f"--reference {path} holds no readable structure: novelty cannot be judged against it")
+    return reference
 
 
 def cmd_generate(args):
     if sum(map(bool, (args.elements, args.pool, args.formula))) != 1:
         raise UserError("give one of --elements (1-3 symbols), --pool or --formula")
-    try:
-        elements, counts = data.parse_formula(args.formula) if args.formula else \
-            (args.elements and data.check_elements(args.elements), None)
-    except ValueError as e:
-        raise UserError(str(e))
+    elements, counts = args.formula or (args.elements, None)      # both checked as they were parsed
     device, model, ckpt, ddpm = load_for_sampling(args)
     rng = np.random.default_rng(args.seed)
     if elements:
@@ -585,6 +614,7 @@ def cmd_generate(args):
         element_sets = data.draw_element_sets(args.pool, args.n, rng)
     element_sets = [data.canonical_order(s) for s in element_sets]   # the slot order of training
     reference_file = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
+    reference = load_reference(reference_file)                # a bad one fails now, not after sampling
     out = fresh_dir(args)
     unseen = sorted({e for s in element_sets for e in s}
                     - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
@@ -595,7 +625,6 @@ def cmd_generate(args):
     trajectory = {} if args.trajectory else None
     lay = data.element_layout(elements, counts) if counts else None      # --formula: channel 1 held
     known = diffusion.known_channels(np.stack([[0 * lay, lay, 0 * lay]] * args.n), [1]) if counts else None
-    reference = load_reference(reference_file)
     physics = None if args.no_physics else (counts and [counts] * args.n, ckpt["length_range"],
                                             evaluate.atomic_volumes(reference))
     clouds, seconds, committed = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory,
@@ -623,8 +652,7 @@ def cmd_generate(args):
                    novelty_checked=reference_file is not None)
     if not args.no_physics:
         summary["uncommitted"] = sum(c is None for c in count_lists)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out, "summary.json"), summary)
     print(evaluate.format_screening(summary))
     print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
 
@@ -673,8 +701,7 @@ def cmd_csp(args):
     summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=args.steps,
                                                           physics=not args.no_physics,
                                                           train_crystals=len(ckpt["train_ids"]))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(summary=summary, rows=rows), f, indent=1)
+    write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
         evaluate.plot_prediction(crystals[i % n].structure, predicted[i], os.path.join(out, "predicted.png"))
     print(evaluate.format_csp(summary) + f"\nresults: {out}/ (results.json, predicted.png, first samples as CIF)")
@@ -711,6 +738,8 @@ def cmd_download(args):
 def cmd_show(args):
     """Fig. S1: the three channels of one crystal's cloud."""
     out = args.out or os.path.splitext(os.path.basename(args.structure))[0] + "_cloud.png"
+    if os.path.splitext(out)[1].lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out {out}: name a .png, .pdf or .svg file")
     if os.path.exists(out):
         raise UserError(f"{out} exists; name another with --out")
     structure = load_or_fail(args.structure)[0].structure
@@ -728,7 +757,10 @@ def cmd_bench(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model, B = unet.UNet().to(device), args.batch_size
-    train_ms, guided_ms = diffusion.Diffusion().step_milliseconds(model, B, device)
+    try:
+        train_ms, guided_ms = diffusion.Diffusion().step_milliseconds(model, B, device)
+    except (RuntimeError, MemoryError) as e:          # the allocator's "can't allocate memory", CUDA OOM
+        raise UserError(f"--batch-size {B} does not fit in memory ({str(e).splitlines()[0][:100]})")
     print(f"device {device} ({torch.get_num_threads()} threads), batch {B}\n"
           f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
           f"training step                    {train_ms:8.1f} ms\n"
@@ -740,7 +772,7 @@ def cmd_bench(args):
 def cmd_roundtrip(args):
     print(f"{'data':<40} {'noise':>6} {'matched':>13} {'rate':>8} {'ms/decode':>10}")
     for path in args.data:
-        crystals = load_or_fail(path)
+        crystals = load_or_fail(path, length_range=data.DEFAULT_LENGTH_RANGE)
         for noise in args.noise:
             r = evaluate.roundtrip(crystals, noise=noise, seed=args.seed)
             print(evaluate.format_roundtrip(os.path.relpath(path), noise, r), flush=True)
@@ -777,6 +809,24 @@ STEP = number(int, 0, diffusion.T, what=f"a diffusion step from 0 to {diffusion.
 PROBABILITY = number(float, 0, 1, what="a probability from 0 to 1")
 NON_NEGATIVE = number(float, 0, what="a finite number >= 0")
 WIDTH = number(int, 8, what="a positive multiple of 8 (GroupNorm's 8 groups)", multiple_of=8)
+
+
+def formula(text):
+    """An argparse type: a formula PCCD can make -> (elements in slot order, counts)."""
+    try:
+        return data.parse_formula(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+class ElementsArgument(argparse.Action):
+    """--elements: 1-3 distinct element symbols, checked as they are parsed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, data.check_elements(values))
+        except ValueError as e:
+            raise argparse.ArgumentError(self, str(e))
 
 
 def device(text):
@@ -910,8 +960,9 @@ def build_parser():
                        "sets from one of the paper's three batches (--pool), write one CIF and one "
                        "POSCAR each and summary.csv, and screen them: structural and compositional "
                        "validity, uniqueness, novelty (Table 2), crowding, volume, P1 share: physical?")
-    p.add_argument("--elements", nargs="+", metavar="EL", help="1-3 element symbols, e.g. Mg Mn O")
-    p.add_argument("--formula", help="a composition to predict structures of, e.g. Li2Co2O4 (all of them "
+    p.add_argument("--elements", nargs="+", metavar="EL", action=ElementsArgument,
+                   help="1-3 element symbols, e.g. Mg Mn O")
+    p.add_argument("--formula", type=formula, help="a composition to predict structures of, e.g. Li2Co2O4 (all of them "
                    "have exactly it: channel 1 is held by inpainting)")
     p.add_argument("--pool", choices=sorted(data.POOLS) + ["train"], help="an element set per crystal "
                    "from the paper's batches (all, rare-earth-oxides: O + 1-2 metals, common: "
@@ -1015,6 +1066,7 @@ def run_as_program():
         if signum is not None:
             signal.signal(signum, terminate)
     sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
+    warnings.simplefilter("ignore")      # pymatgen's and numpy's: every message here is the project's own
     return main()
 
 

@@ -1241,6 +1241,7 @@ def bad_inputs(tmp_path_factory, mp20):
     (only_bad / "POSCAR_flat").write_text((mixed / "POSCAR_flat").read_text())
     (root / "binary.cif").write_bytes(bytes(range(256)) * 8)
     (root / "a_file").write_text("not a folder")
+    (root / "latin1.csv").write_bytes("material_id,cif\nmp-1,caf\xe9\n".encode("latin-1"))
     long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     roundtrip = root / "roundtrip"
     roundtrip.mkdir()
@@ -1264,7 +1265,9 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Mg", "O", "--device", "cuda:7"], 2, "--device: 'cuda:7'"),
     (["generate", "--elements", "Mg", "O", "--n", "2.5"], 2, "--n: '2.5'"),
     (["generate", "--elements", "Mg", "O", "--n", "1" + "0" * 400], 2, "--n: '1000"),
-    (["train", "--resume", "--out", "{run}", "--widths", "64", "64", "64"], 1, "leave out --data, --widths"),
+    (["train", "--resume", "--out", "{run}", "--widths", "64", "64", "64"], 1, "leave out --widths"),
+    (["train", "--resume", "--out", "{run}", "--prediction", "eps"], 1, "leave out --prediction"),
+    (["train", "--resume", "--out", "{run}", "--preset", "long"], 1, "preset (quick): leave out --preset"),
     (["export", "{run}", "--out", "{r}/mixed/good.pt"], 1, "good_golden.npz exists"),
     (["reconstruct", "--n", "-1"], 2, "--n: '-1' is not a positive integer"),
     (["reconstruct", "--t", "0"], 2, "--t: '0' is not a step from 1 to 1000"),
@@ -1278,15 +1281,19 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["train", "--widths", "30", "64", "128"], 2, "--widths: '30' is not a positive multiple of 8"),
     (["roundtrip", "--noise", "-0.1"], 2, "--noise"),
     (["bench", "--batch-size", "0"], 2, "--batch-size"),
-    (["generate", "--elements", "Xx"], 1, "'Xx' is not a chemical element symbol"),
-    (["generate", "--elements", "Mg", "Mn", "O", "Fe"], 1, "4 elements"),
+    (["generate", "--elements", "Xx"], 2, "argument --elements: 'Xx' is not a chemical element symbol"),
+    (["generate", "--elements", "Mg", "Mn", "O", "Fe"], 2, "4 elements"),
+    (["generate", "--elements", "Mg", "Mg"], 2, "repeated element"),
     (["generate", "--elements", "Mg", "--pool", "common"], 1, "give one of --elements"),
     (["generate"], 1, "give one of --elements"),
-    (["generate", "--formula", "LiQ2"], 1, "'Q' is not a valid Element"),
-    (["generate", "--formula", "LiNaCoO2"], 1, "4 elements"),
-    (["generate", "--formula", "Li10O7"], 1, "Li10O7 has 17 atoms; PCCD makes 1 to 16"),
-    (["generate", "--formula", "Li0"], 1, "0 elements"),
-    (["generate", "--formula", "Li0.5O"], 1, "atom counts must be whole numbers"),
+    (["generate", "--formula", "LiQ2"], 2, "argument --formula: 'Q' is not a chemical element symbol"),
+    (["generate", "--formula", "LiNaCoO2"], 2, "4 elements"),
+    (["generate", "--formula", "Li10O7"], 2, "Li10O7 has 17 atoms; PCCD makes 1 to 16"),
+    (["generate", "--formula", "Li0"], 2, "atom counts must be whole numbers of at least 1 (Li0)"),
+    (["generate", "--formula", "NaCl0"], 2, "atom counts must be whole numbers of at least 1 (Cl0)"),
+    (["generate", "--formula", "Li0.5O"], 2, "cannot read the formula 'Li0.5O'"),
+    (["generate", "--formula", "Li1.5"], 2, "cannot read the formula 'Li1.5'"),
+    (["generate", "--formula", "Na1e1Cl"], 2, "cannot read the formula 'Na1e1Cl'"),
     (["csp", "--k", "0"], 2, "--k: '0' is not a number of samples from 1 to 100"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/nowhere.pt"], 1, "no checkpoint at"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/binary.cif"], 1, "is not a PCCD checkpoint"),
@@ -1298,10 +1305,18 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["reconstruct", "--checkpoint", "{run}", "--data", "{r}/only_bad"], 1, "1 unreadable"),
     (["train", "--data", "{r}/only_bad", "--out", "{r}/run"], 1, "kept 0 of 2"),
     (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structures (skipped: 1 unreadable)"),
-    (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at"),
+    (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at {r}/nowhere/checkpoint.pt: --resume continues the run in --out"),
+    (["export", "{r}/nowhere", "--out", "{r}/x.pt"], 1, "no checkpoint at {r}/nowhere: name a run folder"),
     (["train", "--resume", "--out", "{run}", "--data", "{r}/mixed"], 1, "--resume continues the run's own data"),
-    (["generate", "--elements", "mg", "o"], 1, "'mg' is not a chemical element symbol"),
+    (["generate", "--elements", "mg", "o"], 2, "'mg' is not a chemical element symbol"),
+    (["generate", "--elements", "na"], 2, "'na' is not a chemical element symbol"),
     (["export", "{run}", "--out", "{r}/a_file"], 1, "exists"),
+    (["show", "{r}/mixed/good.cif", "--out", "{r}/cloud.txt"], 1, "--out {r}/cloud.txt: name a .png, .pdf or .svg file"),
+    (["bench", "--batch-size", "100000000"], 1, "--batch-size 100000000 does not fit in memory"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "."], 1, "--out . is an existing folder"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/only_bad"], 1,
+     "--reference {r}/only_bad holds no readable structure"),
+    (["train", "--data", "{r}/latin1.csv", "--out", "{r}/run"], 1, "{r}/latin1.csv is not UTF-8 text (byte 0xe9"),
 ]
 
 
@@ -1351,8 +1366,9 @@ def test_roundtrip_counts_a_crystal_it_cannot_encode_and_goes_on(bad_inputs, cap
     result = evaluate.roundtrip(crystals)
     assert result["n"] == 2 and result["matched"] == 1
     assert result["failures"] == ["long.cif (cannot be encoded)"]
-    code, _, out = run_pccd(["roundtrip", "--data", str(bad_inputs / "roundtrip"), "--noise", "0"], capsys)
-    assert code == 0 and "1/2" in out and "long.cif (cannot be encoded)" in out
+    code, err, out = run_pccd(["roundtrip", "--data", str(bad_inputs / "roundtrip"), "--noise", "0"], capsys)
+    assert code == 0 and "1/1" in out                     # the 60 A cell is skipped where it is loaded,
+    assert "kept 1 of 2 structures (skipped: 1 with a lattice length outside 2-50 A)" in err[0]   # with why
 
 
 @pytest.mark.parametrize("kind", ["file", "csv"])
@@ -1479,3 +1495,82 @@ def test_sigterm_during_train_saves_the_steps_done_and_a_second_train_there_is_r
     step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     assert step > 0 and f"holds step {step}: continue with --resume" in p.stderr.read()
     assert sorted(os.listdir(out)) == ["checkpoint.pt"]                 # no lock or temporary file left
+
+
+def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
+    rows = bundled_rows(6)
+    write_rows(tmp_path / "six.csv", rows)
+    out = tmp_path / "run"
+    assert train(str(tmp_path / "six.csv"), out, 2, "--val", "none", "--widths", "8", "8", "8") == 0
+    write_rows(tmp_path / "six.csv", rows[:4])
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
+    assert code == 1 and "has changed since this run began (6 crystals then, 4 now)" in err[-1]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_folder_or_a_pipe(tmp_path, mp20):
+    a, b = mp20[0].structure, mp20[1].structure
+    folder = tmp_path / "tricky"
+    folder.mkdir()
+    (folder / "loop.cif").symlink_to(folder)                       # a link to the folder itself
+    os.mkfifo(folder / "pipe.cif")                                 # reading it would block forever
+    (folder / "two_blocks.cif").write_text(a.to(fmt="cif") + "\n" + b.to(fmt="cif").replace("data_", "data_second_"))
+    a.to(filename=str(folder / "x.cif"))
+    a.to(filename=str(folder / "x.vasp"), fmt="poscar")           # what generate writes beside x.cif
+    (folder / "POSCAR_no_species").write_text("no names\n1.0\n4 0 0\n0 4 0\n0 0 4\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
+    cif = Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(fmt="cif")
+    (folder / "negative.cif").write_text(cif.replace("0.00000000  0.00000000  0.00000000  1", "0.00000000  0.00000000  0.00000000  -1"))
+    skipped = {}
+    kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
+    assert [c.material_id for c in kept] == ["two_blocks.cif#1", "two_blocks.cif#2", "x.cif"]
+    assert [c.structure.composition for c in kept] == [a.composition, b.composition, a.composition]
+    assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
+                       "without element names (a POSCAR with no species line)": 1,
+                       "with atoms pymatgen dropped (occupancy <= 0?)": 1}
+
+
+def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_reference_is_refused(tmp_path, mp20, capsys):
+    import csv
+    big = next(c.structure.copy() for c in mp20 if len(c.structure.composition) == 3
+               and c.structure.composition[c.structure[-1].specie] >= 2)
+    big.replace(len(big) - 1, "Cs")                                  # a fourth element: not encodable
+    assert len(big.composition) == 4
+    reference, candidates = tmp_path / "reference", tmp_path / "candidates"
+    reference.mkdir(), candidates.mkdir()
+    big.to(filename=str(reference / "big.cif"))
+    big.to(filename=str(candidates / "copy.cif"))
+    plain = next(c.structure for c in mp20 if {e.symbol for e in c.structure.composition} == {"Mg", "O"})
+    decorated = plain.copy()
+    decorated.add_oxidation_state_by_element({"Mg": 2, "O": -2})
+    assert "Mg2+" in decorated.to(fmt="cif")
+    plain.to(filename=str(reference / "plain.cif"))
+    decorated.to(filename=str(candidates / "decorated.cif"))
+    code, err, _ = run_pccd(["evaluate", str(candidates), "--reference", str(reference)], capsys)
+    assert code == 0
+    rows = list(csv.DictReader(open(candidates / "screening.csv")))
+    assert {r["name"]: r["novel"] for r in rows} == {"copy.cif": "False", "decorated.cif": "False"}
+    (tmp_path / "header_only.csv").write_text("material_id,cif\n")
+    code, err, _ = run_pccd(["evaluate", str(candidates), "--reference", str(tmp_path / "header_only.csv"),
+                             "--csv", str(tmp_path / "s.csv")], capsys)
+    assert code == 1 and "holds no readable structure: novelty cannot be judged" in err[-1]
+
+
+def test_element_order_is_the_same_whichever_way_the_elements_are_given():
+    assert data.canonical_order(["Ar", "F"]) == data.canonical_order(["F", "Ar"]) == ["F", "Ar"]
+    assert data.canonical_order(["O", "He", "Ne", "Mg"]) == ["Mg", "O", "He", "Ne"]
+    assert data.covalent_radius("Og") == data.covalent_radius("Cm")          # untabulated: Cm's
+
+
+def test_a_charge_balance_too_large_to_guess_is_not_judged_rather_than_hanging():
+    import time
+    start = time.perf_counter()
+    assert evaluate.compositionally_valid("Mn7V5Cr3Fe2O30S10") is None       # ~7e8 assignments
+    assert time.perf_counter() - start < 5
+    assert evaluate.compositionally_valid("Mn3V5Cr7O20") is True and evaluate.compositionally_valid("NaCl2") is False
+
+
+def test_results_are_strict_json(tmp_path):
+    import json
+    pccd.write_json(tmp_path / "r.json", dict(a=float("nan"), b=np.float32(1.5), c=[np.inf, np.int64(3)]))
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
+        dict(a=None, b=1.5, c=[None, 3])
