@@ -1,7 +1,9 @@
 """The denoising diffusion probabilistic model (DDPM) of PCCD: paper Eqs. (1)-(6) and (S4),
 following Ho et al. (2020) and their notation, with a cosine schedule (Nichol & Dhariwal, 2021),
 classifier-free guidance (Ho & Salimans, 2022), DDIM sampling (Song et al., 2021) and inpainting
-(Lugmayr et al., 2022): sampling with part of the cloud known, e.g. the composition (channel 1).
+(Lugmayr et al., 2022): sampling with part of the cloud known, e.g. the composition (channel 1),
+and physics-aware sampling (`Physics`, after PhysDiff, Yuan et al. 2023): the predicted x0 made a
+physical crystal at every step below 500.
 
 The network is whatever it is handed: any `model(x, t, elements, band_gap, magnetic, drop)`
 that returns a tensor shaped like x. Clouds live in [0, 1] (data.py); the model sees them in
@@ -47,134 +49,6 @@ def known_channels(clouds, channels):
     mask = torch.zeros(1, 3, 1, 1, dtype=torch.bool)
     mask[:, list(channels)] = True
     return mask, to_model(torch.as_tensor(clouds, dtype=torch.float32))
-
-
-# ---- Physics-aware sampling ---------------------------------------------------------------
-PHYSICS_FROM = 500     # steps t <= this: the x0 prediction is projected and its atoms kept apart
-SEPARATION = 0.9       # s: atoms i, j are pushed to at least s (r_i + r_j) apart (covalent radii)
-MIN_VOLUME = 1.0       # a cell smaller than this share of the volume its atoms take is scaled up to it
-REPULSION_STEPS = 8    # rounds of pushing per step
-_IMAGES = torch.tensor([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)],
-                       dtype=torch.float32)
-
-
-class Physics:
-    """Physics-aware sampling: at every step t <= PHYSICS_FROM the network's prediction of the
-    clean cloud, x0, is replaced by the nearest physical one before the step is taken -- the idea
-    of physics-guided diffusion (PhysDiff, Yuan et al. 2023, which projects x0 with a simulator
-    inside the sampling loop). Two named steps, on each committed sample:
-      `project`    every block of points (the points one atom owns, data.point_owner) is set to
-                   its circular mean, channel 1 to the committed composition, and the lattice rows
-                   to their means: the cloud becomes one that a crystal encodes to, exactly; a
-                   cell smaller than MIN_VOLUME of the volume its atoms take (sum of the layout's
-                   per-atom volumes) is scaled up to it, its shape kept;
-      `keep_apart` atoms closer than s (r_i + r_j) are pushed apart, the lattice held.
-    Why the sampler stays a denoiser: a step only needs an estimate of x0 (the DDIM and DDPM
-    steps are written through it, as for clipping to [-1, 1]); the estimate is moved to the
-    nearest clean cloud a crystal could have, the noise estimate is re-derived from it and x_t,
-    and the network sees the result at the next step, so the rest of the denoising adapts.
-
-    Which points make an atom is the layout (data.atom_layouts). Structure prediction knows it
-    from the start (`layout`). Generation commits at the first step t <= PHYSICS_FROM: x0 is
-    decoded by the clustering decoder (`read_layout`, clouds in [0, 1] -> layout), and from
-    then on channel 1 is held to that composition (inpainting, `held`) and the crystal decodes by
-    blocks. A sample whose x0 cannot be read there is not committed: it goes on unconstrained
-    and is decoded by clustering at the end (`layout["committed"]` says which)."""
-
-    def __init__(self, length_range, layout=None, read_layout=None):
-        self.log_lo, self.log_hi = math.log(length_range[0]), math.log(length_range[1])
-        self.layout, self.read_layout, self.held = layout, read_layout, None
-
-    def __call__(self, x0, t):
-        """The physical x0 for step t (model units); x0 itself above PHYSICS_FROM."""
-        if t > PHYSICS_FROM:
-            return x0
-        if self.layout is None:                                       # generation: commit now
-            self.layout = self.read_layout(from_model(x0).cpu().numpy())
-            mask = torch.zeros(len(x0), 3, 1, 1, dtype=torch.bool)
-            mask[:, 1] = torch.as_tensor(self.layout["committed"])[:, None, None]
-            self.held = (mask.to(x0.device), to_model(self.clouds_of(x0)))
-        return self.keep_apart(self.project(x0))
-
-    def clouds_of(self, x0):
-        """x0 (model units) with channel 1 set to the layout's composition, in [0, 1]."""
-        clouds = from_model(x0).clone()
-        composition = torch.as_tensor(self.layout["composition"], device=x0.device)
-        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
-        clouds[committed, 1] = composition[committed]
-        return clouds
-
-    def project(self, x0):
-        """Blocks to their circular means, channel 1 to the composition, lattice rows to their means."""
-        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
-        clouds = self.clouds_of(x0)
-        clouds[:, 0] = self.atoms(clouds[:, 0]).gather(1, self.owner(x0).unsqueeze(-1).expand(-1, -1, 3))
-        half = clouds.shape[2] // 2
-        clouds[:, 2, :half] = clouds[:, 2, :half].mean(1, keepdim=True)
-        clouds[:, 2, half:] = clouds[:, 2, half:].mean(1, keepdim=True)
-        wanted = MIN_VOLUME * torch.as_tensor(self.layout["volume"], device=x0.device, dtype=x0.dtype).sum(1)
-        volume = torch.linalg.det(self.metric(clouds)).clamp(min=1e-12).sqrt()
-        grow = torch.log((wanted / volume).clamp(min=1.0)) / 3             # log of the length factor
-        clouds[:, 2, half:] = (clouds[:, 2, half:] + grow[:, None, None] / (self.log_hi - self.log_lo)).clamp(0, 1)
-        return torch.where(committed[:, None, None, None], to_model(clouds), x0)
-
-    def owner(self, x0):
-        return torch.as_tensor(self.layout["owner"], device=x0.device)
-
-    def atoms(self, positions):
-        """Circular mean of each atom's points: (B, 128, 3) in [0, 1] -> (B, 16, 3)."""
-        radius = torch.as_tensor(self.layout["radius"])
-        own = F.one_hot(self.owner(positions), radius.shape[1]).to(positions.dtype)   # (B, 128, 16)
-        angle = 2 * math.pi * positions
-        mean = torch.atan2(own.transpose(1, 2) @ angle.sin(), own.transpose(1, 2) @ angle.cos())
-        return (mean / (2 * math.pi)) % 1.0
-
-    def metric(self, clouds):
-        """The metric tensor G = L L^T of each cell, (B, 3, 3), from its lattice rows: the
-        squared length of a fractional vector d is d G d^T; G_ij = |a_i| |a_j| cos(angle_ij)."""
-        half = clouds.shape[2] // 2
-        angles = torch.deg2rad(clouds[:, 2, :half].mean(1) * 180.0)             # alpha, beta, gamma
-        lengths = torch.exp(self.log_lo + clouds[:, 2, half:].mean(1) * (self.log_hi - self.log_lo))
-        cos = torch.cos(angles)
-        cos_ij = torch.stack([torch.stack([torch.ones_like(cos[:, 0]), cos[:, 2], cos[:, 1]], -1),
-                              torch.stack([cos[:, 2], torch.ones_like(cos[:, 0]), cos[:, 0]], -1),
-                              torch.stack([cos[:, 1], cos[:, 0], torch.ones_like(cos[:, 0])], -1)], 1)
-        return lengths[:, :, None] * lengths[:, None, :] * cos_ij
-
-    def keep_apart(self, x0):
-        """Push atoms apart: REPULSION_STEPS rounds of gradient descent on the soft-sphere energy
-        E = 1/2 sum_{i != j, images} max(0, s (r_i + r_j) - d_ij)^2, each atom moving half of
-        every overlap it has, along the line between the two (in the cell's metric, so a step of
-        fractional coordinates delta (overlap / d) is a move of `overlap` A). Two atoms alone meet
-        s (r_i + r_j) after one round; atoms already that far apart do not move."""
-        radius = torch.as_tensor(self.layout["radius"], device=x0.device, dtype=x0.dtype)
-        radius = radius[:, : max(1, int((radius > 0).sum(1).max()))]                 # up to the most atoms
-        clouds = from_model(x0)
-        G, atoms = self.metric(clouds), self.atoms(clouds[:, 0])[:, : radius.shape[1]]
-        reach = SEPARATION * (radius[:, :, None] + radius[:, None, :])               # (B, A, A)
-        reach = reach * (radius[:, :, None] > 0) * (radius[:, None, :] > 0)
-        reach = reach * (1 - torch.eye(radius.shape[1], device=x0.device))           # not an atom's own images
-        # coincident atoms have no line between them: the one with the higher index goes along +a
-        along_a = torch.sign(torch.arange(radius.shape[1], dtype=x0.dtype)[:, None]
-                             - torch.arange(radius.shape[1], dtype=x0.dtype)[None, :])
-        along_a = along_a[None, :, :, None] * torch.tensor([1.0, 0, 0]) / G[:, 0, 0].sqrt()[:, None, None, None]
-        active = torch.arange(len(atoms), device=x0.device)                           # samples still overlapping
-        for _ in range(REPULSION_STEPS):
-            a, g = atoms[active], G[active]
-            delta = a[:, :, None] - a[:, None, :]                                       # f_i - f_j
-            delta = (delta - delta.round())[:, :, :, None] + _IMAGES.to(x0.device)     # (b, A, A, 27, 3)
-            d = ((delta.flatten(1, 3) @ g).view(delta.shape) * delta).sum(-1).clamp(min=0).sqrt()
-            overlap = (reach[active, :, :, None] - d).clamp(min=0)                      # (b, A, A, 27)
-            direction = torch.where((d > 1e-6)[..., None], delta / d.clamp(min=1e-6)[..., None],
-                                    along_a[active, :, :, None])
-            atoms[active] = a + 0.5 * (overlap[..., None] * direction).sum((2, 3))
-            active = active[overlap.flatten(1).amax(1) > 0]
-            if len(active) == 0:
-                break
-        clouds = clouds.clone()
-        clouds[:, 0] = (atoms % 1.0).gather(1, self.owner(x0).unsqueeze(-1).expand(-1, -1, 3))
-        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
-        return torch.where(committed[:, None, None, None], to_model(clouds), x0)
 
 
 def cosine_beta_schedule(T, s=0.008):
@@ -418,6 +292,134 @@ class Diffusion:
         train_ms = milliseconds(train_step)
         with torch.no_grad():
             return train_ms, milliseconds(lambda: self.predict_noise(model.eval(), x, 500, condition, guidance=2.0))
+
+
+# ---- Physics-aware sampling ---------------------------------------------------------------
+PHYSICS_FROM = 500     # steps t <= this: the x0 prediction is projected and its atoms kept apart
+SEPARATION = 0.9       # s: atoms i, j are pushed to at least s (r_i + r_j) apart (covalent radii)
+MIN_VOLUME = 1.0       # a cell smaller than this share of the volume its atoms take is scaled up to it
+REPULSION_STEPS = 8    # rounds of pushing per step
+_IMAGES = torch.tensor([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)],
+                       dtype=torch.float32)
+
+
+class Physics:
+    """Physics-aware sampling: at every step t <= PHYSICS_FROM the network's prediction of the
+    clean cloud, x0, is replaced by the nearest physical one before the step is taken -- the idea
+    of physics-guided diffusion (PhysDiff, Yuan et al. 2023, which projects x0 with a simulator
+    inside the sampling loop). Two named steps, on each committed sample:
+      `project`    every block of points (the points one atom owns, data.point_owner) is set to
+                   its circular mean, channel 1 to the committed composition, and the lattice rows
+                   to their means: the cloud becomes one that a crystal encodes to, exactly; a
+                   cell smaller than MIN_VOLUME of the volume its atoms take (sum of the layout's
+                   per-atom volumes) is scaled up to it, its shape kept;
+      `keep_apart` atoms closer than s (r_i + r_j) are pushed apart, the lattice held.
+    Why the sampler stays a denoiser: a step only needs an estimate of x0 (the DDIM and DDPM
+    steps are written through it, as for clipping to [-1, 1]); the estimate is moved to the
+    nearest clean cloud a crystal could have, the noise estimate is re-derived from it and x_t,
+    and the network sees the result at the next step, so the rest of the denoising adapts.
+
+    Which points make an atom is the layout (data.atom_layouts). Structure prediction knows it
+    from the start (`layout`). Generation commits at the first step t <= PHYSICS_FROM: x0 is
+    decoded by the clustering decoder (`read_layout`, clouds in [0, 1] -> layout), and from
+    then on channel 1 is held to that composition (inpainting, `held`) and the crystal decodes by
+    blocks. A sample whose x0 cannot be read there is not committed: it goes on unconstrained
+    and is decoded by clustering at the end (`layout["committed"]` says which)."""
+
+    def __init__(self, length_range, layout=None, read_layout=None):
+        self.log_lo, self.log_hi = math.log(length_range[0]), math.log(length_range[1])
+        self.layout, self.read_layout, self.held = layout, read_layout, None
+
+    def __call__(self, x0, t):
+        """The physical x0 for step t (model units); x0 itself above PHYSICS_FROM."""
+        if t > PHYSICS_FROM:
+            return x0
+        if self.layout is None:                                       # generation: commit now
+            self.layout = self.read_layout(from_model(x0).cpu().numpy())
+            mask = torch.zeros(len(x0), 3, 1, 1, dtype=torch.bool)
+            mask[:, 1] = torch.as_tensor(self.layout["committed"])[:, None, None]
+            self.held = (mask.to(x0.device), to_model(self.clouds_of(x0)))
+        return self.keep_apart(self.project(x0))
+
+    def clouds_of(self, x0):
+        """x0 (model units) with channel 1 set to the layout's composition, in [0, 1]."""
+        clouds = from_model(x0).clone()
+        composition = torch.as_tensor(self.layout["composition"], device=x0.device)
+        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
+        clouds[committed, 1] = composition[committed]
+        return clouds
+
+    def project(self, x0):
+        """Blocks to their circular means, channel 1 to the composition, lattice rows to their means."""
+        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
+        clouds = self.clouds_of(x0)
+        clouds[:, 0] = self.atoms(clouds[:, 0]).gather(1, self.owner(x0).unsqueeze(-1).expand(-1, -1, 3))
+        half = clouds.shape[2] // 2
+        clouds[:, 2, :half] = clouds[:, 2, :half].mean(1, keepdim=True)
+        clouds[:, 2, half:] = clouds[:, 2, half:].mean(1, keepdim=True)
+        wanted = MIN_VOLUME * torch.as_tensor(self.layout["volume"], device=x0.device, dtype=x0.dtype).sum(1)
+        volume = torch.linalg.det(self.metric(clouds)).clamp(min=1e-12).sqrt()
+        grow = torch.log((wanted / volume).clamp(min=1.0)) / 3             # log of the length factor
+        clouds[:, 2, half:] = (clouds[:, 2, half:] + grow[:, None, None] / (self.log_hi - self.log_lo)).clamp(0, 1)
+        return torch.where(committed[:, None, None, None], to_model(clouds), x0)
+
+    def owner(self, x0):
+        return torch.as_tensor(self.layout["owner"], device=x0.device)
+
+    def atoms(self, positions):
+        """Circular mean of each atom's points: (B, 128, 3) in [0, 1] -> (B, 16, 3)."""
+        radius = torch.as_tensor(self.layout["radius"])
+        own = F.one_hot(self.owner(positions), radius.shape[1]).to(positions.dtype)   # (B, 128, 16)
+        angle = 2 * math.pi * positions
+        mean = torch.atan2(own.transpose(1, 2) @ angle.sin(), own.transpose(1, 2) @ angle.cos())
+        return (mean / (2 * math.pi)) % 1.0
+
+    def metric(self, clouds):
+        """The metric tensor G = L L^T of each cell, (B, 3, 3), from its lattice rows: the
+        squared length of a fractional vector d is d G d^T; G_ij = |a_i| |a_j| cos(angle_ij)."""
+        half = clouds.shape[2] // 2
+        angles = torch.deg2rad(clouds[:, 2, :half].mean(1) * 180.0)             # alpha, beta, gamma
+        lengths = torch.exp(self.log_lo + clouds[:, 2, half:].mean(1) * (self.log_hi - self.log_lo))
+        cos = torch.cos(angles)
+        cos_ij = torch.stack([torch.stack([torch.ones_like(cos[:, 0]), cos[:, 2], cos[:, 1]], -1),
+                              torch.stack([cos[:, 2], torch.ones_like(cos[:, 0]), cos[:, 0]], -1),
+                              torch.stack([cos[:, 1], cos[:, 0], torch.ones_like(cos[:, 0])], -1)], 1)
+        return lengths[:, :, None] * lengths[:, None, :] * cos_ij
+
+    def keep_apart(self, x0):
+        """Push atoms apart: REPULSION_STEPS rounds of gradient descent on the soft-sphere energy
+        E = 1/2 sum_{i != j, images} max(0, s (r_i + r_j) - d_ij)^2, each atom moving half of
+        every overlap it has, along the line between the two (in the cell's metric, so a step of
+        fractional coordinates delta (overlap / d) is a move of `overlap` A). Two atoms alone meet
+        s (r_i + r_j) after one round; atoms already that far apart do not move."""
+        radius = torch.as_tensor(self.layout["radius"], device=x0.device, dtype=x0.dtype)
+        radius = radius[:, : max(1, int((radius > 0).sum(1).max()))]                 # up to the most atoms
+        clouds = from_model(x0)
+        G, atoms = self.metric(clouds), self.atoms(clouds[:, 0])[:, : radius.shape[1]]
+        reach = SEPARATION * (radius[:, :, None] + radius[:, None, :])               # (B, A, A)
+        reach = reach * (radius[:, :, None] > 0) * (radius[:, None, :] > 0)
+        reach = reach * (1 - torch.eye(radius.shape[1], device=x0.device))           # not an atom's own images
+        # coincident atoms have no line between them: the one with the higher index goes along +a
+        along_a = torch.sign(torch.arange(radius.shape[1], dtype=x0.dtype)[:, None]
+                             - torch.arange(radius.shape[1], dtype=x0.dtype)[None, :])
+        along_a = along_a[None, :, :, None] * torch.tensor([1.0, 0, 0]) / G[:, 0, 0].sqrt()[:, None, None, None]
+        active = torch.arange(len(atoms), device=x0.device)                           # samples still overlapping
+        for _ in range(REPULSION_STEPS):
+            a, g = atoms[active], G[active]
+            delta = a[:, :, None] - a[:, None, :]                                       # f_i - f_j
+            delta = (delta - delta.round())[:, :, :, None] + _IMAGES.to(x0.device)     # (b, A, A, 27, 3)
+            d = ((delta.flatten(1, 3) @ g).view(delta.shape) * delta).sum(-1).clamp(min=0).sqrt()
+            overlap = (reach[active, :, :, None] - d).clamp(min=0)                      # (b, A, A, 27)
+            direction = torch.where((d > 1e-6)[..., None], delta / d.clamp(min=1e-6)[..., None],
+                                    along_a[active, :, :, None])
+            atoms[active] = a + 0.5 * (overlap[..., None] * direction).sum((2, 3))
+            active = active[overlap.flatten(1).amax(1) > 0]
+            if len(active) == 0:
+                break
+        clouds = clouds.clone()
+        clouds[:, 0] = (atoms % 1.0).gather(1, self.owner(x0).unsqueeze(-1).expand(-1, -1, 3))
+        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
+        return torch.where(committed[:, None, None, None], to_model(clouds), x0)
 
 
 GOLDEN_TRACE = (0, 5, 10, 15, 19)    # the 20-step sample's steps whose states the golden file holds
