@@ -1050,7 +1050,8 @@ def main(argv=None):
             print("interrupted", file=sys.stderr)
             return 130
         if isinstance(e, OSError):                # an unwritable --out, a full disk, ...
-            e = f"{e.strerror or e}: {e.filename}" if e.filename else e
+            where = e.filename or getattr(args, "made", None) or getattr(args, "out", None)
+            e = f"{e.strerror or e}: {where}" if where else e
         elif not isinstance(e, UserError):
             raise
         print(f"pccd.py {args.command}: error: {e}", file=sys.stderr)

@@ -1574,3 +1574,14 @@ def test_results_are_strict_json(tmp_path):
     pccd.write_json(tmp_path / "r.json", dict(a=float("nan"), b=np.float32(1.5), c=[np.inf, np.int64(3)]))
     assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
         dict(a=None, b=1.5, c=[None, 3])
+
+
+def test_a_full_disk_names_where_it_was_writing(tiny_run, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")              # as a write deep in zipfile raises it
+    monkeypatch.setattr(np, "savez_compressed", full)
+    out = tmp_path / "gen"
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "1",
+                             "--sampler", "ddim", "--steps", "2", "--out", str(out)], capsys)
+    assert code == 1 and err[-1] == f"pccd.py generate: error: No space left on device: {out}"
+    assert not out.exists()
