@@ -243,6 +243,49 @@ def decode_all(clouds, element_lists, length_range=DEFAULT_LENGTH_RANGE, count_l
     return structures, reasons
 
 
+SYMMETRY_TOLERANCE = 0.5   # A: generated crystals are symmetrised at this spglib symprec (EXPERIMENTS.md)
+
+
+def symmetrise(structure, tolerance=SYMMETRY_TOLERANCE):
+    """The crystal nearest to `structure` that has the symmetry spglib (through pymatgen) finds in
+    it at `tolerance` A, and how far its farthest atom moved (A). spglib only names the group's
+    operations (R, t), fractional x -> R x + t; the crystal is then averaged over them: each atom
+    goes to the mean of the images g(x_i) that land on it (periodic images unwrapped next to it),
+    the metric tensor G to the mean of R^T G R. The average is symmetric under every g, and it is
+    the least-squares nearest arrangement that is. Same cell, same atoms in the same order; returned
+    unchanged (moved 0) where the group is the identity alone or an operation does not map the
+    atoms one to one."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+    try:
+        dataset = SpacegroupAnalyzer(structure, symprec=tolerance, angle_tolerance=5).get_symmetry_dataset()
+        rotations, translations = np.asarray(dataset.rotations), np.asarray(dataset.translations)
+    except Exception:                     # spglib found nothing it could use (raises or gives None)
+        return structure, 0.0
+    if len(rotations) <= 1:
+        return structure, 0.0
+    kinds = [str(site.species) for site in structure]
+    same_kind = np.array([[a == b for b in kinds] for a in kinds])
+    x, G = structure.frac_coords, structure.lattice.metric_tensor
+    positions, metric = np.zeros_like(x), np.zeros((3, 3))
+    for R, t in zip(rotations, translations):
+        d = (x @ R.T + t)[:, None, :] - x[None, :, :]           # g(x_i) - x_j, to the nearest image
+        d -= np.round(d)
+        squared = np.einsum("ijk,kl,ijl->ij", d, G, d)
+        lands_on = np.where(same_kind, squared, np.inf).argmin(1)    # the atom g(x_i) lands on
+        if len(set(lands_on.tolist())) != len(x):
+            return structure, 0.0
+        positions[lands_on] += x[lands_on] + d[np.arange(len(x)), lands_on]
+        metric += R.T @ G @ R
+    positions, metric = positions / len(rotations), metric / len(rotations)
+    lengths = np.sqrt(np.diag(metric))
+    cosines = [metric[1, 2] / (lengths[1] * lengths[2]), metric[0, 2] / (lengths[0] * lengths[2]),
+               metric[0, 1] / (lengths[0] * lengths[1])]
+    lattice = Lattice.from_parameters(*lengths, *np.degrees(np.arccos(np.clip(cosines, -1, 1))))
+    step = positions - x
+    moved = float(np.sqrt(np.einsum("ik,kl,il->i", step, G, step)).max())
+    return Structure(lattice, structure.species, positions % 1.0, properties=dict(structure.properties)), moved
+
+
 def lattice_from_parameters(a, b, c, alpha, beta, gamma):
     """Lattice vectors (rows of a 3x3 matrix) from lengths and angles in degrees, Eqs. S1-S3:
         a_vec = a (1, 0, 0)                                                      (S1)
@@ -582,6 +625,9 @@ def is_csv(path):
     return path.lower().endswith((".csv", ".csv.gz"))
 
 
+NOT_A_CRYSTAL = ("not a regular file", "a POSCAR beside its CIF")   # skipped, but no crystal is lost
+
+
 def _read_rows(path):
     """Yield (name, fmt, text, properties, why it is skipped or '') for each structure in a CSV, a
     folder (its structure files; not its subfolders) or a file."""
@@ -591,9 +637,9 @@ def _read_rows(path):
         for name in filter(_is_structure_file, names):
             full = os.path.join(path, name)
             if not os.path.isfile(full):      # a folder, a link to one, a named pipe: never read
-                yield name, None, None, {}, "not a regular file"
+                yield name, None, None, {}, NOT_A_CRYSTAL[0]
             elif os.path.splitext(name)[1].lower() != ".cif" and os.path.splitext(name)[0] in cif_stems:
-                yield name, None, None, {}, "a POSCAR beside its CIF"   # generate writes both
+                yield name, None, None, {}, NOT_A_CRYSTAL[1]        # generate writes both
             else:
                 yield from _read_rows(full)
     elif is_csv(path):

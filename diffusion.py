@@ -324,7 +324,9 @@ class Physics:
     decoded by the clustering decoder (`read_layout`, clouds in [0, 1] -> layout), and from
     then on channel 1 is held to that composition (inpainting, `held`) and the crystal decodes by
     blocks. A sample whose x0 cannot be read there is not committed: it goes on unconstrained
-    and is decoded by clustering at the end (`layout["committed"]` says which)."""
+    and is decoded by clustering at the end (`layout["committed"]` says which). The decoded crystals
+    are then symmetrised (data.symmetrise, outside the loop: doing it to x0 at every step measured
+    the same as doing it once at the end)."""
 
     def __init__(self, length_range, layout=None, read_layout=None):
         self.log_lo, self.log_hi = math.log(length_range[0]), math.log(length_range[1])

@@ -319,16 +319,20 @@ def shortest_distance(structure):
     return float(d.min())
 
 
+def space_group(structure):
+    """The space group's symbol at symprec 0.1 ('?' where spglib finds none)."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+    try:
+        return SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_symbol()
+    except Exception:
+        return "?"
+
+
 def describe(structure):
     """formula, atoms, space group (symprec 0.1), density, shortest distance and the decoder's
     merges: the descriptive columns of a screening table."""
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-    try:
-        spacegroup = SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_symbol()
-    except Exception:
-        spacegroup = "?"
     return dict(formula=structure.composition.reduced_formula, n_atoms=len(structure),
-                spacegroup=spacegroup, density=round(float(structure.density), 4),
+                spacegroup=space_group(structure), density=round(float(structure.density), 4),
                 shortest_distance=round(shortest_distance(structure), 4),
                 atoms_merged=structure.properties.get("atoms_merged", ""))
 
@@ -525,6 +529,7 @@ def format_screening(summary):
                        ("charge_balance_not_judged", f"(charge balance not judged: > {CHARGE_BALANCE_LIMIT:.0e} ways)"),
                        ("closer_than_1A", "a pair closer than 1.0 A"),
                        ("crowded", f"crowded (d < {CROWDED_BELOW} (r_i + r_j))"), ("p1", "P1 (symprec 0.1)"),
+                       ("p1_before_symmetrising", "  before symmetrising"),
                        ("physical", f"physical (valid, uncrowded, V ok)"),
                        ("physical_unique_novel", "physical, unique and novel")):
         if key in summary:     # crystals_with_merges: generate only (decoded by this project)

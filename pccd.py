@@ -6,9 +6,11 @@ smaller commands, the command line. Threads: see idle_cores.
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -149,7 +151,8 @@ def pick_device(name):
 # A checkpoint is a dict: `ema` (the weights sampling uses), `model_config`, `length_range`,
 # `sampling` (how to sample: prediction, T, condition_above, guidance), `settings` (how it was
 # trained), `train_ids` and `train_compositions` (for the count baseline and novelty), `losses`,
-# `step`; a run's own also `model`, `optimizer` and `rng`, so that --resume continues exactly.
+# `step`; a run's own also `model`, `optimizer`, `rng` and `data_digest`, so that --resume
+# continues exactly, on the same data.
 
 def save_checkpoint(path, state):
     """Write to a temporary file and rename it, so an interrupted run never leaves a broken one.
@@ -159,7 +162,11 @@ def save_checkpoint(path, state):
         torch.save(state, tmp)
         os.replace(tmp, path)
     except Exception as e:                    # OSError, or torch's RuntimeError from its zip writer
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).replace(tmp, path)
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror
+        else:                                 # torch: "[enforce fail at inline_container.cc:672] . unexpected pos"
+            said = re.sub(r"\[enforce fail at [^]]*\][ .]*", "", str(e).replace(tmp, path))
+            reason = f"is the disk full or the folder read-only? (torch: {said})"
         raise UserError(f"cannot write {path}: {reason}"
                         + (" (the checkpoint saved before is kept)" if os.path.exists(path) else ""))
     finally:
@@ -303,6 +310,18 @@ class RunLock:
             self.file.close()
 
 
+def data_digest(crystals):
+    """A digest of the training crystals (names, conditions, species, lattices, positions to 1e-6):
+    --resume refuses data that changed under the same names."""
+    h = hashlib.sha256()
+    for c in crystals:
+        st = c.structure
+        h.update(f"{c.material_id}|{c.band_gap_class}|{c.ordering}|{' '.join(str(x.species) for x in st)}".encode())
+        numbers = np.round(np.concatenate([st.lattice.matrix.ravel(), st.frac_coords.ravel()]), 6) + 0.0  # no -0.0
+        h.update(numbers.tobytes())
+    return h.hexdigest()
+
+
 def train(args):
     path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(path) and not args.resume:
@@ -325,11 +344,17 @@ def train(args):
     s = resolve_settings(args, resumed)
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
-    if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
+    digest = data_digest(crystals)
+    if resumed and ([c.material_id for c in crystals] != resumed["train_ids"]
+                    or resumed.get("data_digest", digest) != digest):
         raise UserError(f"{s['data']} has changed since this run began ({len(resumed['train_ids'])} crystals "
-                        f"then, {len(crystals)} now): --resume would train on other data; start a new run")
+                        f"then, {len(crystals)} now, or other structures under the same names): --resume "
+                        f"would train on other data; start a new run")
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
-    encoded = data.encode_dataset(crystals, length_range)
+    try:
+        encoded = data.encode_dataset(crystals, length_range)
+    except ValueError as e:                              # a resumed run's length range, new data
+        raise UserError(f"{s['data']}: {e}") from None
     if not np.isfinite(encoded[0]).all():
         raise UserError(f"the clouds of {s['data']} are not all finite numbers; nothing trained")
     clouds, elements, band_gap, magnetic = map(torch.from_numpy, encoded)
@@ -365,6 +390,7 @@ def train(args):
                     step=step, losses=losses, val_losses=val_losses, model_config=config.to_dict(),
                     length_range=length_range,
                     settings=s, sampling=sampling_entry(s), train_ids=[c.material_id for c in crystals],
+                    data_digest=digest,
                     train_compositions=[c.structure.composition.formula for c in crystals])
 
     progress = Progress(s["steps"], "step", done=step)
@@ -580,11 +606,12 @@ def cmd_reconstruct(args):
 # ----------------------------------------------------------------------------------------------
 
 def reference_path(path, named):
-    """Where the novelty check's training structures are (a named --reference must exist)."""
-    if os.path.exists(resolve_path(path)):
-        return resolve_path(path)
-    if named:
+    """Where the novelty check's training structures are: a named --reference (from the current
+    folder) must exist; a checkpoint's own data path is portable (`portable_path`)."""
+    if named and not os.path.exists(path):
         raise UserError(f"--reference {path}: no such file or folder")
+    if os.path.exists(path if named else resolve_path(path)):
+        return path if named else resolve_path(path)
     print(f"warning: reference structures not found ({path}); novelty not checked", file=sys.stderr)
 
 
@@ -593,7 +620,10 @@ def load_reference(path):
     number of elements (a copy of any of them is not novel)."""
     if not path:
         return []
-    reference = [c.structure for c in data.load_structures(path, verbose=False, only_encodable=False)]
+    try:
+        reference = [c.structure for c in data.load_structures(path, verbose=False, only_encodable=False)]
+    except (OSError, ValueError) as e:       # not UTF-8, no 'cif' column: said by the loader, in one line
+        raise UserError(f"--reference {path}: {e}") from None
     if not reference:
         raise UserError(f"--reference {path} holds no readable structure: novelty cannot be judged against it")
     return reference
@@ -635,6 +665,9 @@ def cmd_generate(args):
                         elements=np.array([" ".join(e) for e in element_sets]))
     count_lists = [counts or c for c in committed]            # decoded by blocks where the counts are known
     structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], count_lists)
+    if not args.no_physics:                 # symmetrised at data.SYMMETRY_TOLERANCE; P1 before and after
+        p1_before = sum(evaluate.space_group(s) == "P1" for s in structures if s)
+        structures = [s and data.symmetrise(s)[0] for s in structures]
     names = []
     for i, s in enumerate(structures):
         names.append(f"{i:04d}_{s.composition.reduced_formula if s else 'failed'}")
@@ -651,7 +684,7 @@ def cmd_generate(args):
                    physics=not args.no_physics, checkpoint=os.path.abspath(args.checkpoint),
                    novelty_checked=reference_file is not None)
     if not args.no_physics:
-        summary["uncommitted"] = sum(c is None for c in count_lists)
+        summary.update(uncommitted=sum(c is None for c in count_lists), p1_before_symmetrising=p1_before)
     write_json(os.path.join(out, "summary.json"), summary)
     print(evaluate.format_screening(summary))
     print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
@@ -663,10 +696,11 @@ def cmd_evaluate(args):
                         else os.path.splitext(folder)[0] + "_screening.csv")
     if os.path.exists(path):
         raise UserError(f"{path} exists; name another with --csv")
-    reference, skipped = reference_path(args.reference, named=True), {}
+    skipped, reference = {}, load_reference(reference_path(args.reference, named=True))   # a bad one: first
     crystals = load_or_fail(folder, only_encodable=False, skipped=skipped)
-    structures = [c.structure for c in crystals] + [None] * sum(skipped.values())   # unreadable: failed
-    rows, summary = evaluate.screen(structures, load_reference(reference))
+    unreadable = sum(n for why, n in skipped.items() if why not in data.NOT_A_CRYSTAL)
+    structures = [c.structure for c in crystals] + [None] * unreadable        # counted as failed samples
+    rows, summary = evaluate.screen(structures, reference)
     for row, c in zip(rows, crystals):
         row.update(name=c.material_id)
     data.write_csv(path, rows[:len(crystals)],
@@ -692,6 +726,7 @@ def cmd_csp(args):
     physics = None if args.no_physics else (count_lists, length_range, evaluate.atomic_volumes(training))
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
     predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
+    predicted = predicted if args.no_physics else [s and data.symmetrise(s)[0] for s in predicted]
     print(f"matching {len(predicted)} structures ...", file=sys.stderr, flush=True)
     rows = evaluate.csp_scores([c.structure for c in crystals], [predicted[i::n] for i in range(n)])
     for i, (row, c) in enumerate(zip(rows, crystals)):
@@ -760,7 +795,9 @@ def cmd_bench(args):
     try:
         train_ms, guided_ms = diffusion.Diffusion().step_milliseconds(model, B, device)
     except (RuntimeError, MemoryError) as e:          # the allocator's "can't allocate memory", CUDA OOM
-        raise UserError(f"--batch-size {B} does not fit in memory ({str(e).splitlines()[0][:100]})")
+        asked = re.search(r"tried to allocate ([\d.]+ ?\w*B|\d+ bytes)", str(e))
+        raise UserError(f"--batch-size {B} does not fit in memory"
+                        + (f" (it asked for {asked.group(1)})" if asked else ""))
     print(f"device {device} ({torch.get_num_threads()} threads), batch {B}\n"
           f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
           f"training step                    {train_ms:8.1f} ms\n"
@@ -893,7 +930,8 @@ def add_sampling_arguments(p, out, refine):
 def add_physics_argument(p):
     p.add_argument("--no-physics", action="store_true", help="the network's own samples: no projection of "
                    f"its x0 prediction onto a crystal, no pushing of atoms closer than {diffusion.SEPARATION} "
-                   f"(r_i + r_j) apart at steps <= {diffusion.PHYSICS_FROM} (diffusion.Physics)")
+                   f"(r_i + r_j) apart at steps <= {diffusion.PHYSICS_FROM} (diffusion.Physics), no symmetrising "
+                   f"of the crystals at {data.SYMMETRY_TOLERANCE} A (data.symmetrise)")
 
 
 def build_parser():
@@ -1054,7 +1092,7 @@ def main(argv=None):
             e = f"{e.strerror or e}: {where}" if where else e
         elif not isinstance(e, UserError):
             raise
-        print(f"pccd.py {args.command}: error: {e}", file=sys.stderr)
+        print(f"pccd.py {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)   # one line
         return 1
 
 

@@ -1,5 +1,6 @@
 """PCCD's specification, one claim per test. Run: python -m pytest -q test_pccd.py"""
 import argparse
+import json
 import os
 import re
 
@@ -555,7 +556,6 @@ def test_the_count_baseline_predicts_the_most_common_count_of_each_element_set()
 
 
 def test_reconstruct_end_to_end_writes_the_table_the_json_and_fig1(tiny_run, small_csv, tmp_path, capsys):
-    import json
     out = tmp_path / "rec"
     assert pccd.main(["reconstruct", "--checkpoint", str(tiny_run), "--data", small_csv, "--n", "6",
                       "--t", "50", "--sampler", "ddim", "--steps", "5", "--out", str(out)]) == 0
@@ -729,6 +729,24 @@ def test_keeping_atoms_apart_moves_two_close_atoms_to_s_times_their_radii_and_le
     assert len(real) == 20 and (physics.keep_apart(x0) - x0).abs().max() < 1e-5
 
 
+def test_symmetrising_makes_the_group_found_at_the_tolerance_exact_and_leaves_a_crystal_without_one(mp20):
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+    group = lambda s, symprec: SpacegroupAnalyzer(s, symprec=symprec).get_space_group_number()  # noqa: E731
+    real = [c.structure for c in mp20[:40] if len(c.structure) > 2 and group(c.structure, 1e-3) > 1][:8]
+    for seed, s in enumerate(real):
+        shaken = s.copy()
+        shaken.perturb(0.05, seed=seed)                        # every atom 0.05 A off, P1 at symprec 1e-3
+        symmetric, moved = data.symmetrise(shaken)
+        assert group(shaken, 1e-3) == 1 and group(symmetric, 1e-3) == group(shaken, data.SYMMETRY_TOLERANCE) > 1
+        # an atom moves back by its own error less the mean error of its images: at most 2 x 0.05 A (+ the cell's)
+        assert [site.species for site in symmetric] == [site.species for site in shaken] and 0 < moved < 0.15
+        assert StructureMatcher().fit(symmetric, s)
+    assert data.symmetrise(real[0])[1] < 1e-6                   # a symmetric crystal stays where it is
+    generic = Structure(Lattice.from_parameters(4.1, 5.3, 6.7, 71, 83, 101), ["Na", "Cl", "O"],
+                        [[0, 0, 0], [0.31, 0.12, 0.57], [0.63, 0.71, 0.22]])
+    assert data.symmetrise(generic) == (generic, 0.0)          # no group but the identity: unchanged
+
+
 def test_a_committed_sample_decodes_to_exactly_the_composition_it_committed_to(mp20):
     """A model whose x0 is crystal A down to step PHYSICS_FROM and then another composition:
     generation commits to A's atom counts at that step, and its sample decodes to A."""
@@ -763,6 +781,9 @@ def test_generate_without_physics_gives_the_networks_own_samples_bit_for_bit(tin
         assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "3",
                           "--sampler", "ddim", "--steps", "6", "--refine", "0", "--out", str(out)] + flags) == 0
         clouds[out.name] = np.load(out / "clouds.npz")["clouds"]
+        summary = json.load(open(out / "summary.json"))
+        assert ("p1_before_symmetrising" in summary) != bool(flags)          # symmetrised: physics only
+        assert summary["p1"] <= summary.get("p1_before_symmetrising", summary["p1"])
     model, ckpt = pccd.load_checkpoint(str(tiny_run))
     ddpm = pccd.sampling_of(ckpt, argparse.Namespace(guidance=None, condition_above=None))
     own = ddpm.sample(model, pccd.condition_tensors([(["Mg", "O"], "unknown", "unknown")] * 3, "cpu"),
@@ -824,6 +845,16 @@ def test_generate_writes_parseable_files_of_only_the_requested_elements(tiny_run
             assert int(row["atoms_merged"]) >= 0                 # the decoder's merges, counted
         else:
             assert row["reason"]                              # failures are listed with why
+
+
+def test_evaluate_on_a_generate_folder_counts_each_crystal_once(tiny_run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "3",
+                      "--sampler", "ddim", "--steps", "4", "--out", str(out)]) == 0
+    written = len(list(out.glob("*.cif")))                 # a POSCAR beside each CIF: the same crystal
+    code, err, printed = run_pccd(["evaluate", str(out), "--csv", str(tmp_path / "flags.csv")], capsys)
+    assert code == 0 and f"skipped: {written} a POSCAR beside its CIF" in err[0], err
+    assert re.search(rf"^generated +{written}$", printed, re.M) and re.search(rf"^decodable +{written} ", printed, re.M)
 
 
 @pytest.mark.parametrize("argv, message", [      # as a real process (the battery below runs in-process)
@@ -919,7 +950,6 @@ def test_generate_formula_writes_only_structures_of_that_composition(tiny_run, t
 
 
 def test_csp_predicts_from_compositions_and_scores_each_first_and_best_sample(tiny_run, small_csv, tmp_path):
-    import json
     out = tmp_path / "csp"
     assert pccd.main(["csp", "--checkpoint", str(tiny_run), "--data", small_csv, "--n", "3", "--k", "2",
                       "--sampler", "ddim", "--steps", "3", "--out", str(out)]) == 0
@@ -1242,6 +1272,7 @@ def bad_inputs(tmp_path_factory, mp20):
     (root / "binary.cif").write_bytes(bytes(range(256)) * 8)
     (root / "a_file").write_text("not a folder")
     (root / "latin1.csv").write_bytes("material_id,cif\nmp-1,caf\xe9\n".encode("latin-1"))
+    (root / "no_cif.csv").write_text("material_id,formula\nmp-1,NaCl\n")
     long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     roundtrip = root / "roundtrip"
     roundtrip.mkdir()
@@ -1317,6 +1348,11 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/only_bad"], 1,
      "--reference {r}/only_bad holds no readable structure"),
     (["train", "--data", "{r}/latin1.csv", "--out", "{r}/run"], 1, "{r}/latin1.csv is not UTF-8 text (byte 0xe9"),
+    # a named --reference is read from the current folder (the battery runs in {r}), and read as --data is
+    (["evaluate", "{r}/mixed", "--reference", "latin1.csv"], 1, "--reference latin1.csv: latin1.csv is not UTF-8 text"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/no_cif.csv"], 1,
+     "--reference {r}/no_cif.csv: {r}/no_cif.csv has no 'cif' column"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{run}/loss.png"], 1, "{run}/loss.png is not a PCCD checkpoint"),
 ]
 
 
@@ -1404,7 +1440,13 @@ def test_a_failed_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path,
     def zip_writer_fails(state, f):                                     # what torch itself raises
         raise RuntimeError(f"File {f} cannot be opened.")
     monkeypatch.setattr(torch, "save", zip_writer_fails)
-    with pytest.raises(pccd.UserError, match=f"cannot write {path}: File {path} cannot be opened"):
+    with pytest.raises(pccd.UserError, match=f"cannot write {path}: is the disk full .* File {path} cannot be opened"):
+        pccd.save_checkpoint(path, {"step": 2})
+
+    def disk_full_in_torch(state, f):                                   # torch's words for a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 265920 vs 265808")
+    monkeypatch.setattr(torch, "save", disk_full_in_torch)
+    with pytest.raises(pccd.UserError, match=r"is the disk full or the folder read-only\? \(torch: unexpected pos"):
         pccd.save_checkpoint(path, {"step": 2})
 
 
@@ -1420,7 +1462,6 @@ def test_a_command_that_fails_after_making_its_folder_removes_it(tiny_run, tmp_p
 
 
 def test_two_runs_started_together_with_one_out_get_two_folders(tiny_run, tmp_path):
-    import json
     import subprocess
     import sys
     out = tmp_path / "gen"
@@ -1504,7 +1545,15 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
     assert train(str(tmp_path / "six.csv"), out, 2, "--val", "none", "--widths", "8", "8", "8") == 0
     write_rows(tmp_path / "six.csv", rows[:4])
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
-    assert code == 1 and "has changed since this run began (6 crystals then, 4 now)" in err[-1]
+    assert code == 1 and "has changed since this run began (6 crystals then, 4 now" in err[-1]
+    for stretch in (1.01, 40.0):      # one crystal's cell changed under its own name; one past the model's range
+        edited = [dict(r) for r in rows]
+        s = Structure.from_str(edited[2]["cif"], fmt="cif")
+        s.lattice = Lattice(s.lattice.matrix * [[1], [1], [stretch]])
+        edited[2]["cif"] = s.to(fmt="cif")
+        write_rows(tmp_path / "six.csv", edited)
+        code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
+        assert code == 1 and "has changed since this run began (6 crystals then, " in err[-1], err
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
@@ -1570,7 +1619,6 @@ def test_a_charge_balance_too_large_to_guess_is_not_judged_rather_than_hanging()
 
 
 def test_results_are_strict_json(tmp_path):
-    import json
     pccd.write_json(tmp_path / "r.json", dict(a=float("nan"), b=np.float32(1.5), c=[np.inf, np.int64(3)]))
     assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
         dict(a=None, b=1.5, c=[None, 3])
