@@ -616,7 +616,10 @@ def _parse_structures(text, fmt):
                 if says in str(warning.message):
                     raise Misread(reason)
     for s in structures:
-        s.remove_oxidation_states()
+        try:
+            s.remove_oxidation_states()
+        except ValueError:                          # pymatgen: "'X' is not a valid Element"
+            raise Misread("with a dummy species (not an element)") from None
     return structures
 
 
@@ -689,9 +692,7 @@ def _parse_rows(path):
             yield name, None, reason, _to_float(props.get("band_gap")), ordering
         for k, structure in enumerate(structures):      # a CIF of several data blocks: name#2, ...
             reason = "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
-                "disordered (partial occupancies)" if not structure.is_ordered else \
-                "with a dummy species (not an element)" if not all(
-                    isinstance(e, Element) for e in structure.composition.elements) else ""
+                "disordered (partial occupancies)" if not structure.is_ordered else ""
             yield (name + (f"#{k + 1}" if len(structures) > 1 else ""), None if reason else structure, reason,
                    _to_float(props.get("band_gap")), ordering)
 

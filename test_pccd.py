@@ -857,6 +857,14 @@ def test_evaluate_on_a_generate_folder_counts_each_crystal_once(tiny_run, tmp_pa
     assert re.search(rf"^generated +{written}$", printed, re.M) and re.search(rf"^decodable +{written} ", printed, re.M)
 
 
+def test_generate_for_an_element_without_a_covalent_radius_or_training_data_warns_and_samples(tiny_run, tmp_path,
+                                                                                             capsys):
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--formula", "Og2", "--n", "1",
+                             "--sampler", "ddim", "--steps", "4", "--out", str(tmp_path / "og")], capsys)
+    assert code == 0 and err[0] == "warning: the model never saw Og in training; expect poor structures", err
+    assert json.load(open(tmp_path / "og" / "summary.json"))["generated"] == 1
+
+
 @pytest.mark.parametrize("argv, message", [      # as a real process (the battery below runs in-process)
     (["--elements", "Mg", "--checkpoint", "nowhere/checkpoint.pt"], "no checkpoint"),
 ])
@@ -1491,31 +1499,34 @@ def wait_for(path, process, seconds=120):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("command", ["generate", "train"])
+@pytest.mark.parametrize("command", ["generate", "reconstruct", "train"])
 def test_a_reader_that_stops_reading_costs_nothing_finished(command, tiny_run, small_csv, tmp_path):
     """`python pccd.py generate ... | head -1`: the command goes on, exits 0 and keeps its files."""
     out = tmp_path / "out"
-    argv = (["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2", "--sampler", "ddim",
-             "--steps", "2"] if command == "generate" else
-            ["train", "--data", small_csv, "--steps", "300", "--batch-size", "2", "--widths", "8", "8", "8",
-             "--val", "none"])
+    argv = {"generate": ["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                         "--sampler", "ddim", "--steps", "2"],
+            "reconstruct": ["reconstruct", "--checkpoint", str(tiny_run), "--data", small_csv, "--n", "2",
+                            "--t", "10"],
+            "train": ["train", "--data", small_csv, "--steps", "300", "--batch-size", "2", "--widths", "8", "8", "8",
+                      "--val", "none"]}[command]
     p = pccd_process(*argv, "--out", str(out))
     p.stdout.readline()
     p.stdout.close()                                   # what `head -1` does after its line
     assert p.wait() == 0, p.stderr.read()
     assert "Traceback" not in p.stderr.read()
-    assert (out / ("summary.json" if command == "generate" else "checkpoint.pt")).exists()
+    assert (out / {"generate": "summary.json", "reconstruct": "results.json", "train": "checkpoint.pt"}[command]).exists()
 
 
-def test_sigterm_during_generate_removes_its_unfinished_folder(tiny_run, tmp_path):
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])     # `timeout`, a scheduler; a closed terminal
+def test_a_signal_during_generate_removes_its_unfinished_folder(name, tiny_run, tmp_path):
     import signal
     out = tmp_path / "gen"
     p = pccd_process("generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "256",
                      "--out", str(out))                # 1000 DDPM steps: long enough to be stopped
     wait_for(out, p)
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == 128 + signal.SIGTERM
-    assert p.stderr.read().strip().splitlines()[-1] == "terminated (SIGTERM)"
+    p.send_signal(getattr(signal, name))
+    assert p.wait(60) == 128 + getattr(signal, name)
+    assert p.stderr.read().strip().splitlines()[-1] == f"terminated ({name})"
     assert not out.exists()
 
 
@@ -1569,13 +1580,16 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "POSCAR_no_species").write_text("no names\n1.0\n4 0 0\n0 4 0\n0 0 4\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
     cif = Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(fmt="cif")
     (folder / "negative.cif").write_text(cif.replace("0.00000000  0.00000000  0.00000000  1", "0.00000000  0.00000000  0.00000000  -1"))
+    (folder / "vacancy.cif").write_text(cif.replace("0.50000000  0.50000000  0.50000000  1", "0.50000000  0.50000000  0.50000000  0.5"))
+    (folder / "dummy.cif").write_text(cif.replace("Cl", "X"))
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
     assert [c.material_id for c in kept] == ["two_blocks.cif#1", "two_blocks.cif#2", "x.cif"]
     assert [c.structure.composition for c in kept] == [a.composition, b.composition, a.composition]
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
                        "without element names (a POSCAR with no species line)": 1,
-                       "with atoms pymatgen dropped (occupancy <= 0?)": 1}
+                       "with atoms pymatgen dropped (occupancy <= 0?)": 1, "disordered (partial occupancies)": 1,
+                       "with a dummy species (not an element)": 1}
 
 
 def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_reference_is_refused(tmp_path, mp20, capsys):
