@@ -256,18 +256,17 @@ def symmetrise(structure, tolerance=SYMMETRY_TOLERANCE):
     unchanged (moved 0) where the group is the identity alone or an operation does not map the
     atoms one to one."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-    try:
-        dataset = SpacegroupAnalyzer(structure, symprec=tolerance, angle_tolerance=5).get_symmetry_dataset()
-        rotations, translations = np.asarray(dataset.rotations), np.asarray(dataset.translations)
-    except Exception:                     # spglib found nothing it could use (raises or gives None)
+    try:                                  # fractional (R, t); spglib may fail to find a cell: raises
+        operations = SpacegroupAnalyzer(structure, symprec=tolerance, angle_tolerance=5).get_symmetry_operations()
+    except Exception:
         return structure, 0.0
-    if len(rotations) <= 1:
+    if len(operations) <= 1:
         return structure, 0.0
     kinds = [str(site.species) for site in structure]
     same_kind = np.array([[a == b for b in kinds] for a in kinds])
     x, G = structure.frac_coords, structure.lattice.metric_tensor
     positions, metric = np.zeros_like(x), np.zeros((3, 3))
-    for R, t in zip(rotations, translations):
+    for R, t in ((op.rotation_matrix, op.translation_vector) for op in operations):
         d = (x @ R.T + t)[:, None, :] - x[None, :, :]           # g(x_i) - x_j, to the nearest image
         d -= np.round(d)
         squared = np.einsum("ijk,kl,ijl->ij", d, G, d)
@@ -276,7 +275,7 @@ def symmetrise(structure, tolerance=SYMMETRY_TOLERANCE):
             return structure, 0.0
         positions[lands_on] += x[lands_on] + d[np.arange(len(x)), lands_on]
         metric += R.T @ G @ R
-    positions, metric = positions / len(rotations), metric / len(rotations)
+    positions, metric = positions / len(operations), metric / len(operations)
     lengths = np.sqrt(np.diag(metric))
     cosines = [metric[1, 2] / (lengths[1] * lengths[2]), metric[0, 2] / (lengths[0] * lengths[2]),
                metric[0, 1] / (lengths[0] * lengths[1])]
