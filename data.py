@@ -247,12 +247,12 @@ SYMMETRY_TOLERANCE = 0.5   # A: generated crystals are symmetrised at this spgli
 
 
 def symmetrise(structure, tolerance=SYMMETRY_TOLERANCE):
-    """The crystal nearest to `structure` that has the symmetry spglib (through pymatgen) finds in
-    it at `tolerance` A, and how far its farthest atom moved (A). spglib only names the group's
-    operations (R, t), fractional x -> R x + t; the crystal is then averaged over them: each atom
-    goes to the mean of the images g(x_i) that land on it (periodic images unwrapped next to it),
-    the metric tensor G to the mean of R^T G R. The average is symmetric under every g, and it is
-    the least-squares nearest arrangement that is. Same cell, same atoms in the same order; returned
+    """`structure` made exactly symmetric under the group spglib (through pymatgen) finds in it at
+    `tolerance` A, and how far its farthest atom moved in the cell (A; the cell's own change is not
+    counted). spglib only names the group's operations (R, t), fractional x -> R x + t; the crystal
+    is then averaged over them: each atom goes to the mean of the images g(x_i) that land on it
+    (periodic images unwrapped next to it), the metric tensor G to the mean of R^T G R. The average
+    is symmetric under every g. Same cell, same atoms in the same order, same handedness; returned
     unchanged (moved 0) where the group is the identity alone or an operation does not map the
     atoms one to one."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
@@ -279,10 +279,12 @@ def symmetrise(structure, tolerance=SYMMETRY_TOLERANCE):
     lengths = np.sqrt(np.diag(metric))
     cosines = [metric[1, 2] / (lengths[1] * lengths[2]), metric[0, 2] / (lengths[0] * lengths[2]),
                metric[0, 1] / (lengths[0] * lengths[1])]
-    lattice = Lattice.from_parameters(*lengths, *np.degrees(np.arccos(np.clip(cosines, -1, 1))))
-    step = positions - x
+    lattice = lattice_from_parameters(*lengths, *np.degrees(np.arccos(np.clip(cosines, -1, 1))))  # Eqs. S1-S3
+    step = positions - x                                              # measured in the old cell
     moved = float(np.sqrt(np.einsum("ik,kl,il->i", step, G, step)).max())
-    return Structure(lattice, structure.species, positions % 1.0, properties=dict(structure.properties)), moved
+    handedness = np.sign(np.linalg.det(structure.lattice.matrix))    # S1-S3 are right-handed; a mirror would not do
+    return Structure(Lattice(handedness * lattice), structure.species, positions % 1.0,
+                     properties=dict(structure.properties)), moved
 
 
 def lattice_from_parameters(a, b, c, alpha, beta, gamma):
@@ -617,7 +619,7 @@ def _parse_structures(text, fmt):
     for s in structures:
         try:
             s.remove_oxidation_states()
-        except ValueError:                          # pymatgen: "'X' is not a valid Element"
+        except ValueError:                          # pymatgen: "'X' is not a valid Element" (checked again below)
             raise Misread("with a dummy species (not an element)") from None
     return structures
 
@@ -691,7 +693,9 @@ def _parse_rows(path):
             yield name, None, reason, _to_float(props.get("band_gap")), ordering
         for k, structure in enumerate(structures):      # a CIF of several data blocks: name#2, ...
             reason = "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
-                "disordered (partial occupancies)" if not structure.is_ordered else ""
+                "disordered (partial occupancies)" if not structure.is_ordered else \
+                "with a dummy species (not an element)" if not all(
+                    isinstance(e, Element) for e in structure.composition.elements) else ""
             yield (name + (f"#{k + 1}" if len(structures) > 1 else ""), None if reason else structure, reason,
                    _to_float(props.get("band_gap")), ordering)
 

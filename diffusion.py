@@ -326,7 +326,7 @@ class Physics:
     blocks. A sample whose x0 cannot be read there is not committed: it goes on unconstrained
     and is decoded by clustering at the end (`layout["committed"]` says which). The decoded crystals
     are then symmetrised (data.symmetrise, outside the loop: doing it to x0 at every step measured
-    the same as doing it once at the end)."""
+    about the same as doing it once at the end, EXPERIMENTS.md)."""
 
     def __init__(self, length_range, layout=None, read_layout=None):
         self.log_lo, self.log_hi = math.log(length_range[0]), math.log(length_range[1])

@@ -317,8 +317,8 @@ def data_digest(crystals):
     for c in crystals:
         st = c.structure
         h.update(f"{c.material_id}|{c.band_gap_class}|{c.ordering}|{' '.join(str(x.species) for x in st)}".encode())
-        numbers = np.round(np.concatenate([st.lattice.matrix.ravel(), st.frac_coords.ravel()]), 6) + 0.0  # no -0.0
-        h.update(numbers.tobytes())
+        numbers = np.concatenate([st.lattice.parameters, (np.round(st.frac_coords % 1.0, 6) % 1.0).ravel()])
+        h.update((np.round(numbers, 6) + 0.0).tobytes())              # + 0.0: -0.0 is 0.0
     return h.hexdigest()
 
 
@@ -345,11 +345,12 @@ def train(args):
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
     digest = data_digest(crystals)
-    if resumed and ([c.material_id for c in crystals] != resumed["train_ids"]
-                    or resumed.get("data_digest", digest) != digest):
+    if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
         raise UserError(f"{s['data']} has changed since this run began ({len(resumed['train_ids'])} crystals "
-                        f"then, {len(crystals)} now, or other structures under the same names): --resume "
-                        f"would train on other data; start a new run")
+                        f"then, {len(crystals)} now): --resume would train on other data; start a new run")
+    if resumed and resumed.get("data_digest", digest) != digest:     # runs saved before the digest: names only
+        raise UserError(f"{s['data']} has changed since this run began (other structures under the same "
+                        f"names): --resume would train on other data; start a new run")
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
     try:
         encoded = data.encode_dataset(crystals, length_range)
@@ -610,22 +611,24 @@ def reference_path(path, named):
     folder) must exist; a checkpoint's own data path is portable (`portable_path`)."""
     if named and not os.path.exists(path):
         raise UserError(f"--reference {path}: no such file or folder")
-    if os.path.exists(path if named else resolve_path(path)):
-        return path if named else resolve_path(path)
+    where = path if named else resolve_path(path)
+    if os.path.exists(where):
+        return where
     print(f"warning: reference structures not found ({path}); novelty not checked", file=sys.stderr)
 
 
-def load_reference(path):
-    """The training structures novelty is judged against: every readable one, whatever its size or
-    number of elements (a copy of any of them is not novel)."""
+def load_reference(path, named="--reference"):
+    """The training structures novelty is judged against (and atomic volumes fitted to): every
+    readable one, whatever its size or number of elements (a copy of any of them is not novel).
+    `named`: what the errors call it (the flag, or where the path came from)."""
     if not path:
         return []
     try:
         reference = [c.structure for c in data.load_structures(path, verbose=False, only_encodable=False)]
     except (OSError, ValueError) as e:       # not UTF-8, no 'cif' column: said by the loader, in one line
-        raise UserError(f"--reference {path}: {e}") from None
+        raise UserError(f"{named} {path}: {e}") from None
     if not reference:
-        raise UserError(f"--reference {path} holds no readable structure: novelty cannot be judged against it")
+        raise UserError(f"{named} {path} holds no readable structure: novelty cannot be judged against it")
     return reference
 
 
@@ -644,7 +647,8 @@ def cmd_generate(args):
         element_sets = data.draw_element_sets(args.pool, args.n, rng)
     element_sets = [data.canonical_order(s) for s in element_sets]   # the slot order of training
     reference_file = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
-    reference = load_reference(reference_file)                # a bad one fails now, not after sampling
+    # a bad reference fails now, not after sampling
+    reference = load_reference(reference_file, "--reference" if args.reference else "the training data")
     out = fresh_dir(args)
     unseen = sorted({e for s in element_sets for e in s}
                     - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
@@ -667,7 +671,7 @@ def cmd_generate(args):
     structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], count_lists)
     if not args.no_physics:                 # symmetrised at data.SYMMETRY_TOLERANCE; P1 before and after
         p1_before = sum(evaluate.space_group(s) == "P1" for s in structures if s)
-        structures = [s and data.symmetrise(s)[0] for s in structures]
+        structures = [None if s is None else data.symmetrise(s)[0] for s in structures]
     names = []
     for i, s in enumerate(structures):
         names.append(f"{i:04d}_{s.composition.reduced_formula if s else 'failed'}")
@@ -722,11 +726,11 @@ def cmd_csp(args):
     known = diffusion.known_channels(np.stack(truth * args.k), [1])          # the composition, held
     count_lists = [c for _, c in compositions] * args.k
     training = resolve_path(ckpt["settings"]["data"])        # for the atoms' volumes (none: from radii)
-    training = load_reference(training) if os.path.exists(training) and not args.no_physics else []
+    training = load_reference(training, "the training data") if os.path.exists(training) and not args.no_physics else []
     physics = None if args.no_physics else (count_lists, length_range, evaluate.atomic_volumes(training))
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
     predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
-    predicted = predicted if args.no_physics else [s and data.symmetrise(s)[0] for s in predicted]
+    predicted = predicted if args.no_physics else [None if s is None else data.symmetrise(s)[0] for s in predicted]
     print(f"matching {len(predicted)} structures ...", file=sys.stderr, flush=True)
     rows = evaluate.csp_scores([c.structure for c in crystals], [predicted[i::n] for i in range(n)])
     for i, (row, c) in enumerate(zip(rows, crystals)):
@@ -795,7 +799,9 @@ def cmd_bench(args):
     try:
         train_ms, guided_ms = diffusion.Diffusion().step_milliseconds(model, B, device)
     except (RuntimeError, MemoryError) as e:          # the allocator's "can't allocate memory", CUDA OOM
-        asked = re.search(r"tried to allocate ([\d.]+ ?\w*B|\d+ bytes)", str(e))
+        if isinstance(e, RuntimeError) and not re.search(r"allocate|out of memory", str(e), re.I):
+            raise                                     # not a question of memory: a bug to see whole
+        asked = re.search(r"tried to allocate ([\d.]+ ?\w*B|\d+ bytes)", str(e), re.I)
         raise UserError(f"--batch-size {B} does not fit in memory"
                         + (f" (it asked for {asked.group(1)})" if asked else ""))
     print(f"device {device} ({torch.get_num_threads()} threads), batch {B}\n"

@@ -742,6 +742,8 @@ def test_symmetrising_makes_the_group_found_at_the_tolerance_exact_and_leaves_a_
         assert [site.species for site in symmetric] == [site.species for site in shaken] and 0 < moved < 0.15
         assert StructureMatcher().fit(symmetric, s)
     assert data.symmetrise(real[0])[1] < 1e-6                   # a symmetric crystal stays where it is
+    left = Structure(Lattice(-shaken.lattice.matrix), shaken.species, shaken.frac_coords)    # a left-handed cell
+    assert np.linalg.det(data.symmetrise(left)[0].lattice.matrix) < 0                      # is not mirrored
     generic = Structure(Lattice.from_parameters(4.1, 5.3, 6.7, 71, 83, 101), ["Na", "Cl", "O"],
                         [[0, 0, 0], [0.31, 0.12, 0.57], [0.63, 0.71, 0.22]])
     assert data.symmetrise(generic) == (generic, 0.0)          # no group but the identity: unchanged
@@ -1557,14 +1559,18 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
     write_rows(tmp_path / "six.csv", rows[:4])
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
     assert code == 1 and "has changed since this run began (6 crystals then, 4 now" in err[-1]
-    for stretch in (1.01, 40.0):      # one crystal's cell changed under its own name; one past the model's range
-        edited = [dict(r) for r in rows]
-        s = Structure.from_str(edited[2]["cif"], fmt="cif")
-        s.lattice = Lattice(s.lattice.matrix * [[1], [1], [stretch]])
-        edited[2]["cif"] = s.to(fmt="cif")
-        write_rows(tmp_path / "six.csv", edited)
-        code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
-        assert code == 1 and "has changed since this run began (6 crystals then, " in err[-1], err
+    edited = [dict(r) for r in rows]                    # one crystal's c axis 30 A under its own name
+    s = Structure.from_str(edited[2]["cif"], fmt="cif")
+    s.lattice = Lattice.from_parameters(*s.lattice.abc[:2], 30.0, *s.lattice.angles)
+    edited[2]["cif"] = s.to(fmt="cif")
+    write_rows(tmp_path / "six.csv", edited)
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
+    assert code == 1 and "has changed since this run began (other structures under the same names)" in err[-1]
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    del saved["data_digest"]                            # a run saved before the digest: the names match
+    torch.save(saved, out / "checkpoint.pt")
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
+    assert code == 1 and len(err) == 2 and "fall outside the model's range" in err[-1], err   # the load line, then it
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
