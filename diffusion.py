@@ -132,10 +132,19 @@ class Diffusion:
     # ---- reverse process ---------------------------------------------------------------------
 
     def predict_noise(self, model, x, t, condition, guidance):
-        """eps = eps_uncond + w (eps_cond - eps_uncond). Both passes run as one batch; w = 1 is
-        the plain conditional model and w = 0 the unconditional one, each a single pass. A
-        v-network's outputs are combined the same way and then turned into eps (the map is
-        linear, so it is the same guidance)."""
+        """eps = eps_uncond + w (eps_cond - eps_uncond). A v-network's outputs are combined the
+        same way (`guided_output`) and then turned into eps (the map is linear, so it is the
+        same guidance)."""
+        out = self.guided_output(model, x, t, condition, guidance)
+        if self.prediction == "v":                  # eps = sqrt(1 - abar) x_t + sqrt(abar) v
+            abar = self.alphas_cumprod[t].item()
+            return math.sqrt(1 - abar) * x + math.sqrt(abar) * out
+        return out
+
+    def guided_output(self, model, x, t, condition, guidance):
+        """The network's output (eps or v) guided: out_uncond + w (out_cond - out_uncond). Both
+        passes run as one batch; w = 1 is the plain conditional model and w = 0 the
+        unconditional one, each a single pass."""
         elements, band_gap, magnetic = condition
         B = x.shape[0]
         tt = torch.full((B,), t, device=x.device, dtype=torch.long)
@@ -148,9 +157,6 @@ class Diffusion:
             out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), elements.repeat(2, 1),
                                          band_gap.repeat(2), magnetic.repeat(2), drop).chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)
-        if self.prediction == "v":                  # eps = sqrt(1 - abar) x_t + sqrt(abar) v
-            abar = self.alphas_cumprod[t].item()
-            return math.sqrt(1 - abar) * x + math.sqrt(abar) * out
         return out
 
     def predict_x0(self, x, t, eps):
@@ -231,7 +237,7 @@ class Diffusion:
             else:           # a refinement pass: back to step tail[0]; elements and lattice held
                 mask = torch.zeros(1, 3, 1, 1, dtype=torch.bool, device=device)
                 mask[:, 1:] = True
-                known = (mask if known is None else mask | known[0], x)
+                known = (mask if known is None else mask | known[0].to(device), x)
                 noise = torch.randn(x.shape, generator=generator, device=device)
                 x = self.q_sample(x, torch.full((B,), steps_k[0], device=device), noise)
             for i, t in enumerate(steps_k):
@@ -261,7 +267,7 @@ class Diffusion:
         (RePaint adds resampling to harmonise the two; `refine` passes play that part here.)"""
         if known is None:
             return x
-        mask, x0 = known
+        mask, x0 = known[0].to(x.device), known[1].to(x.device)
         if t >= 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device)
             x0 = self.q_sample(x0, torch.full((x.shape[0],), t, device=x.device), noise)
@@ -402,9 +408,9 @@ class Physics:
         reach = reach * (radius[:, :, None] > 0) * (radius[:, None, :] > 0)
         reach = reach * (1 - torch.eye(radius.shape[1], device=x0.device))           # not an atom's own images
         # coincident atoms have no line between them: the one with the higher index goes along +a
-        along_a = torch.sign(torch.arange(radius.shape[1], dtype=x0.dtype)[:, None]
-                             - torch.arange(radius.shape[1], dtype=x0.dtype)[None, :])
-        along_a = along_a[None, :, :, None] * torch.tensor([1.0, 0, 0]) / G[:, 0, 0].sqrt()[:, None, None, None]
+        index = torch.arange(radius.shape[1], dtype=x0.dtype, device=x0.device)
+        along_a = torch.sign(index[:, None] - index[None, :])[None, :, :, None] \
+            * torch.tensor([1.0, 0, 0], dtype=x0.dtype, device=x0.device) / G[:, 0, 0].sqrt()[:, None, None, None]
         active = torch.arange(len(atoms), device=x0.device)                           # samples still overlapping
         for _ in range(REPULSION_STEPS):
             a, g = atoms[active], G[active]
@@ -437,9 +443,9 @@ def golden_tensors(model, sampling):
     steps), with the steps each visits (`steps`, `steps_74`). To find where a port goes wrong:
     the first cloud's activations at x (`act_*`: time and condition embeddings, the first and the
     deepest encoder outputs, the middle, the last decoder block) and its states at the 20-step
-    sample's steps GOLDEN_TRACE (`trace_t`, `trace_x` the cloud entering the step, `trace_eps` the
-    guided noise prediction; x0 follows from them, but at t = 999 it magnifies float32 rounding
-    160-fold, so it is not stored)."""
+    sample's steps GOLDEN_TRACE (`trace_t`; `trace_x` the cloud entering the step; `trace_out` the
+    guided network output, v for a v-network; `trace_x0` the clipped x0 the step moves towards,
+    which at t = 999 divides float32 rounding by sqrt(abar) = 4.9e-5: a port matches it there to ~2e-3)."""
     g = torch.Generator().manual_seed(0)
     x, x_T = torch.randn(2, 3, 128, 3, generator=g), torch.randn(2, 3, 128, 3, generator=g)
     t = torch.tensor([900, 100])
@@ -463,12 +469,15 @@ def golden_tensors(model, sampling):
     trajectory = {}
     sample = ddpm.sample(model, condition, steps=20, trajectory=trajectory, **settings)
     steps = ddim_timesteps(ddpm.T - 1, 20)
-    trace = dict(trace_t=[], trace_x=[], trace_eps=[])
+    trace = dict(trace_t=[], trace_x=[], trace_out=[], trace_x0=[])
     for i in GOLDEN_TRACE:                   # the first cloud entering step i, and what it gives
         x_i = x_T[:1] if i == 0 else to_model(trajectory[steps[i - 1]])[None]
         w = sampling["guidance"] if steps[i] >= sampling["condition_above"] else 0.0
-        eps = ddpm.predict_noise(model, x_i, steps[i], tuple(c[:1] for c in condition), w)
-        for key, value in (("trace_t", torch.tensor(steps[i])), ("trace_x", x_i[0]), ("trace_eps", eps[0])):
+        first = tuple(c[:1] for c in condition)
+        out = ddpm.guided_output(model, x_i, steps[i], first, w)
+        x0 = ddpm.predict_x0(x_i, steps[i], ddpm.predict_noise(model, x_i, steps[i], first, w))
+        for key, value in (("trace_t", torch.tensor(steps[i])), ("trace_x", x_i[0]), ("trace_out", out[0]),
+                           ("trace_x0", x0[0])):
             trace[key].append(value)
     return {k: v.numpy() for k, v in dict(
         x=x, t=t, elements=elements, band_gap=band_gap, magnetic=magnetic, output=output, output_null=output_null,
