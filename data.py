@@ -656,9 +656,15 @@ def _read_rows(path):
                     raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
                 for i, row in enumerate(reader):
                     yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, ""
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}): "
-                             f"save it as UTF-8")
+        except UnicodeDecodeError:
+            with opener(path, "rb") as f:     # the decoder counted from its last chunk: find the byte
+                raw = f.read()
+            try:
+                raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}): "
+                                 f"save it as UTF-8") from None
+            raise
     else:
         fmt = "cif" if path.lower().endswith(".cif") else "poscar"
         try:

@@ -460,10 +460,10 @@ def screen(structures, reference):
     summary: Table 2's counts (CDVAE's validity), and whether the crystals are physical --
     crowding, volume against the reference's per-element volumes, P1 share, and CDVAE's
     distribution distances to the reference. Without a reference, novelty and volume are not
-    judged (every crystal counts as novel and of plausible volume)."""
+    judged: each row's `novel` is '' and the summary has no novelty counts, but `no_reference`."""
     decoded = [s for s in structures if s is not None]
     unique = iter(unique_flags(decoded))
-    novel = iter(novel_flags(decoded, reference))
+    novel = iter(novel_flags(decoded, reference) if reference else [""] * len(decoded))
     volumes = atomic_volumes(reference)
     rows = []
     for s in structures:
@@ -484,6 +484,10 @@ def screen(structures, reference):
                    physical=structural and compositional and not crowded and plausible)
         rows.append(row)
     summary = summarise_screening(rows)
+    if not reference:                    # no number that would read as "all novel"
+        for key in ("novel", "valid_novel", "valid_unique_novel", "physical_unique_novel"):
+            del summary[key]
+        summary["no_reference"] = True
     valid = [s for s, r in zip(structures, rows) if r.get("valid")]
     summary.update(
         w_density=wasserstein_1d([s.density for s in valid], [s.density for s in reference]),
@@ -503,10 +507,10 @@ def summarise_screening(rows):
                 compositional=count(ok, "compositional"), valid=len(valid),
                 unique=count(ok, "unique"), novel=count(ok, "novel"),
                 valid_unique=count(valid, "unique"), valid_novel=count(valid, "novel"),
-                valid_unique_novel=sum(r["unique"] and r["novel"] for r in valid),
+                valid_unique_novel=sum(bool(r["unique"] and r["novel"]) for r in valid),
                 crowded=count(ok, "crowded"), closer_than_1A=sum(r["shortest_distance"] < 1.0 for r in ok),
                 p1=sum(r["spacegroup"] == "P1" for r in ok), physical=count(ok, "physical"),
-                physical_unique_novel=sum(r["physical"] and r["unique"] and r["novel"] for r in ok),
+                physical_unique_novel=sum(bool(r["physical"] and r["unique"] and r["novel"]) for r in ok),
                 median_shortest_distance=median("shortest_distance"), median_volume_ratio=median("volume_ratio"),
                 **({"charge_balance_not_judged": n} if (n := sum(r["compositional"] == "" for r in ok)) else {}))
 
@@ -534,6 +538,8 @@ def format_screening(summary):
                        ("physical_unique_novel", "physical, unique and novel")):
         if key in summary:     # crystals_with_merges: generate only (decoded by this project)
             lines.append(f"{label:<38}{summary[key]:>6}  {100 * summary[key] / n:6.2f}%")
+    if summary.get("no_reference"):
+        lines.append("(novelty and volume not judged: no reference structures)")
     lines.append(f"{'median shortest distance':<38}{summary['median_shortest_distance']:>6.2f} A")
     lines.append(f"{'median V / V_pred':<38}{summary['median_volume_ratio']:>6.2f}")
     lines.append(f"{'Wasserstein to reference: density':<38}{summary['w_density']:>6.3f} g/cm3")

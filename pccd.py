@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -154,9 +155,10 @@ def pick_device(name):
 # `step`; a run's own also `model`, `optimizer`, `rng` and `data_digest`, so that --resume
 # continues exactly, on the same data.
 
-def save_checkpoint(path, state):
+def save_checkpoint(path, state, spare=None):
     """Write to a temporary file and rename it, so an interrupted run never leaves a broken one.
-    A save that fails (a full disk, a read-only folder) is one UserError naming `path`."""
+    A save that fails (a full disk, a read-only folder) is one UserError naming `path`; with
+    `spare`, the state is written there instead if it can be, and the error says so."""
     tmp = path + ".tmp"
     try:
         torch.save(state, tmp)
@@ -167,8 +169,16 @@ def save_checkpoint(path, state):
         else:                                 # torch: "[enforce fail at inline_container.cc:672] . unexpected pos"
             said = re.sub(r"\[enforce fail at [^]]*\][ .]*", "", str(e).replace(tmp, path))
             reason = f"is the disk full or the folder read-only? (torch: {said})"
-        raise UserError(f"cannot write {path}: {reason}"
-                        + (" (the checkpoint saved before is kept)" if os.path.exists(path) else ""))
+        message = f"cannot write {path}: {reason}" + (" (the checkpoint saved before is kept)"
+                                                       if os.path.exists(path) else "")
+        try:
+            if spare:
+                torch.save(state, spare)
+                message += f"; step {state['step']} saved to {spare} instead: move it to {path} and continue with --resume"
+        except Exception:
+            if os.path.exists(spare):
+                os.remove(spare)
+        raise UserError(message) from None
     finally:
         if os.path.exists(tmp):               # a failed save (a full disk, Ctrl-C) leaves nothing behind
             os.remove(tmp)
@@ -290,8 +300,8 @@ class RunLock:
         if os.path.exists(self.args.out) and not os.path.isdir(self.args.out):
             raise UserError(f"--out {self.args.out} is a file, not a folder")
         if not os.path.isdir(self.args.out):
+            self.args.made = outermost_missing(self.args.out)
             os.makedirs(self.args.out)
-            self.args.made = self.args.out
         self.file = open(self.lock, "w")
         try:
             import fcntl                                  # POSIX; elsewhere runs are not locked
@@ -304,10 +314,14 @@ class RunLock:
             raise UserError(f"another train is running in {self.args.out}: wait for it, or choose another --out")
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, traceback):
         if self.file:
-            os.remove(self.lock)
             self.file.close()
+            try:
+                os.remove(self.lock)
+            except OSError as e:                          # a folder made read-only: say the error before
+                if kind is None:
+                    print(f"warning: could not remove {self.lock} ({e.strerror})", file=sys.stderr)
 
 
 def data_digest(crystals):
@@ -395,12 +409,13 @@ def train(args):
                     train_compositions=[c.structure.composition.formula for c in crystals])
 
     progress = Progress(s["steps"], "step", done=step)
+    spare = os.path.join(tempfile.gettempdir(), f"pccd-checkpoint-{os.getpid()}.pt")   # if `path` cannot be written
     model.train()
     with StopRequests() as stop:
         while step < s["steps"]:
             if stop.signum:                               # Ctrl-C, SIGTERM, SIGHUP: keep the steps done
                 if step % SAVE_EVERY:
-                    save_checkpoint(path, state())
+                    save_checkpoint(path, state(), spare)
                     args.made = None
                 if os.path.exists(path):
                     print(f"{path} holds step {step}: continue with --resume", file=sys.stderr)
@@ -431,7 +446,7 @@ def train(args):
                     val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
                     print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
                           f"crystals of {os.path.relpath(args.val)})", flush=True)
-                save_checkpoint(path, state())
+                save_checkpoint(path, state(), spare)
                 args.made = None                              # a folder with a checkpoint is kept
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
@@ -450,10 +465,21 @@ def cmd_export(args):
     small = {k: ckpt[k] for k in ("model_config", "length_range", "sampling", "settings", "train_ids",
                                   "train_compositions", "losses", "step")}
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    args.made = outermost_missing(os.path.dirname(os.path.abspath(args.out)))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_checkpoint(args.out, small)
-    model, _ = load_checkpoint(args.out)
-    np.savez_compressed(golden, **diffusion.golden_tensors(model, small["sampling"]))
+    try:                                                  # both files, or neither
+        model, _ = load_checkpoint(args.out)
+        with open(golden + ".tmp", "wb") as f:
+            np.savez_compressed(f, **diffusion.golden_tensors(model, small["sampling"]))
+        os.replace(golden + ".tmp", golden)
+    except BaseException as e:
+        for path in (args.out, golden + ".tmp"):
+            if os.path.exists(path):
+                os.remove(path)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {golden}: {e.strerror or e} ({args.out} removed again)") from None
+        raise
     print(f"{args.out}: {os.path.getsize(args.out) / 1e6:.1f} MB, EMA weights in float16, "
           f"step {small['step']}; {golden}: golden tensors for checking a port")
 
@@ -479,6 +505,15 @@ class Progress:
                   f"{left:5.1f} min left", file=out or sys.stderr, flush=True)
 
 
+def outermost_missing(path):
+    """The outermost folder on the way to `path` that does not exist yet (None if path exists):
+    what a command that makes `path` removes again if it fails."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def fresh_dir(args):
     """A new folder for results: --out, or --out-2, -3, ... Made by os.mkdir, which fails if it
     exists, so two runs never share one; main() removes it if the command fails."""
@@ -487,13 +522,15 @@ def fresh_dir(args):
         raise UserError(f"--out {args.out} is an existing folder, not a new one: name a new folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {args.out} is a file, not a folder")
+    parents = outermost_missing(os.path.dirname(os.path.abspath(out)))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    args.made = parents
     k = 1
     while True:
         candidate = out if k == 1 else f"{out}-{k}"
         try:
             os.mkdir(candidate)
-            args.made = candidate
+            args.made = parents or candidate
             return candidate
         except FileExistsError:
             k += 1
@@ -801,7 +838,7 @@ def cmd_bench(args):
     except (RuntimeError, MemoryError) as e:          # the allocator's "can't allocate memory", CUDA OOM
         if isinstance(e, RuntimeError) and not re.search(r"allocate|out of memory", str(e), re.I):
             raise                                     # not a question of memory: a bug to see whole
-        asked = re.search(r"tried to allocate ([\d.]+ ?\w*B|\d+ bytes)", str(e), re.I)
+        asked = re.search(r"tried to allocate (\d+ bytes|[\d.]+ ?[KMGTP]i?B)", str(e), re.I)
         raise UserError(f"--batch-size {B} does not fit in memory"
                         + (f" (it asked for {asked.group(1)})" if asked else ""))
     print(f"device {device} ({torch.get_num_threads()} threads), batch {B}\n"
@@ -1112,7 +1149,14 @@ def run_as_program():
             signal.signal(signum, terminate)
     sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
     warnings.simplefilter("ignore")      # pymatgen's and numpy's: every message here is the project's own
-    return main()
+    try:
+        return main()
+    except Terminated as e:              # before a command began (main handles those that did)
+        print(f"terminated ({e})", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

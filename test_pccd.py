@@ -1475,6 +1475,82 @@ def test_a_command_that_fails_after_making_its_folder_removes_it(tiny_run, tmp_p
                           "--sampler", "ddim", "--steps", "2", "--out", str(out)], capsys)
     assert code == 130 and err[-1] == "interrupted"
     assert os.listdir(tmp_path) == []                    # no half-written run folder is left
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                             "--sampler", "ddim", "--steps", "2", "--out", str(tmp_path / "q" / "r" / "s")], capsys)
+    assert code == 130 and os.listdir(tmp_path) == []   # nor the folders made on the way to it
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(tmp_path / "x" / "y")], capsys)
+    assert code == 1 and "--resume" in err[-1] and os.listdir(tmp_path) == []
+
+
+def test_a_signal_before_the_command_begins_is_one_line(monkeypatch, capsys):
+    import signal
+    import sys
+    import warnings
+    def terminated_at_start(argv=None):
+        raise pccd.Terminated(signal.SIGTERM)
+    monkeypatch.setattr(pccd, "main", terminated_at_start)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    with warnings.catch_warnings():
+        assert pccd.run_as_program() == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [f"terminated ({pccd.Terminated(signal.SIGTERM)})"]
+
+
+def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_before_it(tmp_path, monkeypatch, capsys):
+    args = pccd.build_parser().parse_args(["train", "--out", str(tmp_path / "run")])
+    remove = os.remove
+    def read_only(path):
+        if path.endswith("train.lock"):
+            raise PermissionError(1, "Operation not permitted", path)
+        remove(path)
+    monkeypatch.setattr(os, "remove", read_only)
+    with pytest.raises(pccd.UserError, match="cannot write"):
+        with pccd.RunLock(args):
+            raise pccd.UserError("cannot write the checkpoint")
+    with pccd.RunLock(args):                              # no error before: a warning, not a traceback
+        pass
+    assert "could not remove" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_saved_to_the_spare_path(tmp_path, monkeypatch):
+    import torch
+    path, spare = str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "spare.pt")
+    save = torch.save
+    def read_only_folder(state, f):
+        if str(f).startswith(str(tmp_path / "run")):
+            raise PermissionError(13, "Permission denied", f)
+        save(state, f)
+    monkeypatch.setattr(torch, "save", read_only_folder)
+    with pytest.raises(pccd.UserError, match=f"cannot write {path}: Permission denied; step 7 saved to {spare}"):
+        pccd.save_checkpoint(path, {"step": 7}, spare)
+    assert torch.load(spare, weights_only=False) == {"step": 7}       # the steps are not lost
+
+
+def test_export_that_cannot_write_its_golden_file_leaves_neither_file(tiny_run, tmp_path, monkeypatch, capsys):
+    def disk_full(f, **arrays):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez_compressed", disk_full)
+    code, err, _ = run_pccd(["export", str(tiny_run), "--out", str(tmp_path / "m" / "model.pt")], capsys)
+    assert code == 1 and "No space left on device" in err[-1] and "model_golden.npz" in err[-1]
+    assert os.listdir(tmp_path) == []
+
+
+def test_without_reference_structures_novelty_is_not_judged_rather_than_100_percent(mp20):
+    rows, summary = evaluate.screen([mp20[0].structure], [])
+    assert rows[0]["novel"] == "" and summary["no_reference"]
+    assert not {"novel", "valid_novel", "valid_unique_novel", "physical_unique_novel"} & set(summary)
+    summary.update(seconds=0.0)
+    assert "novelty and volume not judged" in evaluate.format_screening(summary)
+    assert "novel" not in evaluate.format_screening(summary).replace("novelty", "")
+
+
+def test_a_csv_that_is_not_utf8_is_named_with_the_bytes_true_position(tmp_path):
+    head = "material_id,cif\n" + "".join(f"mp-{i},x\n" for i in range(3000))    # far past one read's chunk
+    (tmp_path / "late.csv").write_bytes(head.encode() + "mp-9,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"byte 0xe9 at {len(head.encode()) + 8}\\)"):
+        list(data._read_rows(str(tmp_path / "late.csv")))
 
 
 def test_two_runs_started_together_with_one_out_get_two_folders(tiny_run, tmp_path):
