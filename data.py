@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -346,6 +347,8 @@ def check_elements(elements):
     for symbol in elements:
         if not Element.is_valid_symbol(symbol):
             raise ValueError(f"'{symbol}' is not a chemical element symbol")
+        if Element(symbol).symbol != symbol:                          # D and T: pymatgen's isotopes of H
+            raise ValueError(f"'{symbol}' is an isotope of {Element(symbol).symbol}: write {Element(symbol).symbol}")
     if len(set(elements)) != len(elements):
         raise ValueError(f"repeated element in {' '.join(elements)}")
     return elements
@@ -588,9 +591,14 @@ def draw_element_sets(pool, n, rng):
 STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
 
 
+COMPRESSED = (".gz", ".bz2", ".xz", ".zip")
+
+
 def _is_structure_file(name):
+    """A CIF or POSCAR by its name, compressed or not (a compressed one is skipped, and said)."""
     base = os.path.basename(name)
-    return base.lower().endswith(STRUCTURE_SUFFIXES) or base.startswith(("POSCAR", "CONTCAR"))
+    stem = base[: -len(base.rsplit(".", 1)[1]) - 1] if base.lower().endswith(COMPRESSED) else base
+    return stem.lower().endswith(STRUCTURE_SUFFIXES) or stem.startswith(("POSCAR", "CONTCAR"))
 
 
 class Misread(ValueError):
@@ -606,6 +614,8 @@ def _parse_structures(text, fmt):
     """The structures of a CIF (one per data block) or of a POSCAR, without oxidation states (Li+
     is Li). Raises Misread(reason) for a file pymatgen reads as another crystal (MISREAD)."""
     blocks = [b for b in re.split(r"(?m)^(?=data_)", text) if b.startswith("data_")] if fmt == "cif" else [text]
+    if fmt == "cif" and re.search(r"(?m)^\s*_cell_length_[abc]\s+-", text):       # pymatgen flips the axis
+        raise Misread("with a negative cell length")
     structures = []
     for block in blocks or [text]:                  # each data block alone: pymatgen's checks are per block
         with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
@@ -656,6 +666,8 @@ def _read_rows(path):
                     raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
                 for i, row in enumerate(reader):
                     yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, ""
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path} is not a readable gzip file ({e}): a truncated or damaged copy?") from None
         except UnicodeDecodeError:
             with opener(path, "rb") as f:     # the decoder counted from its last chunk: find the byte
                 raw = f.read()
@@ -665,6 +677,8 @@ def _read_rows(path):
                 raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}): "
                                  f"save it as UTF-8") from None
             raise
+    elif path.lower().endswith(COMPRESSED):
+        yield os.path.basename(path), None, None, {}, "compressed (unpack it first)"
     else:
         fmt = "cif" if path.lower().endswith(".cif") else "poscar"
         try:
@@ -727,9 +741,20 @@ def _cached_rows(path):
     """The rows of `_parse_rows` for a CSV, from its cache when there is one; otherwise parsed
     and cached (a folder that cannot be written to just goes without a cache)."""
     cache = cache_path(path)
+    c = None
     if os.path.exists(cache):
-        with np.load(cache) as f:
-            c = {k: f[k] for k in f.files}            # read each array once, not once per row
+        try:
+            with np.load(cache) as f:
+                c = {k: f[k] for k in f.files}        # read each array once, not once per row
+            if not {"name", "reason", "band_gap", "ordering", "n_sites", "lattice", "numbers", "frac_coords"} <= set(c):
+                raise KeyError("an array is missing")
+        except Exception:                             # a damaged cache: parsed again, and rewritten
+            c = None
+            try:
+                os.remove(cache)
+            except OSError:
+                pass
+    if c is not None:
         starts = np.cumsum(c["n_sites"]) - c["n_sites"]
         for i, (name, reason, band_gap, ordering) in enumerate(
                 zip(c["name"].tolist(), c["reason"].tolist(), c["band_gap"].tolist(), c["ordering"].tolist())):

@@ -4,6 +4,7 @@
 numpy and pymatgen only (and data.py); no torch.
 """
 import math
+import os
 import time
 
 import numpy as np
@@ -370,15 +371,23 @@ VOLUME_BAND = (0.5, 2.0)    # V / V_predicted outside this: not a plausible cell
 #                             val crystals 21 of 6,361 are outside
 
 
+def shortest_lattice_vector(lattice):
+    """The length (A) of the shortest nonzero lattice vector: how far an atom is from its own
+    nearest image. Searched over the combinations of -1, 0, 1 of the LLL-reduced basis."""
+    combinations = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)
+                             if (i, j, k) != (0, 0, 0)])
+    return float(np.linalg.norm(combinations @ lattice.get_lll_reduced_lattice().matrix, axis=1).min())
+
+
 def crowding(structure):
     """The shortest interatomic distance relative to what the two atoms' covalent radii allow:
-    min over pairs i != j (periodic images included) of d_ij / (r_i + r_j). A bonded pair is
-    near 1 (an O-O pair at 1.0 A is 0.76, Mn-O at 1.0 A is 0.46); inf for a one-atom cell."""
-    if len(structure) < 2:
-        return float("inf")
+    min over pairs i, j of atoms and periodic images of d_ij / (r_i + r_j) -- an atom and its own
+    images too, unlike CDVAE's validity (Cu in a 0.7 A cube is crowded). A bonded pair is near 1
+    (an O-O pair at 1.0 A is 0.76, Mn-O at 1.0 A is 0.46)."""
     radii = np.array([data.covalent_radius(site.specie.symbol) for site in structure])
+    own = shortest_lattice_vector(structure.lattice) / (2 * radii)          # each atom and its images
     d = structure.distance_matrix / (radii[:, None] + radii[None, :])
-    return float((d + np.diag(np.full(len(structure), np.inf))).min())
+    return float(min((d + np.diag(np.full(len(structure), np.inf))).min(), own.min()))
 
 
 def atomic_volumes(reference):
@@ -552,7 +561,8 @@ def format_screening(summary):
 # ----------------------------------------------------------------------------------------------
 
 def pyplot():
-    """matplotlib without a screen: the one plotting set-up."""
+    """matplotlib without a screen: the one plotting set-up (whatever MPLBACKEND says)."""
+    os.environ["MPLBACKEND"] = "Agg"                 # read when matplotlib is imported
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

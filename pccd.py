@@ -21,6 +21,10 @@ import warnings
 
 # Set before spglib loads: its "failed" lines for odd cells are noise here.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
+# Read when torch loads: a value OpenMP cannot use would print its own complaint, then be ignored.
+if not os.environ.get("OMP_NUM_THREADS", "1").isdigit() or os.environ.get("OMP_NUM_THREADS") == "0":
+    print(f"warning: OMP_NUM_THREADS={os.environ.pop('OMP_NUM_THREADS')!r} is not a number of threads; "
+          f"ignored", file=sys.stderr)
 
 import numpy as np
 import torch
@@ -88,30 +92,33 @@ class StopRequests:
 
 
 class QuietPipe:
-    """stdout or stderr that, once its reader has gone (`python pccd.py generate ... | head -1`),
-    sends what is written to /dev/null instead of failing: the command finishes its work and keeps
-    its files."""
+    """stdout or stderr that, once it cannot be written (its reader has gone: `python pccd.py
+    generate ... | head -1`; a full disk), sends what is written to /dev/null instead of failing:
+    the command finishes its work and keeps its files."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.gone = stream, False
 
     def write(self, text):
         try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            self.reader_gone()
+            return len(text) if self.gone else self.stream.write(text)
+        except OSError as e:
+            self.reader_gone(e)
             return len(text)
 
     def flush(self):
         try:
-            self.stream.flush()
-        except BrokenPipeError:
-            self.reader_gone()
+            self.gone or self.stream.flush()
+        except OSError as e:
+            self.reader_gone(e)
 
-    def reader_gone(self):
+    def reader_gone(self, error):
+        self.gone = True
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self.stream.fileno())            # Python's own flush at exit goes there too
         os.close(devnull)
+        if not isinstance(error, BrokenPipeError) and self.stream is not sys.__stderr__:
+            print(f"warning: output cannot be written ({error.strerror}); the command goes on", file=sys.stderr)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -136,6 +143,11 @@ def portable_path(path):
     checkpoint still finds the bundled data on another machine."""
     path = os.path.abspath(path)
     return os.path.relpath(path, HERE) if path.startswith(HERE + os.sep) else path
+
+
+def portable_val(path):
+    """--val as stored in a run's settings: 'none', or a portable path."""
+    return path if path == "none" else portable_path(path)
 
 
 def resolve_path(path):
@@ -351,11 +363,17 @@ def train(args):
             ("--data", args.data, lambda v: portable_path(v) == own["data"]),
             ("--widths", args.widths, lambda v: list(v) == list(own["widths"])),
             ("--prediction", args.prediction, lambda v: v == own["prediction"]),
-            ("--preset", args.preset, lambda v: v == own.get("preset"))) if given is not None and not same(given)]
+            ("--preset", args.preset, lambda v: v == own.get("preset")),
+            ("--val", args.val, lambda v: portable_val(v) == own.get("val", portable_val(v))))   # older runs: any
+            if given is not None and not same(given)]
         if changed:
-            raise UserError(f"--resume continues the run's own data, network, objective and preset "
-                            f"({own.get('preset')}): leave out {', '.join(changed)}")
+            raise UserError(f"--resume continues the run's own data, held-out set, network, objective and "
+                            f"preset ({own.get('preset')}): leave out {', '.join(changed)}")
+        if args.steps is not None and args.steps <= resumed["step"]:
+            raise UserError(f"{path} is at step {resumed['step']} already: give --steps above it")
     s = resolve_settings(args, resumed)
+    s["val"] = portable_val(args.val) if args.val is not None else \
+        resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
     digest = data_digest(crystals)
@@ -375,9 +393,12 @@ def train(args):
     clouds, elements, band_gap, magnetic = map(torch.from_numpy, encoded)
     x0_all = diffusion.to_model(clouds)                                  # (N, 3, 128, 3) in [-1, 1]
     held_out = None
-    if args.val != "none":
-        val = load_or_fail(args.val, length_range=length_range)
+    if s["val"] != "none":
+        val = load_or_fail(resolve_path(s["val"]), length_range=length_range)
         val = [val[i] for i in np.random.default_rng(0).permutation(len(val))[:HELD_OUT]]
+        if {c.material_id for c in val} & {c.material_id for c in crystals}:
+            print(f"warning: {s['val']} shares crystals with the training data: its loss is not a held-out "
+                  f"loss", file=sys.stderr)
         v_clouds, *v_condition = map(torch.from_numpy, data.encode_dataset(val, length_range))
         held_out = [diffusion.to_model(v_clouds).to(device)] + [c.to(device) for c in v_condition]
 
@@ -445,7 +466,7 @@ def train(args):
                 if held_out:
                     val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
                     print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
-                          f"crystals of {os.path.relpath(args.val)})", flush=True)
+                          f"crystals of {os.path.relpath(resolve_path(s['val']))})", flush=True)
                 save_checkpoint(path, state(), spare)
                 args.made = None                              # a folder with a checkpoint is kept
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
@@ -500,7 +521,7 @@ class Progress:
     def update(self, n, note="", out=None):
         self.done, now = self.done + n, self.elapsed()
         if now - self.last > 10 or self.done >= self.total:
-            self.last, left = now, now / (self.done - self.first) * (self.total - self.done) / 60
+            self.last, left = now, max(0.0, now / (self.done - self.first) * (self.total - self.done) / 60)
             print(f"{self.unit} {self.done:>6.0f}/{self.total}  {note}  {now:5.0f} s elapsed, "
                   f"{left:5.1f} min left", file=out or sys.stderr, flush=True)
 
@@ -567,6 +588,12 @@ def physics_for(element_sets, count_lists, length_range, volumes):
         element_sets, [data.read_counts(c, e, length_range) for c, e in zip(clouds, element_sets)], volume_of))
 
 
+def steps_run(args, t_start=diffusion.T - 1):
+    """How many steps sampling from t_start runs (what the results record): every one for DDPM,
+    DDIM's distinct visited steps (--steps, or fewer: at most t_start + 1)."""
+    return len(diffusion.ddim_timesteps(t_start, args.steps)) if args.sampler == "ddim" else t_start + 1
+
+
 def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=None, trajectory=None, known=None,
                       physics=None):
     """Denoise len(conditions) clouds, --batch-size at a time, with a progress line; known: None or
@@ -628,10 +655,11 @@ def cmd_reconstruct(args):
         if s is not None:
             s.to(filename=os.path.join(out, f"{len(pairs) - 1:04d}_{c.material_id}.cif"))
     summary = dict(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data), t=t,
-                   sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                   sampler=args.sampler, steps=steps_run(args, t - 1), guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed, seconds=seconds)
     summary |= evaluate.summarise_reconstruction(pairs, ckpt["train_compositions"])
     write_json(os.path.join(out, "results.json"), dict(summary=summary, pairs=pairs))
+    args.made = None                            # finished: kept, whatever happens to what follows
     data.write_csv(os.path.join(out, "pairs.csv"), pairs, evaluate.PAIR_FIELDS)
     evaluate.plot_reconstruction(pairs, summary, os.path.join(out, "fig1.png"))
     print(evaluate.format_reconstruction(summary))
@@ -670,8 +698,6 @@ def load_reference(path, named="--reference"):
 
 
 def cmd_generate(args):
-    if sum(map(bool, (args.elements, args.pool, args.formula))) != 1:
-        raise UserError("give one of --elements (1-3 symbols), --pool or --formula")
     elements, counts = args.formula or (args.elements, None)      # both checked as they were parsed
     device, model, ckpt, ddpm = load_for_sampling(args)
     rng = np.random.default_rng(args.seed)
@@ -715,12 +741,17 @@ def cmd_generate(args):
         if s is not None:
             s.to(filename=os.path.join(out, names[-1] + ".cif"))
             s.to(filename=os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
+    args.made = None                            # the crystals are written: kept, whatever follows
     print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
-    rows, summary = evaluate.screen(structures, reference)
+    try:
+        rows, summary = evaluate.screen(structures, reference)
+    except BaseException:
+        print(f"the crystals are kept in {out}/: screen them with python pccd.py evaluate {out}", file=sys.stderr)
+        raise
     for row, name, why, element_set in zip(rows, names, reasons, element_sets):
         row.update(name=name, elements=" ".join(element_set), reason=why)
     data.write_csv(os.path.join(out, "summary.csv"), rows, evaluate.SCREENING_FIELDS)
-    summary.update(seconds=seconds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+    summary.update(seconds=seconds, sampler=args.sampler, steps=steps_run(args), guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed,
                    physics=not args.no_physics, checkpoint=os.path.abspath(args.checkpoint),
                    novelty_checked=reference_file is not None)
@@ -737,6 +768,8 @@ def cmd_evaluate(args):
                         else os.path.splitext(folder)[0] + "_screening.csv")
     if os.path.exists(path):
         raise UserError(f"{path} exists; name another with --csv")
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):      # found now, not after screening
+        raise UserError(f"cannot write {path}: its folder does not exist or is read-only")
     skipped, reference = {}, load_reference(reference_path(args.reference, named=True))   # a bad one: first
     crystals = load_or_fail(folder, only_encodable=False, skipped=skipped)
     unreadable = sum(n for why, n in skipped.items() if why not in data.NOT_A_CRYSTAL)
@@ -774,10 +807,11 @@ def cmd_csp(args):
         row.update(material_id=c.material_id, formula=c.structure.composition.formula)
         if predicted[i]:
             predicted[i].to(filename=os.path.join(out, f"{i:04d}_{c.material_id}_predicted.cif"))
-    summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=args.steps,
+    summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=steps_run(args),
                                                           physics=not args.no_physics,
                                                           train_crystals=len(ckpt["train_ids"]))
     write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
+    args.made = None                            # finished: kept, whatever happens to what follows
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
         evaluate.plot_prediction(crystals[i % n].structure, predicted[i], os.path.join(out, "predicted.png"))
     print(evaluate.format_csp(summary) + f"\nresults: {out}/ (results.json, predicted.png, first samples as CIF)")
@@ -799,12 +833,15 @@ def cmd_download(args):
     paths = {split: os.path.join(args.out, f"mp_{split}.csv") for split in ("train", "val", "test")}
     if any(os.path.exists(p) for p in paths.values()):
         raise UserError(f"{args.out} already holds mp_*.csv; choose another --out")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):               # found before the query
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    args.made = outermost_missing(args.out)
+    os.makedirs(args.out, exist_ok=True)
     print("querying the Materials Project; this takes minutes ...", file=sys.stderr, flush=True)
     try:
         rows = data.mp_documents_to_rows(data.query_materials_project(key))
     except Exception as e:  # bad key, no network, API error: one line, no traceback
         raise UserError(f"the Materials Project query failed: {str(e).splitlines()[0][:300]}")
-    os.makedirs(args.out, exist_ok=True)
     for split, path in paths.items():
         chosen = [r for r in rows if data.split_of(r["material_id"]) == split]
         data.write_csv(path, chosen)
@@ -813,7 +850,7 @@ def cmd_download(args):
 
 def cmd_show(args):
     """Fig. S1: the three channels of one crystal's cloud."""
-    out = args.out or os.path.splitext(os.path.basename(args.structure))[0] + "_cloud.png"
+    out = args.out or os.path.splitext(os.path.basename(os.path.normpath(args.structure)))[0] + "_cloud.png"
     if os.path.splitext(out)[1].lower() not in (".png", ".pdf", ".svg"):
         raise UserError(f"--out {out}: name a .png, .pdf or .svg file")
     if os.path.exists(out):
@@ -875,6 +912,7 @@ def number(kind, low=-math.inf, high=math.inf, what="", above=False, multiple_of
         try:
             value = kind(text)
             ok = math.isfinite(value) and (value > low if above else value >= low) and value <= high
+            ok = ok and text.isascii() and "_" not in text          # not 1_0, not Arabic-Indic digits
         except (ValueError, OverflowError):
             ok = False
         if not ok or (multiple_of and value % multiple_of):
@@ -889,6 +927,15 @@ STEP = number(int, 0, diffusion.T, what=f"a diffusion step from 0 to {diffusion.
 PROBABILITY = number(float, 0, 1, what="a probability from 0 to 1")
 NON_NEGATIVE = number(float, 0, what="a finite number >= 0")
 WIDTH = number(int, 8, what="a positive multiple of 8 (GroupNorm's 8 groups)", multiple_of=8)
+COUNT = number(int, 1, 100_000, what="a number from 1 to 100000")
+BATCH = number(int, 1, 4096, what="a batch size from 1 to 4096")
+
+
+def out_path(text):
+    """An argparse type for --out: a path, not an empty string."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    return text
 
 
 def formula(text):
@@ -950,14 +997,14 @@ def add_run_arguments(p, seed=0):
 
 
 def add_sampling_arguments(p, out, refine):
-    p.add_argument("--out", default=os.path.join("runs", out),
+    p.add_argument("--out", type=out_path, default=os.path.join("runs", out),
                    help=f"results folder (default runs/{out}; runs/{out}-2, -3, ... if it exists)")
     p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
                    f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm (default): Eq. 6 "
                    "over every step, the paper's; ddim: deterministic, --steps steps")
     p.add_argument("--steps", type=number(int, 1, diffusion.T, what=f"a number of steps from 1 to {diffusion.T}"),
-                   default=100, help="DDIM steps (default 100)")
+                   help="DDIM steps (default 100; with --sampler ddim only: ddpm runs every step)")
     p.add_argument("--guidance", type=NON_NEGATIVE, help="classifier-free guidance w: eps = eps_uncond + "
                    "w (eps_cond - eps_uncond); 1 or 0: one pass (default: the checkpoint's, 3)")
     p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
@@ -991,7 +1038,7 @@ def build_parser():
     p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 11 min on 2 cores) or long "
                    "(69 min; the shipped model): README, Training")
     p.add_argument("--steps", type=POSITIVE, help="total optimisation steps")
-    p.add_argument("--batch-size", type=POSITIVE, help="crystals per step (Table S1: 128)")
+    p.add_argument("--batch-size", type=BATCH, help="crystals per step (Table S1: 128)")
     p.add_argument("--lr", type=number(float, 0, 1, what="a learning rate in (0, 1]", above=True),
                    help="Adam learning rate (Table S1: 1e-4, much slower here: EXPERIMENTS.md)")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate over the run: "
@@ -1006,11 +1053,11 @@ def build_parser():
                    "random periodic translations of each crystal (presets: off)")
     p.add_argument("--composition-given", type=PROBABILITY, metavar="P", help="share of crystals trained "
                    "with channel 1 (the composition) shown clean, as structure prediction holds it (presets: 0)")
-    p.add_argument("--val", default=BUNDLED_VAL, metavar="DATA", help="crystals whose loss is reported at "
-                   "every checkpoint and never trained on (default: the bundled MP-20 val split; none: skip)")
+    p.add_argument("--val", metavar="DATA", help="crystals whose loss is reported at every checkpoint and "
+                   "never trained on (default: the bundled MP-20 val split, or the resumed run's; none: skip)")
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
-    p.add_argument("--out", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
+    p.add_argument("--out", type=out_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps")
     add_run_arguments(p, seed=None)
     p.set_defaults(run=cmd_train)
@@ -1018,7 +1065,7 @@ def build_parser():
     p = sub.add_parser("export", help="a small sampling-only copy of a run's checkpoint (how the "
                        "shipped one was made)", description=cmd_export.__doc__)
     p.add_argument("source", metavar="RUN", help="run folder or checkpoint.pt (e.g. runs/hour)")
-    p.add_argument("--out", required=True, help="file to write (never overwritten)")
+    p.add_argument("--out", type=out_path, required=True, help="file to write (never overwritten)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("reconstruct", help="the paper's reconstruction experiment (Fig. 1, Table 1)",
@@ -1028,7 +1075,7 @@ def build_parser():
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
     p.add_argument("--data", default=BUNDLED_TRAIN, help="structures to reconstruct (default: the "
                    "training split, as the paper; use datasets/mp20_val.csv.gz for unseen ones)")
-    p.add_argument("--n", type=POSITIVE, default=256, help="how many structures (default 256)")
+    p.add_argument("--n", type=COUNT, default=256, help="how many structures (default 256)")
     p.add_argument("--t", type=number(int, 1, diffusion.T, what=f"a step from 1 to {diffusion.T}"),
                    help=f"noise to step t, 1..{diffusion.T} (default {diffusion.T} = T)")
     add_sampling_arguments(p, "reconstruct", refine=0)
@@ -1041,14 +1088,15 @@ def build_parser():
                        "sets from one of the paper's three batches (--pool), write one CIF and one "
                        "POSCAR each and summary.csv, and screen them: structural and compositional "
                        "validity, uniqueness, novelty (Table 2), crowding, volume, P1 share: physical?")
-    p.add_argument("--elements", nargs="+", metavar="EL", action=ElementsArgument,
-                   help="1-3 element symbols, e.g. Mg Mn O")
-    p.add_argument("--formula", type=formula, help="a composition to predict structures of, e.g. Li2Co2O4 (all of them "
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--elements", nargs="+", metavar="EL", action=ElementsArgument,
+                      help="1-3 element symbols, e.g. Mg Mn O")
+    what.add_argument("--formula", type=formula, help="a composition to predict structures of, e.g. Li2Co2O4 (all of them "
                    "have exactly it: channel 1 is held by inpainting)")
-    p.add_argument("--pool", choices=sorted(data.POOLS) + ["train"], help="an element set per crystal "
+    what.add_argument("--pool", choices=sorted(data.POOLS) + ["train"], help="an element set per crystal "
                    "from the paper's batches (all, rare-earth-oxides: O + 1-2 metals, common: "
                    + " ".join(data.POOLS["common"]) + ") or of random training crystals")
-    p.add_argument("--n", type=POSITIVE, default=64, help="how many crystals (default 64)")
+    p.add_argument("--n", type=COUNT, default=64, help="how many crystals (default 64)")
     p.add_argument("--band-gap", choices=data.BAND_GAP_CLASSES, default="unknown",
                    help="metal, small (< 1.5 eV), large (>= 1.5 eV) or unknown (default)")
     p.add_argument("--magnetic", choices=data.MAGNETIC_ORDERINGS, default="unknown",
@@ -1064,7 +1112,7 @@ def build_parser():
     p = sub.add_parser("csp", help="structure prediction from compositions: k samples each, match rate",
                        description=cmd_csp.__doc__)
     p.add_argument("--data", default=BUNDLED_VAL, help="structures to predict (default: the val split)")
-    p.add_argument("--n", type=POSITIVE, default=1000, help="at most this many structures (default all)")
+    p.add_argument("--n", type=COUNT, default=1000, help="at most this many structures (default 1000)")
     p.add_argument("--k", type=number(int, 1, 100, what="a number of samples from 1 to 100"), default=1,
                    help="samples per composition (1 or 20, as the field reports)")
     add_sampling_arguments(p, "csp", refine=0)
@@ -1076,7 +1124,7 @@ def build_parser():
                        "validity, uniqueness, novelty against --reference, and crowding, volume, symmetry.")
     p.add_argument("folder", help="folder of CIF/POSCAR files (or one file, or a CDVAE CSV)")
     p.add_argument("--reference", default=BUNDLED_TRAIN, help="training structures (default: %(default)s)")
-    p.add_argument("--csv", default=None, help="where to write the flags (default FOLDER/screening.csv, "
+    p.add_argument("--csv", type=out_path, default=None, help="where to write the flags (default FOLDER/screening.csv, "
                    "or NAME_screening.csv beside a file)")
     p.set_defaults(run=cmd_evaluate)
 
@@ -1084,17 +1132,19 @@ def build_parser():
                        description=cmd_download.__doc__)
     p.add_argument("--api-key", help="Materials Project API key (default: $MP_API_KEY or "
                    "pymatgen's PMG_MAPI_KEY setting)")
-    p.add_argument("--out", default="datasets", help="folder for the CSV files (default %(default)s)")
+    p.add_argument("--out", type=out_path, default="datasets", help="folder for the CSV files (default %(default)s)")
     p.set_defaults(run=cmd_download)
 
-    p = sub.add_parser("show", help="draw the three channels of a crystal's cloud (Fig. S1)")
+    p = sub.add_parser("show", help="draw the three channels of a crystal's cloud (Fig. S1)",
+                       description="Encode one crystal and draw its cloud: positions, element slots, "
+                       "lattice rows (paper Fig. S1).")
     p.add_argument("structure", help="a CIF/POSCAR file (or a CSV: its first usable row)")
     p.add_argument("--checkpoint", default=None, help="use this model's length range")
-    p.add_argument("--out", default=None, help="PNG path (default NAME_cloud.png)")
+    p.add_argument("--out", type=out_path, default=None, help="PNG path (default NAME_cloud.png)")
     p.set_defaults(run=cmd_show)
 
     p = sub.add_parser("bench", help="parameter count and milliseconds per training/sampling step")
-    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="clouds per step (default 32)")
     add_run_arguments(p)
     p.set_defaults(run=cmd_bench)
 
@@ -1102,10 +1152,10 @@ def build_parser():
                        description="Encode each structure, add Gaussian noise to the cloud, decode, and "
                        "count the crystals StructureMatcher() finds unchanged.")
     p.add_argument("--data", nargs="+", default=[BUNDLED_TRAIN, BUNDLED_VAL],
-                   help="CSV files, folders or structure files (default: the bundled MP-20 sample)")
+                   help="CSV files, folders or structure files (default: the bundled MP-20 train and val splits)")
     p.add_argument("--noise", nargs="+", type=NON_NEGATIVE, default=[0.0, 0.01, 0.02],
                    help="std of Gaussian noise added to the cloud, in its [0, 1] units")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the noise (default 0)")
     p.set_defaults(run=cmd_roundtrip)
     return parser
 
@@ -1116,6 +1166,12 @@ def main(argv=None):
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    if getattr(args, "sampler", None) == "ddpm" and args.steps is not None:
+        print(f"pccd.py {args.command}: error: --steps is DDIM's number of steps: add --sampler ddim "
+              f"(ddpm runs every step)", file=sys.stderr)
+        return 2
+    if getattr(args, "sampler", None) == "ddim" and args.steps is None:
+        args.steps = 100
     if hasattr(args, "threads") and (args.threads or "OMP_NUM_THREADS" not in os.environ):
         torch.set_num_threads(args.threads or idle_cores())
     try:
@@ -1130,7 +1186,9 @@ def main(argv=None):
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
-        if isinstance(e, OSError):                # an unwritable --out, a full disk, ...
+        if isinstance(e, MemoryError):
+            e = "out of memory: ask for fewer crystals (--n) or a smaller --batch-size"
+        elif isinstance(e, OSError):              # an unwritable --out, a full disk, ...
             where = e.filename or getattr(args, "made", None) or getattr(args, "out", None)
             e = f"{e.strerror or e}: {where}" if where else e
         elif not isinstance(e, UserError):
@@ -1147,7 +1205,7 @@ def run_as_program():
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is not None:
             signal.signal(signum, terminate)
-    sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
+    sys.stdout, sys.stderr = (stream and QuietPipe(stream) for stream in (sys.stdout, sys.stderr))   # None: closed
     warnings.simplefilter("ignore")      # pymatgen's and numpy's: every message here is the project's own
     try:
         return main()

@@ -286,6 +286,11 @@ def test_a_csv_is_parsed_once_then_read_from_its_cache_until_its_content_changes
     data.load_structures(str(tmp_path / "c.csv"), verbose=False)
     data.load_structures(str(path), verbose=False)
     assert len(os.listdir(tmp_path / data.CACHE_FOLDER)) == 2 and len(parsed) == 3
+    cache = data.cache_path(str(path))                            # a damaged cache: parsed again
+    with open(cache, "r+b") as f:
+        f.truncate(1000)
+    assert len(data.load_structures(str(path), verbose=False)) == 5 and len(parsed) == 4
+    assert len(data.load_structures(str(path), verbose=False)) == 5 and len(parsed) == 4   # and cached anew
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,7 +608,7 @@ def test_a_structure_is_never_novel_against_itself_and_duplicates_are_not_unique
 
 def test_almost_no_training_crystal_is_crowded_but_two_atoms_moved_to_0_8_angstrom_are(mp20):
     crowded = [evaluate.crowding(c.structure) < evaluate.CROWDED_BELOW for c in mp20[:3000]]
-    assert np.mean(crowded) < 0.005                   # 18 of 11,359: uranium and plutonium metals
+    assert np.mean(crowded) < 0.005                   # 20 of 11,359: U and Pu metals, Cs and Rb on 3 A axes
     s = next(c.structure for c in mp20 if len(c.structure) >= 4).copy()
     i, j = 0, 1                                   # move atom j to 0.8 A from atom i, along x
     s.replace(j, s[j].species, coords=s[i].coords + [0.8, 0.0, 0.0], coords_are_cartesian=True)
@@ -614,6 +619,11 @@ def test_almost_no_training_crystal_is_crowded_but_two_atoms_moved_to_0_8_angstr
     assert [r["crowded"] for r in rows] == [False, True]
     assert rows[0]["physical"] and not rows[1]["physical"]
     assert summary["crowded"] == 1 and summary["closer_than_1A"] == 1
+    thin = Structure(Lattice.from_parameters(8.5, 8.5, 0.6, 90, 90, 90), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+    assert evaluate.shortest_distance(thin) > 6 and evaluate.crowding(thin) < 0.2   # each Na 0.6 A from its image
+    assert evaluate.crowding(Structure(Lattice.cubic(0.7), ["Cu"], [[0, 0, 0]])) < evaluate.CROWDED_BELOW
+    assert evaluate.shortest_lattice_vector(Lattice([[5, 0, 0], [4.9, 0.5, 0], [0, 0, 7]])) == pytest.approx(
+        np.hypot(0.1, 0.5))                                          # a - b, not the shortest axis
 
 
 def test_wasserstein_distance_on_hand_checkable_samples():
@@ -1289,6 +1299,8 @@ def bad_inputs(tmp_path_factory, mp20):
     (root / "a_file").write_text("not a folder")
     (root / "latin1.csv").write_bytes("material_id,cif\nmp-1,caf\xe9\n".encode("latin-1"))
     (root / "no_cif.csv").write_text("material_id,formula\nmp-1,NaCl\n")
+    (root / "cut.csv.gz").write_bytes(open(os.path.join(HERE, "datasets", "mp20_val.csv.gz"), "rb").read(30000))
+    (root / "plain.csv.gz").write_text("material_id,cif\n")                      # named .gz, not compressed
     long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     roundtrip = root / "roundtrip"
     roundtrip.mkdir()
@@ -1303,7 +1315,22 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Mg", "O", "--steps", "1001"], 2, "--steps: '1001'"),
     (["generate", "--elements", "Mg", "O", "--guidance", "nan"], 2, "--guidance: 'nan' is not a finite number"),
     (["generate", "--elements", "Mg", "O", "--guidance", "-1"], 2, "--guidance"),
-    (["generate", "--elements", "Mg", "O", "--n", "0"], 2, "--n: '0' is not a positive integer"),
+    (["generate", "--elements", "Mg", "O", "--n", "0"], 2, "--n: '0' is not a number from 1 to 100000"),
+    (["generate", "--elements", "Mg", "O", "--n", "200000"], 2, "--n: '200000' is not a number from 1 to 100000"),
+    (["generate", "--elements", "Mg", "O", "--n", "1_0"], 2, "--n: '1_0'"),
+    (["generate", "--elements", "Mg", "O", "--n", "\u0664"], 2, "--n: '\u0664'"),            # an Arabic-Indic 4
+    (["generate", "--elements", "Mg", "O", "--steps", "10"], 2, "--steps is DDIM's number of steps: add --sampler ddim"),
+    (["generate", "--formula", "D2O"], 2, "'D' is an isotope of H: write H"),
+    (["train", "--batch-size", "100000"], 2, "--batch-size: '100000' is not a batch size from 1 to 4096"),
+    (["train", "--out", ""], 2, "--out: an empty path"),
+    (["export", "{run}", "--out", " "], 2, "--out: an empty path"),
+    (["train", "--resume", "--out", "{run}", "--val", "{r}/mixed"], 1, "leave out --val"),
+    (["train", "--resume", "--out", "{run}", "--steps", "30"], 1, "is at step 60 already: give --steps above it"),
+    (["evaluate", "{r}/mixed", "--csv", "{r}/nowhere/x.csv"], 1, "cannot write {r}/nowhere/x.csv: its folder does not exist"),
+    (["evaluate", "{r}/cut.csv.gz"], 1, "{r}/cut.csv.gz is not a readable gzip file"),
+    (["evaluate", "{r}/plain.csv.gz"], 1, "{r}/plain.csv.gz is not a readable gzip file"),
+    (["evaluate", "{r}/mixed", "--reference", "{r}/cut.csv.gz"], 1, "--reference {r}/cut.csv.gz: {r}/cut.csv.gz is not a readable gzip"),
+    (["download", "--api-key", "x", "--out", "{r}/a_file"], 1, "--out {r}/a_file is a file, not a folder"),
     (["generate", "--elements", "Mg", "O", "--batch-size", "-4"], 2, "--batch-size"),
     (["generate", "--elements", "Mg", "O", "--condition-above", "-1"], 2, "--condition-above: '-1' is not a diffusion step"),
     (["generate", "--elements", "Mg", "O", "--seed", "-1"], 2, "--seed"),
@@ -1316,7 +1343,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["train", "--resume", "--out", "{run}", "--prediction", "eps"], 1, "leave out --prediction"),
     (["train", "--resume", "--out", "{run}", "--preset", "long"], 1, "preset (quick): leave out --preset"),
     (["export", "{run}", "--out", "{r}/mixed/good.pt"], 1, "good_golden.npz exists"),
-    (["reconstruct", "--n", "-1"], 2, "--n: '-1' is not a positive integer"),
+    (["reconstruct", "--n", "-1"], 2, "--n: '-1' is not a number from 1 to 100000"),
     (["reconstruct", "--t", "0"], 2, "--t: '0' is not a step from 1 to 1000"),
     (["reconstruct", "--t", "1001"], 2, "--t"),
     (["train", "--steps", "0"], 2, "--steps"),
@@ -1331,8 +1358,9 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Xx"], 2, "argument --elements: 'Xx' is not a chemical element symbol"),
     (["generate", "--elements", "Mg", "Mn", "O", "Fe"], 2, "4 elements"),
     (["generate", "--elements", "Mg", "Mg"], 2, "repeated element"),
-    (["generate", "--elements", "Mg", "--pool", "common"], 1, "give one of --elements"),
-    (["generate"], 1, "give one of --elements"),
+    (["generate", "--elements", "Mg", "--pool", "common"], 2, "argument --pool: not allowed with argument --elements"),
+    (["generate", "--formula", "NaCl", "--elements", "Na", "Cl"], 2, "not allowed with argument --formula"),
+    (["generate"], 2, "one of the arguments --elements --formula --pool is required"),
     (["generate", "--formula", "LiQ2"], 2, "argument --formula: 'Q' is not a chemical element symbol"),
     (["generate", "--formula", "LiNaCoO2"], 2, "4 elements"),
     (["generate", "--formula", "Li10O7"], 2, "Li10O7 has 17 atoms; PCCD makes 1 to 16"),
@@ -1391,7 +1419,7 @@ def test_good_values_of_every_checked_flag_parse():
                               "--widths", "16", "32", "64", "--condition-above", "0", "--seed", "0"])
     assert (args.lr, args.property_drop, args.steps, args.widths, args.condition_above) == \
         (2e-3, 0.3, 10, [16, 32, 64], 0)
-    args = parser.parse_args(["generate", "--guidance", "2.5", "--steps", "1000", "--device", "cpu"])
+    args = parser.parse_args(["generate", "--pool", "all", "--guidance", "2.5", "--steps", "1000", "--device", "cpu"])
     assert (args.guidance, args.steps, args.device) == (2.5, 1000, "cpu")
     assert parser.parse_args(["roundtrip", "--noise", "0", "0.01"]).noise == [0.0, 0.01]
     assert parser.parse_args(["reconstruct", "--t", "1000", "--n", "1"]).t == 1000
@@ -1670,6 +1698,8 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "negative.cif").write_text(cif.replace("0.00000000  0.00000000  0.00000000  1", "0.00000000  0.00000000  0.00000000  -1"))
     (folder / "vacancy.cif").write_text(cif.replace("0.50000000  0.50000000  0.50000000  1", "0.50000000  0.50000000  0.50000000  0.5"))
     (folder / "dummy.cif").write_text(cif.replace("Cl", "X"))
+    (folder / "packed.cif.gz").write_bytes(b"\x1f\x8b compressed")
+    (folder / "minus.cif").write_text(cif.replace("_cell_length_a   4.20000000", "_cell_length_a   -4.20000000"))
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
     assert [c.material_id for c in kept] == ["two_blocks.cif#1", "two_blocks.cif#2", "x.cif"]
@@ -1677,7 +1707,8 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
                        "without element names (a POSCAR with no species line)": 1,
                        "with atoms pymatgen dropped (occupancy <= 0?)": 1, "disordered (partial occupancies)": 1,
-                       "with a dummy species (not an element)": 1}
+                       "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
+                       "with a negative cell length": 1}
 
 
 def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_reference_is_refused(tmp_path, mp20, capsys):
@@ -1735,3 +1766,61 @@ def test_a_full_disk_names_where_it_was_writing(tiny_run, tmp_path, capsys, monk
                              "--sampler", "ddim", "--steps", "2", "--out", str(out)], capsys)
     assert code == 1 and err[-1] == f"pccd.py generate: error: No space left on device: {out}"
     assert not out.exists()
+
+
+def test_generate_stopped_while_screening_keeps_its_crystals_and_says_how_to_screen_them(tiny_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "screen", interrupted)
+    out = tmp_path / "gen"
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                             "--sampler", "ddim", "--steps", "2", "--out", str(out)], capsys)
+    assert code == 130 and err[-2:] == [f"the crystals are kept in {out}/: screen them with python pccd.py "
+                                        f"evaluate {out}", "interrupted"]
+    assert "clouds.npz" in os.listdir(out) and any(name.endswith(".cif") for name in os.listdir(out))
+
+
+def test_output_that_cannot_be_written_is_dropped_with_one_warning(tmp_path, capsys):
+    class FullDisk:
+        def __init__(self):
+            self.file = open(tmp_path / "out.txt", "w")
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.file.fileno()
+    stream = pccd.QuietPipe(FullDisk())
+    assert stream.write("the summary") == len("the summary") and stream.write("more") == len("more")
+    assert capsys.readouterr().err.count("warning: output cannot be written (No space left on device)") == 1
+
+
+def test_odd_environment_settings_do_not_reach_the_user_as_foreign_messages(tmp_path, mp20):
+    import subprocess
+    import sys
+    mp20[0].structure.to(filename=str(tmp_path / "good.cif"))
+    env = dict(os.environ, MPLBACKEND="agg2", OMP_NUM_THREADS="abc")   # a backend matplotlib lacks
+    done = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "show", "good.cif"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and (tmp_path / "good_cloud.png").exists()
+    assert done.stderr.strip().splitlines() == ["warning: OMP_NUM_THREADS='abc' is not a number of threads; ignored",
+                                                "good.cif: kept 1 of 1 structures (skipped: none)"]
+
+
+def test_results_say_the_steps_that_ran(tiny_run, tmp_path):
+    out = tmp_path / "rec"
+    assert pccd.main(["reconstruct", "--checkpoint", str(tiny_run), "--n", "2", "--t", "3", "--sampler", "ddim",
+                      "--no-fig2", "--out", str(out)]) == 0
+    assert json.load(open(out / "results.json"))["summary"]["steps"] == 2      # 100 asked: from step 2, 2 and 1
+
+
+def test_a_held_out_set_that_shares_crystals_with_the_training_data_is_said(small_csv, tmp_path, capsys):
+    code, err, _ = run_pccd(["train", "--data", small_csv, "--val", small_csv, "--steps", "2", "--batch-size", "4",
+                             "--widths", "8", "8", "8", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and any("shares crystals with the training data" in line for line in err)
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["settings"]["val"] == \
+        pccd.portable_path(small_csv)                                   # recorded: --resume keeps it
