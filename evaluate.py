@@ -365,8 +365,8 @@ def compositionally_valid(composition):
 
 # ---- Is it physical? CDVAE's validity passes atoms 0.5 A apart; a chemist would not ---------
 
-CROWDED_BELOW = 0.7         # d / (r_i + r_j) below this: crowded. 18 of the 11,359 bundled training
-#                             crystals are (U, Pu and Ce metals and alloys, from 0.62); 11 of 6,361 val
+CROWDED_BELOW = 0.7         # d / (r_i + r_j) below this: crowded. 20 of the 11,359 bundled training
+#                             crystals are (U, Pu, Ce metals and alloys, Cs, Rb on 3 A axes); 11 of 6,361 val
 VOLUME_BAND = (0.5, 2.0)    # V / V_predicted outside this: not a plausible cell. Of the bundled
 #                             val crystals 21 of 6,361 are outside
 

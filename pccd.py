@@ -22,7 +22,7 @@ import warnings
 # Set before spglib loads: its "failed" lines for odd cells are noise here.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
 # Read when torch loads: a value OpenMP cannot use would print its own complaint, then be ignored.
-if not os.environ.get("OMP_NUM_THREADS", "1").isdigit() or os.environ.get("OMP_NUM_THREADS") == "0":
+if not re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", os.environ.get("OMP_NUM_THREADS", "1")):
     print(f"warning: OMP_NUM_THREADS={os.environ.pop('OMP_NUM_THREADS')!r} is not a number of threads; "
           f"ignored", file=sys.stderr)
 
@@ -102,6 +102,8 @@ class QuietPipe:
     def write(self, text):
         try:
             return len(text) if self.gone else self.stream.write(text)
+        except BlockingIOError:                           # a busy non-blocking reader: not gone
+            raise
         except OSError as e:
             self.reader_gone(e)
             return len(text)
@@ -109,16 +111,22 @@ class QuietPipe:
     def flush(self):
         try:
             self.gone or self.stream.flush()
+        except BlockingIOError:
+            raise
         except OSError as e:
             self.reader_gone(e)
 
     def reader_gone(self, error):
         self.gone = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self.stream.fileno())            # Python's own flush at exit goes there too
-        os.close(devnull)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())        # Python's own flush at exit goes there too
+            os.close(devnull)
+        except (OSError, AttributeError, ValueError):
+            pass
         if not isinstance(error, BrokenPipeError) and self.stream is not sys.__stderr__:
-            print(f"warning: output cannot be written ({error.strerror}); the command goes on", file=sys.stderr)
+            print(f"warning: output cannot be written ({error.strerror or error}); the command goes on",
+                  file=sys.stderr)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -167,10 +175,15 @@ def pick_device(name):
 # `step`; a run's own also `model`, `optimizer`, `rng` and `data_digest`, so that --resume
 # continues exactly, on the same data.
 
-def save_checkpoint(path, state, spare=None):
+class SavedElsewhere(UserError):
+    """A checkpoint that could not be written where it belongs, but was to a spare file."""
+
+
+def save_checkpoint(path, state, spare=False):
     """Write to a temporary file and rename it, so an interrupted run never leaves a broken one.
     A save that fails (a full disk, a read-only folder) is one UserError naming `path`; with
-    `spare`, the state is written there instead if it can be, and the error says so."""
+    `spare`, the state is written to a new file in the system's temporary folder instead if it can
+    be, and the error (SavedElsewhere) says where."""
     tmp = path + ".tmp"
     try:
         torch.save(state, tmp)
@@ -183,13 +196,16 @@ def save_checkpoint(path, state, spare=None):
             reason = f"is the disk full or the folder read-only? (torch: {said})"
         message = f"cannot write {path}: {reason}" + (" (the checkpoint saved before is kept)"
                                                        if os.path.exists(path) else "")
-        try:
-            if spare:
-                torch.save(state, spare)
-                message += f"; step {state['step']} saved to {spare} instead: move it to {path} and continue with --resume"
-        except Exception:
-            if os.path.exists(spare):
+        if spare:
+            handle, spare = tempfile.mkstemp(prefix="pccd-checkpoint-", suffix=".pt")
+            try:
+                with os.fdopen(handle, "wb") as f:
+                    torch.save(state, f)
+            except Exception:
                 os.remove(spare)
+            else:
+                raise SavedElsewhere(f"{message}; step {state['step']} saved to {spare} instead: move it to "
+                                     f"{path} and continue with --resume") from None
         raise UserError(message) from None
     finally:
         if os.path.exists(tmp):               # a failed save (a full disk, Ctrl-C) leaves nothing behind
@@ -312,8 +328,10 @@ class RunLock:
         if os.path.exists(self.args.out) and not os.path.isdir(self.args.out):
             raise UserError(f"--out {self.args.out} is a file, not a folder")
         if not os.path.isdir(self.args.out):
-            self.args.made = outermost_missing(self.args.out)
-            os.makedirs(self.args.out)
+            parents = make_parents(self.args.out)
+            self.args.made = [None, *parents]
+            os.mkdir(self.args.out)
+            self.args.made = [self.args.out, *parents]
         self.file = open(self.lock, "w")
         try:
             import fcntl                                  # POSIX; elsewhere runs are not locked
@@ -396,7 +414,8 @@ def train(args):
     if s["val"] != "none":
         val = load_or_fail(resolve_path(s["val"]), length_range=length_range)
         val = [val[i] for i in np.random.default_rng(0).permutation(len(val))[:HELD_OUT]]
-        if {c.material_id for c in val} & {c.material_id for c in crystals}:
+        same = lambda c: (c.structure.composition.reduced_formula, *np.round(c.structure.lattice.abc, 3))  # noqa: E731
+        if {same(c) for c in val} & {same(c) for c in crystals}:       # by structure: names may be "row 0"
             print(f"warning: {s['val']} shares crystals with the training data: its loss is not a held-out "
                   f"loss", file=sys.stderr)
         v_clouds, *v_condition = map(torch.from_numpy, data.encode_dataset(val, length_range))
@@ -430,14 +449,20 @@ def train(args):
                     train_compositions=[c.structure.composition.formula for c in crystals])
 
     progress = Progress(s["steps"], "step", done=step)
-    spare = os.path.join(tempfile.gettempdir(), f"pccd-checkpoint-{os.getpid()}.pt")   # if `path` cannot be written
+
+    def save():                           # where the run's folder cannot be written: a spare file, and the folder kept
+        try:
+            save_checkpoint(path, state(), spare=True)
+        except SavedElsewhere:
+            args.made = None
+            raise
+        args.made = None                  # a folder with a checkpoint is kept
     model.train()
     with StopRequests() as stop:
         while step < s["steps"]:
             if stop.signum:                               # Ctrl-C, SIGTERM, SIGHUP: keep the steps done
                 if step % SAVE_EVERY:
-                    save_checkpoint(path, state(), spare)
-                    args.made = None
+                    save()
                 if os.path.exists(path):
                     print(f"{path} holds step {step}: continue with --resume", file=sys.stderr)
                 raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated(stop.signum)
@@ -467,8 +492,7 @@ def train(args):
                     val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
                     print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
                           f"crystals of {os.path.relpath(resolve_path(s['val']))})", flush=True)
-                save_checkpoint(path, state(), spare)
-                args.made = None                              # a folder with a checkpoint is kept
+                save()
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
           f"of last 50 steps: {np.mean(losses[-50:]):.4f}; {progress.done - progress.first} steps in "
@@ -486,8 +510,7 @@ def cmd_export(args):
     small = {k: ckpt[k] for k in ("model_config", "length_range", "sampling", "settings", "train_ids",
                                   "train_compositions", "losses", "step")}
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
-    args.made = outermost_missing(os.path.dirname(os.path.abspath(args.out)))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    args.made = [None, *make_parents(args.out)]
     save_checkpoint(args.out, small)
     try:                                                  # both files, or neither
         model, _ = load_checkpoint(args.out)
@@ -526,32 +549,40 @@ class Progress:
                   f"{left:5.1f} min left", file=out or sys.stderr, flush=True)
 
 
-def outermost_missing(path):
-    """The outermost folder on the way to `path` that does not exist yet (None if path exists):
-    what a command that makes `path` removes again if it fails."""
-    path, missing = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, missing = os.path.dirname(path), path
-    return missing
+def make_parents(path):
+    """Make the missing folders above `path`, one level at a time; returns those this command made,
+    innermost first: what main() removes again, each only if it is still empty, if it fails."""
+    missing, parent = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    made = []
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+            made.insert(0, folder)
+        except FileExistsError:                           # another command made it: not ours to remove
+            pass
+    return made
 
 
 def fresh_dir(args):
     """A new folder for results: --out, or --out-2, -3, ... Made by os.mkdir, which fails if it
-    exists, so two runs never share one; main() removes it if the command fails."""
+    exists, so two runs never share one. main() removes it, and the empty folders made above it,
+    if the command fails before its results are written (args.made; None once they are)."""
     out = os.path.normpath(args.out)                  # runs/x/ -> runs/x, so -2 goes beside it
     if os.path.basename(out) in (".", ".."):
         raise UserError(f"--out {args.out} is an existing folder, not a new one: name a new folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {args.out} is a file, not a folder")
-    parents = outermost_missing(os.path.dirname(os.path.abspath(out)))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    args.made = parents
+    parents = make_parents(out)
+    args.made = [None, *parents]
     k = 1
     while True:
         candidate = out if k == 1 else f"{out}-{k}"
         try:
             os.mkdir(candidate)
-            args.made = parents or candidate
+            args.made = [candidate, *parents]
             return candidate
         except FileExistsError:
             k += 1
@@ -589,8 +620,8 @@ def physics_for(element_sets, count_lists, length_range, volumes):
 
 
 def steps_run(args, t_start=diffusion.T - 1):
-    """How many steps sampling from t_start runs (what the results record): every one for DDPM,
-    DDIM's distinct visited steps (--steps, or fewer: at most t_start + 1)."""
+    """How many steps sampling from t_start runs (what the results record; refinement passes are
+    recorded apart): every one for DDPM, DDIM's distinct visited steps (--steps, or fewer)."""
     return len(diffusion.ddim_timesteps(t_start, args.steps)) if args.sampler == "ddim" else t_start + 1
 
 
@@ -746,7 +777,9 @@ def cmd_generate(args):
     try:
         rows, summary = evaluate.screen(structures, reference)
     except BaseException:
-        print(f"the crystals are kept in {out}/: screen them with python pccd.py evaluate {out}", file=sys.stderr)
+        again = f" --reference {reference_file}" if reference_file else ""
+        print(f"the crystals are kept in {out}/: screen them with python pccd.py evaluate {out}{again}",
+              file=sys.stderr)
         raise
     for row, name, why, element_set in zip(rows, names, reasons, element_sets):
         row.update(name=name, elements=" ".join(element_set), reason=why)
@@ -835,8 +868,10 @@ def cmd_download(args):
         raise UserError(f"{args.out} already holds mp_*.csv; choose another --out")
     if os.path.exists(args.out) and not os.path.isdir(args.out):               # found before the query
         raise UserError(f"--out {args.out} is a file, not a folder")
-    args.made = outermost_missing(args.out)
-    os.makedirs(args.out, exist_ok=True)
+    if not os.path.isdir(args.out):
+        parents = make_parents(args.out)
+        os.mkdir(args.out)
+        args.made = [args.out, *parents]
     print("querying the Materials Project; this takes minutes ...", file=sys.stderr, flush=True)
     try:
         rows = data.mp_documents_to_rows(data.query_materials_project(key))
@@ -1013,7 +1048,7 @@ def add_sampling_arguments(p, out, refine):
                    help=f"noise the positions back to step {diffusion.REFINE_FROM} and denoise them again, "
                    f"lattice and elements held, this many times: crowded atoms get another chance to "
                    f"separate (default {refine}{'' if refine else '; on in generate'})")
-    p.add_argument("--batch-size", type=POSITIVE, default=256, help="clouds denoised at once")
+    p.add_argument("--batch-size", type=BATCH, default=256, help="clouds denoised at once (default 256)")
     add_run_arguments(p)
 
 
@@ -1178,18 +1213,25 @@ def main(argv=None):
         args.run(args)
         return 0
     except BaseException as e:
-        if getattr(args, "made", None):           # a command that fails leaves no half-written folder
-            shutil.rmtree(args.made, ignore_errors=True)
+        leaf, *parents = getattr(args, "made", None) or [None]   # a command that fails leaves no half-written
+        if leaf:                                                   # folder, nor the folders made for it
+            shutil.rmtree(leaf, ignore_errors=True)
+        for folder in parents:
+            try:
+                os.rmdir(folder)                  # only if empty: another command may be using it
+            except OSError:
+                break
         if isinstance(e, Terminated):
             print(f"terminated ({e})", file=sys.stderr)
             return 128 + e.signum
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
-        if isinstance(e, MemoryError):
-            e = "out of memory: ask for fewer crystals (--n) or a smaller --batch-size"
+        if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and re.search(
+                r"can't allocate|out of memory", str(e), re.I):     # numpy's, torch's (CPU and CUDA)
+            e = "out of memory: ask for less at once (a smaller --batch-size or --n)"
         elif isinstance(e, OSError):              # an unwritable --out, a full disk, ...
-            where = e.filename or getattr(args, "made", None) or getattr(args, "out", None)
+            where = e.filename or leaf or getattr(args, "out", None)
             e = f"{e.strerror or e}: {where}" if where else e
         elif not isinstance(e, UserError):
             raise

@@ -1165,7 +1165,8 @@ def test_the_shipped_model_reproduces_its_golden_tensors():
     assert golden["steps"].tolist() == diffusion.ddim_timesteps(999, 20) and golden["trace_t"].tolist() == [
         golden["steps"][i] for i in diffusion.GOLDEN_TRACE]
     assert {"act_time", "act_condition", "act_down1", "act_attn3", "act_mid2", "act_up1"} <= set(golden.files)
-    ddpm = diffusion.Diffusion(prediction="v")           # the trace is self-consistent: x0 from x_t and v
+    assert ckpt["sampling"]["prediction"] == "v"        # the trace is self-consistent: x0 from x_t and v
+    ddpm = diffusion.Diffusion(prediction="v")
     for x_t, v, x0, t in zip(*(golden[k][1:] for k in ("trace_x", "trace_out", "trace_x0", "trace_t"))):
         abar = ddpm.alphas_cumprod[int(t)].item()
         np.testing.assert_allclose(np.clip(np.sqrt(abar) * x_t - np.sqrt(1 - abar) * v, -1, 1), x0, atol=2e-5)
@@ -1509,6 +1510,14 @@ def test_a_command_that_fails_after_making_its_folder_removes_it(tiny_run, tmp_p
     code, err, _ = run_pccd(["train", "--resume", "--out", str(tmp_path / "x" / "y")], capsys)
     assert code == 1 and "--resume" in err[-1] and os.listdir(tmp_path) == []
 
+    def another_run_finishes_beside_it(*args, **kwargs):
+        os.mkdir(tmp_path / "q" / "other")                         # e.g. a generate in another terminal
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "decode_all", another_run_finishes_beside_it)
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                             "--sampler", "ddim", "--steps", "2", "--out", str(tmp_path / "q" / "r" / "s")], capsys)
+    assert code == 130 and sorted(os.listdir(tmp_path / "q")) == ["other"]   # its own folders gone, not the other
+
 
 def test_a_signal_before_the_command_begins_is_one_line(monkeypatch, capsys):
     import signal
@@ -1541,18 +1550,23 @@ def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_before_it(tmp_pat
     assert "could not remove" in capsys.readouterr().err
 
 
-def test_a_checkpoint_that_cannot_be_saved_is_saved_to_the_spare_path(tmp_path, monkeypatch):
+def test_a_checkpoint_that_cannot_be_saved_is_saved_to_a_spare_file(tmp_path, monkeypatch):
+    import tempfile
     import torch
-    path, spare = str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "spare.pt")
+    path = str(tmp_path / "run" / "checkpoint.pt")
     save = torch.save
     def read_only_folder(state, f):
         if str(f).startswith(str(tmp_path / "run")):
             raise PermissionError(13, "Permission denied", f)
         save(state, f)
     monkeypatch.setattr(torch, "save", read_only_folder)
-    with pytest.raises(pccd.UserError, match=f"cannot write {path}: Permission denied; step 7 saved to {spare}"):
-        pccd.save_checkpoint(path, {"step": 7}, spare)
-    assert torch.load(spare, weights_only=False) == {"step": 7}       # the steps are not lost
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.mkdir(tmp_path / "tmp")
+    with pytest.raises(pccd.SavedElsewhere, match=f"cannot write {path}: Permission denied; step 7 saved to "
+                                                  f"{tmp_path}/tmp/pccd-checkpoint-.*pt instead: move it to {path}"):
+        pccd.save_checkpoint(path, {"step": 7}, spare=True)
+    spare, = os.listdir(tmp_path / "tmp")
+    assert torch.load(tmp_path / "tmp" / spare, weights_only=False) == {"step": 7}   # the steps are not lost
 
 
 def test_export_that_cannot_write_its_golden_file_leaves_neither_file(tiny_run, tmp_path, monkeypatch, capsys):
@@ -1768,7 +1782,7 @@ def test_a_full_disk_names_where_it_was_writing(tiny_run, tmp_path, capsys, monk
     assert not out.exists()
 
 
-def test_generate_stopped_while_screening_keeps_its_crystals_and_says_how_to_screen_them(tiny_run, tmp_path,
+def test_generate_stopped_while_screening_keeps_its_crystals_and_says_how_to_screen_them(tiny_run, small_csv, tmp_path,
                                                                                          monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -1777,7 +1791,7 @@ def test_generate_stopped_while_screening_keeps_its_crystals_and_says_how_to_scr
     code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
                              "--sampler", "ddim", "--steps", "2", "--out", str(out)], capsys)
     assert code == 130 and err[-2:] == [f"the crystals are kept in {out}/: screen them with python pccd.py "
-                                        f"evaluate {out}", "interrupted"]
+                                        f"evaluate {out} --reference {small_csv}", "interrupted"]
     assert "clouds.npz" in os.listdir(out) and any(name.endswith(".cif") for name in os.listdir(out))
 
 
