@@ -172,11 +172,11 @@ def parse_formula(text):
     ValueError, with the reason, for what PCCD cannot make (or a formula it cannot read: Li1.5,
     NaCl0 and Na1e1Cl are refused, not read as something else)."""
     compact = "".join(str(text).split())
-    if not re.fullmatch(r"(?:[A-Z][a-z]?\d*)+", compact):
+    if not re.fullmatch(r"(?:[A-Z][a-z]?[0-9]*)+", compact):
         raise ValueError(f"cannot read the formula '{text}': write element symbols, each followed by a "
                          f"whole number of atoms, like Li2Co2O4")
     counts = {}
-    for symbol, number in re.findall(r"([A-Z][a-z]?)(\d*)", compact):
+    for symbol, number in re.findall(r"([A-Z][a-z]?)([0-9]*)", compact):
         if number and int(number) < 1:
             raise ValueError(f"{text}: atom counts must be whole numbers of at least 1 ({symbol}{number})")
         counts[symbol] = counts.get(symbol, 0) + int(number or 1)
@@ -614,7 +614,7 @@ def _parse_structures(text, fmt):
     """The structures of a CIF (one per data block) or of a POSCAR, without oxidation states (Li+
     is Li). Raises Misread(reason) for a file pymatgen reads as another crystal (MISREAD)."""
     blocks = [b for b in re.split(r"(?m)^(?=data_)", text) if b.startswith("data_")] if fmt == "cif" else [text]
-    if fmt == "cif" and re.search(r"(?m)^\s*_cell_length_[abc]\s+-", text):       # pymatgen flips the axis
+    if fmt == "cif" and re.search(r"(?m)^\s*_cell_length_[abc]\s+['\"]?-", text):  # pymatgen flips the axis
         raise Misread("with a negative cell length")
     structures = []
     for block in blocks or [text]:                  # each data block alone: pymatgen's checks are per block
@@ -783,6 +783,8 @@ def _cached_rows(path):
             np.savez(f, **arrays)
         os.replace(tmp, cache)
     except OSError:                           # a read-only folder, a full disk: load without a cache
+        pass
+    finally:                                  # and Ctrl-C while writing it: no half-written file left
         if os.path.exists(tmp):
             os.remove(tmp)
     yield from rows

@@ -311,13 +311,13 @@ def most_common_count_baseline(test_compositions, train_compositions):
 # Screening generated crystals (the paper's "initial screening", Table 2)
 # ----------------------------------------------------------------------------------------------
 
-def shortest_distance(structure):
-    """Shortest distance (A) between two different sites, periodic images included; inf for a
-    one-atom cell (CDVAE's convention: a site's own images are not counted)."""
-    if len(structure) < 2:
-        return float("inf")
-    d = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
-    return float(d.min())
+def shortest_distance(structure, own_images=True):
+    """Shortest distance (A) between two atoms, periodic images included: an atom and its own
+    nearest image too (a one-atom cell has one), unless own_images=False (CDVAE's validity, where
+    a one-atom cell has none: inf)."""
+    pairs = float((structure.distance_matrix + np.diag(np.full(len(structure), np.inf))).min()) \
+        if len(structure) > 1 else float("inf")
+    return min(pairs, shortest_lattice_vector(structure.lattice)) if own_images else pairs
 
 
 def space_group(structure):
@@ -339,8 +339,9 @@ def describe(structure):
 
 
 def structurally_valid(structure, cutoff=0.5):
-    """CDVAE's structural validity: every interatomic distance >= 0.5 A, volume >= 0.1 A^3."""
-    return shortest_distance(structure) >= cutoff and structure.volume >= 0.1
+    """CDVAE's structural validity: every distance between two sites >= 0.5 A (an atom's own images
+    not counted), volume >= 0.1 A^3."""
+    return shortest_distance(structure, own_images=False) >= cutoff and structure.volume >= 0.1
 
 
 CHARGE_BALANCE_LIMIT = 10**7   # assignments; pymatgen takes ~0.15 s for 3.7e5, minutes for 1e9

@@ -19,10 +19,12 @@ import threading
 import time
 import warnings
 
+if __name__ == "__main__":      # Ctrl-C while numpy, torch and pymatgen load: one line, not their traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: (print("interrupted", file=sys.stderr), os._exit(130)))
 # Set before spglib loads: its "failed" lines for odd cells are noise here.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
 # Read when torch loads: a value OpenMP cannot use would print its own complaint, then be ignored.
-if not re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", os.environ.get("OMP_NUM_THREADS", "1")):
+if not re.fullmatch(r"\s*0*[1-9][0-9]*\s*(,\s*0*[1-9][0-9]*\s*)*", os.environ.get("OMP_NUM_THREADS", "1")):
     print(f"warning: OMP_NUM_THREADS={os.environ.pop('OMP_NUM_THREADS')!r} is not a number of threads; "
           f"ignored", file=sys.stderr)
 
@@ -328,8 +330,7 @@ class RunLock:
         if os.path.exists(self.args.out) and not os.path.isdir(self.args.out):
             raise UserError(f"--out {self.args.out} is a file, not a folder")
         if not os.path.isdir(self.args.out):
-            parents = make_parents(self.args.out)
-            self.args.made = [None, *parents]
+            parents = make_parents(self.args.out, self.args)
             os.mkdir(self.args.out)
             self.args.made = [self.args.out, *parents]
         self.file = open(self.lock, "w")
@@ -387,9 +388,9 @@ def train(args):
         if changed:
             raise UserError(f"--resume continues the run's own data, held-out set, network, objective and "
                             f"preset ({own.get('preset')}): leave out {', '.join(changed)}")
-        if args.steps is not None and args.steps <= resumed["step"]:
-            raise UserError(f"{path} is at step {resumed['step']} already: give --steps above it")
     s = resolve_settings(args, resumed)
+    if resumed and s["steps"] <= resumed["step"]:
+        raise UserError(f"{path} is at step {resumed['step']} already, of {s['steps']}: give --steps above it")
     s["val"] = portable_val(args.val) if args.val is not None else \
         resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
     device = pick_device(args.device)
@@ -504,13 +505,15 @@ def cmd_export(args):
     what sampling needs (model configuration, length range, `sampling`, `settings`, the training
     set's identities); no optimizer state, so it cannot be resumed. Golden tensors beside it."""
     golden = os.path.splitext(args.out)[0] + "_golden.npz"
+    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder: name the file to write, e.g. {os.path.join(args.out, 'model.pt')}")
     if os.path.exists(args.out) or os.path.exists(golden):
         raise UserError(f"{args.out} or {golden} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
     small = {k: ckpt[k] for k in ("model_config", "length_range", "sampling", "settings", "train_ids",
                                   "train_compositions", "losses", "step")}
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
-    args.made = [None, *make_parents(args.out)]
+    make_parents(args.out, args)
     save_checkpoint(args.out, small)
     try:                                                  # both files, or neither
         model, _ = load_checkpoint(args.out)
@@ -549,21 +552,22 @@ class Progress:
                   f"{left:5.1f} min left", file=out or sys.stderr, flush=True)
 
 
-def make_parents(path):
-    """Make the missing folders above `path`, one level at a time; returns those this command made,
-    innermost first: what main() removes again, each only if it is still empty, if it fails."""
+def make_parents(path, args):
+    """Make the missing folders above `path`, one level at a time, recording in args.made those
+    this command made, innermost first (as [None, ...]: no result folder yet): what main() removes
+    again, each only if it is still empty, if the command fails -- here too. Returns them."""
     missing, parent = [], os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         missing.append(parent)
         parent = os.path.dirname(parent)
-    made = []
+    args.made = [None]
     for folder in reversed(missing):
         try:
             os.mkdir(folder)
-            made.insert(0, folder)
+            args.made.insert(1, folder)
         except FileExistsError:                           # another command made it: not ours to remove
             pass
-    return made
+    return args.made[1:]
 
 
 def fresh_dir(args):
@@ -571,12 +575,11 @@ def fresh_dir(args):
     exists, so two runs never share one. main() removes it, and the empty folders made above it,
     if the command fails before its results are written (args.made; None once they are)."""
     out = os.path.normpath(args.out)                  # runs/x/ -> runs/x, so -2 goes beside it
-    if os.path.basename(out) in (".", ".."):
+    if os.path.basename(out) in ("", ".", ".."):                   # "", for /
         raise UserError(f"--out {args.out} is an existing folder, not a new one: name a new folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {args.out} is a file, not a folder")
-    parents = make_parents(out)
-    args.made = [None, *parents]
+    parents = make_parents(out, args)
     k = 1
     while True:
         candidate = out if k == 1 else f"{out}-{k}"
@@ -801,8 +804,9 @@ def cmd_evaluate(args):
                         else os.path.splitext(folder)[0] + "_screening.csv")
     if os.path.exists(path):
         raise UserError(f"{path} exists; name another with --csv")
-    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):      # found now, not after screening
-        raise UserError(f"cannot write {path}: its folder does not exist or is read-only")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):         # found now, not after screening
+        raise UserError(f"cannot write {path}: {parent} is not a folder, or is read-only")
     skipped, reference = {}, load_reference(reference_path(args.reference, named=True))   # a bad one: first
     crystals = load_or_fail(folder, only_encodable=False, skipped=skipped)
     unreadable = sum(n for why, n in skipped.items() if why not in data.NOT_A_CRYSTAL)
@@ -869,7 +873,7 @@ def cmd_download(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):               # found before the query
         raise UserError(f"--out {args.out} is a file, not a folder")
     if not os.path.isdir(args.out):
-        parents = make_parents(args.out)
+        parents = make_parents(args.out, args)
         os.mkdir(args.out)
         args.made = [args.out, *parents]
     print("querying the Materials Project; this takes minutes ...", file=sys.stderr, flush=True)
@@ -886,8 +890,6 @@ def cmd_download(args):
 def cmd_show(args):
     """Fig. S1: the three channels of one crystal's cloud."""
     out = args.out or os.path.splitext(os.path.basename(os.path.normpath(args.structure)))[0] + "_cloud.png"
-    if os.path.splitext(out)[1].lower() not in (".png", ".pdf", ".svg"):
-        raise UserError(f"--out {out}: name a .png, .pdf or .svg file")
     if os.path.exists(out):
         raise UserError(f"{out} exists; name another with --out")
     structure = load_or_fail(args.structure)[0].structure
@@ -964,12 +966,20 @@ NON_NEGATIVE = number(float, 0, what="a finite number >= 0")
 WIDTH = number(int, 8, what="a positive multiple of 8 (GroupNorm's 8 groups)", multiple_of=8)
 COUNT = number(int, 1, 100_000, what="a number from 1 to 100000")
 BATCH = number(int, 1, 4096, what="a batch size from 1 to 4096")
+THREADS = number(int, 1, 256, what="a number of threads from 1 to 256")
 
 
 def out_path(text):
     """An argparse type for --out: a path, not an empty string."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    return text
+
+
+def image_path(text):
+    """An argparse type for a figure's path: .png, .pdf or .svg."""
+    if os.path.splitext(out_path(text))[1].lower() not in (".png", ".pdf", ".svg"):
+        raise argparse.ArgumentTypeError(f"{text!r}: name a .png, .pdf or .svg file")
     return text
 
 
@@ -1025,7 +1035,7 @@ def add_run_arguments(p, seed=0):
     """--device, --threads and --seed, for every command that runs the network."""
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu, cuda "
                    "or cuda:N")
-    p.add_argument("--threads", type=POSITIVE, help="CPU threads for torch (default: "
+    p.add_argument("--threads", type=THREADS, help="CPU threads for torch (default: "
                    "$OMP_NUM_THREADS if set, else one per core that is idle when the command starts)")
     p.add_argument("--seed", type=SEED, default=seed, help=f"random seed (default {seed})" if seed is not None
                    else "random seed (default: the preset's, 0)")
@@ -1088,7 +1098,7 @@ def build_parser():
                    "random periodic translations of each crystal (presets: off)")
     p.add_argument("--composition-given", type=PROBABILITY, metavar="P", help="share of crystals trained "
                    "with channel 1 (the composition) shown clean, as structure prediction holds it (presets: 0)")
-    p.add_argument("--val", metavar="DATA", help="crystals whose loss is reported at every checkpoint and "
+    p.add_argument("--val", type=out_path, metavar="DATA", help="crystals whose loss is reported at every checkpoint and "
                    "never trained on (default: the bundled MP-20 val split, or the resumed run's; none: skip)")
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
@@ -1175,11 +1185,12 @@ def build_parser():
                        "lattice rows (paper Fig. S1).")
     p.add_argument("structure", help="a CIF/POSCAR file (or a CSV: its first usable row)")
     p.add_argument("--checkpoint", default=None, help="use this model's length range")
-    p.add_argument("--out", type=out_path, default=None, help="PNG path (default NAME_cloud.png)")
+    p.add_argument("--out", type=image_path, default=None, help="PNG path (default NAME_cloud.png; .pdf, .svg)")
     p.set_defaults(run=cmd_show)
 
     p = sub.add_parser("bench", help="parameter count and milliseconds per training/sampling step")
-    p.add_argument("--batch-size", type=POSITIVE, default=32, help="clouds per step (default 32)")
+    p.add_argument("--batch-size", type=number(int, 1, 10**8, what="a batch size from 1 to 10**8"), default=32,
+                   help="clouds per step (default 32)")
     add_run_arguments(p)
     p.set_defaults(run=cmd_bench)
 
@@ -1244,6 +1255,7 @@ def run_as_program():
     survives a reader that stops reading."""
     def terminate(signum, frame):
         raise Terminated(signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)          # Ctrl-C: KeyboardInterrupt again
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is not None:
             signal.signal(signum, terminate)

@@ -620,7 +620,8 @@ def test_almost_no_training_crystal_is_crowded_but_two_atoms_moved_to_0_8_angstr
     assert rows[0]["physical"] and not rows[1]["physical"]
     assert summary["crowded"] == 1 and summary["closer_than_1A"] == 1
     thin = Structure(Lattice.from_parameters(8.5, 8.5, 0.6, 90, 90, 90), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]])
-    assert evaluate.shortest_distance(thin) > 6 and evaluate.crowding(thin) < 0.2   # each Na 0.6 A from its image
+    assert evaluate.shortest_distance(thin) == pytest.approx(0.6) and evaluate.crowding(thin) < 0.2   # Na to Na's image
+    assert evaluate.shortest_distance(thin, own_images=False) > 6 and evaluate.structurally_valid(thin)   # CDVAE's rule
     assert evaluate.crowding(Structure(Lattice.cubic(0.7), ["Cu"], [[0, 0, 0]])) < evaluate.CROWDED_BELOW
     assert evaluate.shortest_lattice_vector(Lattice([[5, 0, 0], [4.9, 0.5, 0], [0, 0, 7]])) == pytest.approx(
         np.hypot(0.1, 0.5))                                          # a - b, not the shortest axis
@@ -1326,8 +1327,16 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["train", "--out", ""], 2, "--out: an empty path"),
     (["export", "{run}", "--out", " "], 2, "--out: an empty path"),
     (["train", "--resume", "--out", "{run}", "--val", "{r}/mixed"], 1, "leave out --val"),
-    (["train", "--resume", "--out", "{run}", "--steps", "30"], 1, "is at step 60 already: give --steps above it"),
-    (["evaluate", "{r}/mixed", "--csv", "{r}/nowhere/x.csv"], 1, "cannot write {r}/nowhere/x.csv: its folder does not exist"),
+    (["train", "--resume", "--out", "{run}", "--steps", "30"], 1, "is at step 60 already, of 30: give --steps above it"),
+    (["train", "--resume", "--out", "{run}"], 1, "is at step 60 already, of 60"),
+    (["train", "--val", ""], 2, "--val: an empty path"),
+    (["generate", "--elements", "Mg", "--threads", "100000"], 2, "--threads: '100000' is not a number of threads from 1 to 256"),
+    (["bench", "--batch-size", "4611686018427387904"], 2, "--batch-size: '4611686018427387904' is not a batch size"),
+    (["generate", "--formula", "Li\u0662O"], 2, "cannot read the formula"),          # an Arabic-Indic 2
+    (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "/"], 1, "--out / is an existing folder"),
+    (["export", "{run}", "--out", "{r}/newdir/"], 1, "is a folder: name the file to write"),
+    (["evaluate", "{r}/mixed", "--csv", "{r}/a_file/x.csv"], 1, "cannot write {r}/a_file/x.csv: {r}/a_file is not a folder"),
+    (["evaluate", "{r}/mixed", "--csv", "{r}/nowhere/x.csv"], 1, "cannot write {r}/nowhere/x.csv: {r}/nowhere is not a folder"),
     (["evaluate", "{r}/cut.csv.gz"], 1, "{r}/cut.csv.gz is not a readable gzip file"),
     (["evaluate", "{r}/plain.csv.gz"], 1, "{r}/plain.csv.gz is not a readable gzip file"),
     (["evaluate", "{r}/mixed", "--reference", "{r}/cut.csv.gz"], 1, "--reference {r}/cut.csv.gz: {r}/cut.csv.gz is not a readable gzip"),
@@ -1387,7 +1396,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "mg", "o"], 2, "'mg' is not a chemical element symbol"),
     (["generate", "--elements", "na"], 2, "'na' is not a chemical element symbol"),
     (["export", "{run}", "--out", "{r}/a_file"], 1, "exists"),
-    (["show", "{r}/mixed/good.cif", "--out", "{r}/cloud.txt"], 1, "--out {r}/cloud.txt: name a .png, .pdf or .svg file"),
+    (["show", "{r}/mixed/good.cif", "--out", "{r}/cloud.txt"], 2, "--out: '{r}/cloud.txt': name a .png, .pdf or .svg file"),
     (["bench", "--batch-size", "100000000"], 1, "--batch-size 100000000 does not fit in memory"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "."], 1, "--out . is an existing folder"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/only_bad"], 1,
@@ -1510,6 +1519,10 @@ def test_a_command_that_fails_after_making_its_folder_removes_it(tiny_run, tmp_p
     code, err, _ = run_pccd(["train", "--resume", "--out", str(tmp_path / "x" / "y")], capsys)
     assert code == 1 and "--resume" in err[-1] and os.listdir(tmp_path) == []
 
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "--out",
+                             str(tmp_path / "newP" / ("x" * 300) / "c")], capsys)     # a name too long
+    assert code == 1 and "File name too long" in err[-1] and os.listdir(tmp_path) == []
+
     def another_run_finishes_beside_it(*args, **kwargs):
         os.mkdir(tmp_path / "q" / "other")                         # e.g. a generate in another terminal
         raise KeyboardInterrupt
@@ -1532,6 +1545,16 @@ def test_a_signal_before_the_command_begins_is_one_line(monkeypatch, capsys):
     with warnings.catch_warnings():
         assert pccd.run_as_program() == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip().splitlines() == [f"terminated ({pccd.Terminated(signal.SIGTERM)})"]
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line():
+    import signal
+    import time
+    run = pccd_process("bench", "--batch-size", "1")
+    time.sleep(0.3)                                         # numpy, torch, pymatgen are loading
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
 
 
 def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_before_it(tmp_path, monkeypatch, capsys):
@@ -1714,6 +1737,7 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "dummy.cif").write_text(cif.replace("Cl", "X"))
     (folder / "packed.cif.gz").write_bytes(b"\x1f\x8b compressed")
     (folder / "minus.cif").write_text(cif.replace("_cell_length_a   4.20000000", "_cell_length_a   -4.20000000"))
+    (folder / "quoted_minus.cif").write_text(cif.replace("_cell_length_b   4.20000000", "_cell_length_b   '-4.2'"))
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
     assert [c.material_id for c in kept] == ["two_blocks.cif#1", "two_blocks.cif#2", "x.cif"]
@@ -1722,7 +1746,7 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
                        "without element names (a POSCAR with no species line)": 1,
                        "with atoms pymatgen dropped (occupancy <= 0?)": 1, "disordered (partial occupancies)": 1,
                        "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
-                       "with a negative cell length": 1}
+                       "with a negative cell length": 2}
 
 
 def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_reference_is_refused(tmp_path, mp20, capsys):
