@@ -785,8 +785,10 @@ def _cached_rows(path):
     except OSError:                           # a read-only folder, a full disk: load without a cache
         pass
     finally:                                  # and Ctrl-C while writing it: no half-written file left
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
     yield from rows
 
 

@@ -19,14 +19,25 @@ import threading
 import time
 import warnings
 
-if __name__ == "__main__":      # Ctrl-C while numpy, torch and pymatgen load: one line, not their traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: (print("interrupted", file=sys.stderr), os._exit(130)))
+
+def interrupted_while_loading(signum, frame):
+    """Ctrl-C while numpy, torch and pymatgen load: one line, not a traceback through them."""
+    try:
+        os.write(2, b"interrupted\n")
+    except OSError:
+        pass
+    os._exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    signal.signal(signal.SIGINT, interrupted_while_loading)      # run_as_program() gives Ctrl-C back
 # Set before spglib loads: its "failed" lines for odd cells are noise here.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
 # Read when torch loads: a value OpenMP cannot use would print its own complaint, then be ignored.
-if not re.fullmatch(r"\s*0*[1-9][0-9]*\s*(,\s*0*[1-9][0-9]*\s*)*", os.environ.get("OMP_NUM_THREADS", "1")):
-    print(f"warning: OMP_NUM_THREADS={os.environ.pop('OMP_NUM_THREADS')!r} is not a number of threads; "
-          f"ignored", file=sys.stderr)
+if not all(re.fullmatch(r"\s*[0-9]+\s*", n) and 1 <= int(n) <= 256
+           for n in os.environ.get("OMP_NUM_THREADS", "1").split(",")):
+    print(f"warning: OMP_NUM_THREADS={os.environ.pop('OMP_NUM_THREADS')!r} is not a number of threads "
+          f"from 1 to 256; ignored", file=sys.stderr)
 
 import numpy as np
 import torch
@@ -82,7 +93,8 @@ class StopRequests:
         self.signum, self.before = None, {}
         if threading.current_thread() is threading.main_thread():        # only it may set handlers
             for signum in self.SIGNALS:
-                self.before[signum] = signal.signal(signum, self.request)
+                if signal.getsignal(signum) is not signal.SIG_IGN:     # nohup's SIGHUP stays ignored
+                    self.before[signum] = signal.signal(signum, self.request)
         return self
 
     def request(self, signum, frame):
@@ -342,6 +354,7 @@ class RunLock:
         except BlockingIOError:
             self.file.close()
             self.file = None
+            self.args.made = None                         # the folder is the other run's now
             raise UserError(f"another train is running in {self.args.out}: wait for it, or choose another --out")
         return self
 
@@ -506,7 +519,7 @@ def cmd_export(args):
     set's identities); no optimizer state, so it cannot be resumed. Golden tensors beside it."""
     golden = os.path.splitext(args.out)[0] + "_golden.npz"
     if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a folder: name the file to write, e.g. {os.path.join(args.out, 'model.pt')}")
+        raise UserError(f"--out {args.out} names a folder: name the file to write, e.g. {os.path.join(args.out, 'model.pt')}")
     if os.path.exists(args.out) or os.path.exists(golden):
         raise UserError(f"{args.out} or {golden} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
@@ -804,6 +817,8 @@ def cmd_evaluate(args):
                         else os.path.splitext(folder)[0] + "_screening.csv")
     if os.path.exists(path):
         raise UserError(f"{path} exists; name another with --csv")
+    if not os.path.basename(path) or path.endswith(os.sep):
+        raise UserError(f"--csv {path} names a folder: name the file to write")
     parent = os.path.dirname(os.path.abspath(path))
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):         # found now, not after screening
         raise UserError(f"cannot write {path}: {parent} is not a folder, or is read-only")
@@ -1255,9 +1270,10 @@ def run_as_program():
     survives a reader that stops reading."""
     def terminate(signum, frame):
         raise Terminated(signum)
-    signal.signal(signal.SIGINT, signal.default_int_handler)          # Ctrl-C: KeyboardInterrupt again
+    if signal.getsignal(signal.SIGINT) is interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)      # Ctrl-C: KeyboardInterrupt again
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if signum is not None:
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:   # nohup: stays ignored
             signal.signal(signum, terminate)
     sys.stdout, sys.stderr = (stream and QuietPipe(stream) for stream in (sys.stdout, sys.stderr))   # None: closed
     warnings.simplefilter("ignore")      # pymatgen's and numpy's: every message here is the project's own

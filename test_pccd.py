@@ -1334,7 +1334,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["bench", "--batch-size", "4611686018427387904"], 2, "--batch-size: '4611686018427387904' is not a batch size"),
     (["generate", "--formula", "Li\u0662O"], 2, "cannot read the formula"),          # an Arabic-Indic 2
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "/"], 1, "--out / is an existing folder"),
-    (["export", "{run}", "--out", "{r}/newdir/"], 1, "is a folder: name the file to write"),
+    (["export", "{run}", "--out", "{r}/newdir/"], 1, "names a folder: name the file to write"),
     (["evaluate", "{r}/mixed", "--csv", "{r}/a_file/x.csv"], 1, "cannot write {r}/a_file/x.csv: {r}/a_file is not a folder"),
     (["evaluate", "{r}/mixed", "--csv", "{r}/nowhere/x.csv"], 1, "cannot write {r}/nowhere/x.csv: {r}/nowhere is not a folder"),
     (["evaluate", "{r}/cut.csv.gz"], 1, "{r}/cut.csv.gz is not a readable gzip file"),
@@ -1551,7 +1551,7 @@ def test_ctrl_c_while_the_libraries_load_is_one_line():
     import signal
     import time
     run = pccd_process("bench", "--batch-size", "1")
-    time.sleep(0.3)                                         # numpy, torch, pymatgen are loading
+    time.sleep(0.5)                                         # numpy, torch, pymatgen are loading
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
@@ -1677,6 +1677,17 @@ def test_a_signal_during_generate_removes_its_unfinished_folder(name, tiny_run, 
     assert p.wait(60) == 128 + getattr(signal, name)
     assert p.stderr.read().strip().splitlines()[-1] == f"terminated ({name})"
     assert not out.exists()
+
+
+def test_under_nohup_a_closed_terminal_does_not_stop_a_command(tiny_run, tmp_path):
+    import signal
+    out = tmp_path / "gen"
+    p = pccd_process("generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                     "--sampler", "ddim", "--steps", "40", "--out", str(out),
+                     preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))   # what nohup does
+    wait_for(out, p)
+    p.send_signal(signal.SIGHUP)
+    assert p.wait(120) == 0 and (out / "summary.json").exists()
 
 
 def test_sigterm_during_train_saves_the_steps_done_and_a_second_train_there_is_refused(small_csv, tmp_path, capsys):
@@ -1845,7 +1856,7 @@ def test_odd_environment_settings_do_not_reach_the_user_as_foreign_messages(tmp_
     done = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "show", "good.cif"], cwd=tmp_path,
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0 and (tmp_path / "good_cloud.png").exists()
-    assert done.stderr.strip().splitlines() == ["warning: OMP_NUM_THREADS='abc' is not a number of threads; ignored",
+    assert done.stderr.strip().splitlines() == ["warning: OMP_NUM_THREADS='abc' is not a number of threads from 1 to 256; ignored",
                                                 "good.cif: kept 1 of 1 structures (skipped: none)"]
 
 
