@@ -200,11 +200,15 @@ def summarise_reconstruction(pairs, train_compositions):
     return summary
 
 
-def describe_sampler(sampler, steps, guidance, condition_above, refine=0, physics=False, **_):
+def describe_sampler(sampler, steps, guidance, condition_above, refine=0, physics=False, t=None, **_):
     """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below,
-    refined 5 times, physics-aware'."""
-    words = (sampler if sampler == "ddpm" else f"ddim, {steps} steps") + f", guidance {guidance:g}"
-    words += f" at steps >= {condition_above}, no condition below" if condition_above else ""
+    refined 5 times, physics-aware' (from t: reconstruction's start, steps t - 1 down to 0)."""
+    words = sampler if sampler == "ddpm" else f"ddim, {steps} steps"
+    if t is not None and t - 1 < condition_above:
+        words += f", no condition (every step below {condition_above})"
+    else:
+        words += f", guidance {guidance:g}" + (f" at steps >= {condition_above}, no condition below"
+                                               if condition_above else "")
     return words + (f", refined {refine} times" if refine else "") + (", physics-aware" if physics else "")
 
 
@@ -682,7 +686,7 @@ def plot_trajectory(trajectory, elements, path):
         for j, symbol in enumerate(elements):
             p = cloud[0][slot == j]
             ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=6, label=symbol)
-        ax.set(title=f"t = {t}", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1), xticks=[], yticks=[], zticks=[])
+        ax.set(title=f"after step {t}", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1), xticks=[], yticks=[], zticks=[])
     fig.axes[0].legend(loc="upper left", fontsize=8)
     fig.suptitle("Generation of one crystal: points coloured by element (paper Fig. S2)")
     fig.savefig(path, dpi=110)

@@ -263,8 +263,8 @@ def sampling_of(ckpt, args):
 def load_for_sampling(args):
     """(device, network, checkpoint, diffusion) of --checkpoint, or of `default_checkpoint`."""
     device = pick_device(args.device)
-    args.checkpoint = args.checkpoint or default_checkpoint()
-    model, ckpt = load_checkpoint(args.checkpoint, device)
+    named, args.checkpoint = args.checkpoint, args.checkpoint or default_checkpoint()
+    model, ckpt = load_checkpoint(args.checkpoint, device, **({"advice": "name a run folder or a .pt file"} if named else {}))
     return device, model, ckpt, sampling_of(ckpt, args)
 
 
@@ -635,6 +635,25 @@ def physics_for(element_sets, count_lists, length_range, volumes):
         element_sets, [data.read_counts(c, e, length_range) for c, e in zip(clouds, element_sets)], volume_of))
 
 
+def file_name(material_id):
+    """A material id as part of a file name: letters, digits, '.', '-', '+' kept, the rest '_',
+    at most 80 characters ('icsd/123' would name a folder)."""
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", material_id)[:80]
+
+
+def refine_run(args, t_start=diffusion.T - 1):
+    """How many refinement passes sampling runs: --refine, or none (said) where no visited step is
+    at or below REFINE_FROM (DDIM from step 999 with fewer than 20 steps)."""
+    asked = args.refine_default if args.refine is None else args.refine
+    visited = diffusion.ddim_timesteps(t_start, args.steps) if args.sampler == "ddim" else [0]
+    if asked and min(visited) > diffusion.REFINE_FROM:
+        if args.refine:                   # asked for, not the default
+            print(f"warning: --refine needs a visited step at or below {diffusion.REFINE_FROM} (--steps 20 or "
+                  f"more): no refinement", file=sys.stderr)
+        return 0
+    return asked
+
+
 def steps_run(args, t_start=diffusion.T - 1):
     """How many steps sampling from t_start runs (what the results record; refinement passes are
     recorded apart): every one for DDPM, DDIM's distinct visited steps (--steps, or fewer)."""
@@ -664,7 +683,7 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
                              generator=generator, progress=lambda i, steps: progress.update((hi - lo) / steps),
                              trajectory=trajectory if lo == 0 else None)
         out.append(clouds.cpu().numpy())
-        committed += batch_physics.layout["counts"] if physics else [None] * (hi - lo)
+        committed += batch_physics.layout["counts"] if physics and batch_physics.layout else [None] * (hi - lo)
     return np.concatenate(out), progress.elapsed(), committed
 
 
@@ -675,6 +694,7 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
 def cmd_reconstruct(args):
     device, model, ckpt, ddpm = load_for_sampling(args)
     t, length_range = ddpm.T if args.t is None else args.t, ckpt["length_range"]
+    args.refine = refine_run(args, t - 1)
     crystals = load_or_fail(args.data, length_range=length_range)
     rng = np.random.default_rng(args.seed)
     crystals = [crystals[i] for i in rng.permutation(len(crystals))[: args.n]]
@@ -700,7 +720,7 @@ def cmd_reconstruct(args):
         pairs.append(evaluate.compare_reconstruction(c.structure, s, fig2=args.fig2)
                      | dict(material_id=c.material_id, decode_error=why))
         if s is not None:
-            s.to(filename=os.path.join(out, f"{len(pairs) - 1:04d}_{c.material_id}.cif"))
+            s.to(filename=os.path.join(out, f"{len(pairs) - 1:04d}_{file_name(c.material_id)}.cif"))
     summary = dict(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data), t=t,
                    sampler=args.sampler, steps=steps_run(args, t - 1), guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed, seconds=seconds)
@@ -735,18 +755,25 @@ def load_reference(path, named="--reference"):
     `named`: what the errors call it (the flag, or where the path came from)."""
     if not path:
         return []
+    skipped = {}
     try:
-        reference = [c.structure for c in data.load_structures(path, verbose=False, only_encodable=False)]
+        reference = [c.structure for c in data.load_structures(path, verbose=False, only_encodable=False,
+                                                               skipped=skipped)]
     except (OSError, ValueError) as e:       # not UTF-8, no 'cif' column: said by the loader, in one line
         raise UserError(f"{named} {path}: {e}") from None
+    said = ", ".join(f"{n} {why}" for why, n in skipped.items())
     if not reference:
-        raise UserError(f"{named} {path} holds no readable structure: novelty cannot be judged against it")
+        raise UserError(f"{named} {path} holds no readable structure{f' (skipped: {said})' if said else ''}: "
+                        f"novelty cannot be judged against it")
+    if skipped:
+        print(f"{named} {path}: skipped {said}", file=sys.stderr)
     return reference
 
 
 def cmd_generate(args):
     elements, counts = args.formula or (args.elements, None)      # both checked as they were parsed
     device, model, ckpt, ddpm = load_for_sampling(args)
+    args.refine = refine_run(args)
     rng = np.random.default_rng(args.seed)
     if elements:
         element_sets = [elements] * args.n
@@ -839,6 +866,7 @@ def cmd_csp(args):
     """Crystal structure prediction: for each of N structures, K samples of its composition (channel 1
     held by inpainting), matched at CDVAE's tolerances: the first and the best of K, RMSE."""
     device, model, ckpt, ddpm = load_for_sampling(args)
+    args.refine = refine_run(args)
     crystals, length_range = load_or_fail(args.data, length_range=ckpt["length_range"]), ckpt["length_range"]
     crystals = [crystals[i] for i in np.random.default_rng(args.seed).permutation(len(crystals))[: args.n]]
     out, n = fresh_dir(args), len(crystals)
@@ -848,6 +876,9 @@ def cmd_csp(args):
     known = diffusion.known_channels(np.stack(truth * args.k), [1])          # the composition, held
     count_lists = [c for _, c in compositions] * args.k
     training = resolve_path(ckpt["settings"]["data"])        # for the atoms' volumes (none: from radii)
+    if not os.path.exists(training) and not args.no_physics:
+        print(f"warning: training data not found ({ckpt['settings']['data']}); cells are scaled to volumes "
+              f"from covalent radii", file=sys.stderr)
     training = load_reference(training, "the training data") if os.path.exists(training) and not args.no_physics else []
     physics = None if args.no_physics else (count_lists, length_range, evaluate.atomic_volumes(training))
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
@@ -858,7 +889,7 @@ def cmd_csp(args):
     for i, (row, c) in enumerate(zip(rows, crystals)):
         row.update(material_id=c.material_id, formula=c.structure.composition.formula)
         if predicted[i]:
-            predicted[i].to(filename=os.path.join(out, f"{i:04d}_{c.material_id}_predicted.cif"))
+            predicted[i].to(filename=os.path.join(out, f"{i:04d}_{file_name(c.material_id)}_predicted.cif"))
     summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=steps_run(args),
                                                           physics=not args.no_physics,
                                                           train_crystals=len(ckpt["train_ids"]))
@@ -907,8 +938,8 @@ def cmd_show(args):
     out = args.out or os.path.splitext(os.path.basename(os.path.normpath(args.structure)))[0] + "_cloud.png"
     if os.path.exists(out):
         raise UserError(f"{out} exists; name another with --out")
-    structure = load_or_fail(args.structure)[0].structure
     length_range = load_checkpoint(args.checkpoint)[1]["length_range"] if args.checkpoint else data.DEFAULT_LENGTH_RANGE
+    structure = load_or_fail(args.structure, length_range=length_range)[0].structure   # the first that fits
     try:
         cloud, elements = data.encode(structure, length_range=length_range)
     except ValueError as e:
@@ -1059,7 +1090,7 @@ def add_run_arguments(p, seed=0):
 def add_sampling_arguments(p, out, refine):
     p.add_argument("--out", type=out_path, default=os.path.join("runs", out),
                    help=f"results folder (default runs/{out}; runs/{out}-2, -3, ... if it exists)")
-    p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
+    p.add_argument("--checkpoint", type=out_path, default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
                    f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm (default): Eq. 6 "
                    "over every step, the paper's; ddim: deterministic, --steps steps")
@@ -1069,11 +1100,13 @@ def add_sampling_arguments(p, out, refine):
                    "w (eps_cond - eps_uncond); 1 or 0: one pass (default: the checkpoint's, 3)")
     p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
                    "STEP, one unconditional pass below (default: the checkpoint's, 250)")
-    p.add_argument("--refine", type=number(int, 0, 100, what="a number of passes from 0 to 100"), default=refine,
-                   help=f"noise the positions back to step {diffusion.REFINE_FROM} and denoise them again, "
+    p.set_defaults(refine_default=refine)
+    p.add_argument("--refine", type=number(int, 0, 100, what="a number of passes from 0 to 100"),
+                   help=f"noise the positions back to the first visited step <= {diffusion.REFINE_FROM} and denoise them again, "
                    f"lattice and elements held, this many times: crowded atoms get another chance to "
                    f"separate (default {refine}{'' if refine else '; on in generate'})")
-    p.add_argument("--batch-size", type=BATCH, default=256, help="clouds denoised at once (default 256)")
+    p.add_argument("--batch-size", type=BATCH, default=256, help="clouds denoised at once (default 256; "
+                   "another size draws other noise, so other samples for a seed)")
     add_run_arguments(p)
 
 
@@ -1097,12 +1130,12 @@ def build_parser():
                    "bundled MP-20 train split; the val split stays unseen)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 11 min on 2 cores) or long "
                    "(69 min; the shipped model): README, Training")
-    p.add_argument("--steps", type=POSITIVE, help="total optimisation steps")
-    p.add_argument("--batch-size", type=BATCH, help="crystals per step (Table S1: 128)")
+    p.add_argument("--steps", type=POSITIVE, help="total optimisation steps (presets: 3600, 24000)")
+    p.add_argument("--batch-size", type=BATCH, help="crystals per step (presets: 64; Table S1: 128)")
     p.add_argument("--lr", type=number(float, 0, 1, what="a learning rate in (0, 1]", above=True),
-                   help="Adam learning rate (Table S1: 1e-4, much slower here: EXPERIMENTS.md)")
+                   help="Adam learning rate (presets: 2e-3; Table S1: 1e-4, much slower here: EXPERIMENTS.md)")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate over the run: "
-                   "constant, or cosine-decayed to 0 at --steps")
+                   "constant, or cosine-decayed to 0 at --steps (presets: cosine)")
     p.add_argument("--prediction", choices=["eps", "v"], help="what the network predicts: eps, the "
                    "noise (the paper's), or v = sqrt(abar) eps - sqrt(1 - abar) x0 (presets: v)")
     p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
@@ -1161,8 +1194,8 @@ def build_parser():
                    help="metal, small (< 1.5 eV), large (>= 1.5 eV) or unknown (default)")
     p.add_argument("--magnetic", choices=data.MAGNETIC_ORDERINGS, default="unknown",
                    help="magnetic ordering (default unknown)")
-    p.add_argument("--reference", default=None, help="training structures for the novelty check "
-                   "(default: the checkpoint's training data)")
+    p.add_argument("--reference", default=None, help="training structures for the novelty check and the "
+                   "per-element volumes physics-aware sampling scales cells to (default: the checkpoint's training data)")
     add_sampling_arguments(p, "generate", refine=5)   # EXPERIMENTS.md, Crowded atoms
     add_physics_argument(p)
     p.add_argument("--trajectory", action="store_true", help="also draw the first sample's points "
@@ -1174,7 +1207,7 @@ def build_parser():
     p.add_argument("--data", default=BUNDLED_VAL, help="structures to predict (default: the val split)")
     p.add_argument("--n", type=COUNT, default=1000, help="at most this many structures (default 1000)")
     p.add_argument("--k", type=number(int, 1, 100, what="a number of samples from 1 to 100"), default=1,
-                   help="samples per composition (1 or 20, as the field reports)")
+                   help="samples per composition, 1 to 100 (default 1; the field reports 1 and 20)")
     add_sampling_arguments(p, "csp", refine=0)
     add_physics_argument(p)
     p.set_defaults(run=cmd_csp)
@@ -1199,11 +1232,13 @@ def build_parser():
                        description="Encode one crystal and draw its cloud: positions, element slots, "
                        "lattice rows (paper Fig. S1).")
     p.add_argument("structure", help="a CIF/POSCAR file (or a CSV: its first usable row)")
-    p.add_argument("--checkpoint", default=None, help="use this model's length range")
+    p.add_argument("--checkpoint", type=out_path, default=None, help="use this model's length range "
+                   f"(default {data.DEFAULT_LENGTH_RANGE[0]:g}-{data.DEFAULT_LENGTH_RANGE[1]:g} A)")
     p.add_argument("--out", type=image_path, default=None, help="PNG path (default NAME_cloud.png; .pdf, .svg)")
     p.set_defaults(run=cmd_show)
 
-    p = sub.add_parser("bench", help="parameter count and milliseconds per training/sampling step")
+    p = sub.add_parser("bench", help="parameter count and milliseconds per training/sampling step",
+                       description=cmd_bench.__doc__)
     p.add_argument("--batch-size", type=number(int, 1, 10**8, what="a batch size from 1 to 10**8"), default=32,
                    help="clouds per step (default 32)")
     add_run_arguments(p)
@@ -1215,7 +1250,7 @@ def build_parser():
     p.add_argument("--data", nargs="+", default=[BUNDLED_TRAIN, BUNDLED_VAL],
                    help="CSV files, folders or structure files (default: the bundled MP-20 train and val splits)")
     p.add_argument("--noise", nargs="+", type=NON_NEGATIVE, default=[0.0, 0.01, 0.02],
-                   help="std of Gaussian noise added to the cloud, in its [0, 1] units")
+                   help="std of Gaussian noise added to the cloud, in its [0, 1] units (default 0 0.01 0.02)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the noise (default 0)")
     p.set_defaults(run=cmd_roundtrip)
     return parser

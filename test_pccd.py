@@ -1873,3 +1873,26 @@ def test_a_held_out_set_that_shares_crystals_with_the_training_data_is_said(smal
     assert code == 0 and any("shares crystals with the training data" in line for line in err)
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["settings"]["val"] == \
         pccd.portable_path(small_csv)                                   # recorded: --resume keeps it
+
+
+def test_sampling_settings_that_cannot_take_effect_are_said_and_recorded(tiny_run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                             "--sampler", "ddim", "--steps", "1", "--refine", "3", "--out", str(out)], capsys)
+    assert code == 0 and "warning: --refine needs a visited step at or below 50" in err[0]   # one step: 999
+    summary = json.load(open(out / "summary.json"))
+    assert (summary["steps"], summary["refine"], summary["uncommitted"]) == (1, 0, 2)        # physics never began
+    rows = bundled_rows(1)
+    rows[0]["material_id"] = "icsd/123"                         # a name that would be a folder in a file name
+    write_rows(tmp_path / "slash.csv", rows)
+    code, err, _ = run_pccd(["csp", "--checkpoint", str(tiny_run), "--data", str(tmp_path / "slash.csv"),
+                             "--sampler", "ddim", "--steps", "2", "--out", str(tmp_path / "csp")], capsys)
+    assert code == 0 and "0000_icsd_123_predicted.cif" in os.listdir(tmp_path / "csp")
+    assert evaluate.describe_sampler("ddim", 10, 3.0, 250, t=250).endswith("no condition (every step below 250)")
+
+
+def test_a_reference_folder_says_what_it_skipped(bad_inputs, capsys):
+    reference = pccd.load_reference(str(bad_inputs / "mixed"))
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(reference) == 1 and said[-1].startswith(f"--reference {bad_inputs / 'mixed'}: skipped ")
+    assert "unreadable" in said[-1]
