@@ -263,8 +263,11 @@ def sampling_of(ckpt, args):
 def load_for_sampling(args):
     """(device, network, checkpoint, diffusion) of --checkpoint, or of `default_checkpoint`."""
     device = pick_device(args.device)
-    named, args.checkpoint = args.checkpoint, args.checkpoint or default_checkpoint()
-    model, ckpt = load_checkpoint(args.checkpoint, device, **({"advice": "name a run folder or a .pt file"} if named else {}))
+    if args.checkpoint:                                   # named: no advice to train one
+        model, ckpt = load_checkpoint(args.checkpoint, device, advice="name a run folder or a .pt file")
+    else:
+        args.checkpoint = default_checkpoint()
+        model, ckpt = load_checkpoint(args.checkpoint, device)
     return device, model, ckpt, sampling_of(ckpt, args)
 
 
