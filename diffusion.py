@@ -3,7 +3,7 @@ following Ho et al. (2020) and their notation, with a cosine schedule (Nichol & 
 classifier-free guidance (Ho & Salimans, 2022), DDIM sampling (Song et al., 2021) and inpainting
 (Lugmayr et al., 2022): sampling with part of the cloud known, e.g. the composition (channel 1),
 and physics-aware sampling (`Physics`, after PhysDiff, Yuan et al. 2023): the predicted x0 made a
-physical crystal at every step below 500.
+physical crystal at every step t <= 500.
 
 The network is whatever it is handed: any `model(x, t, elements, band_gap, magnetic, drop)`
 that returns a tensor shaped like x. Clouds live in [0, 1] (data.py); the model sees them in
@@ -301,9 +301,10 @@ class Diffusion:
 
 
 # ---- Physics-aware sampling ---------------------------------------------------------------
-PHYSICS_FROM = 500     # steps t <= this: the x0 prediction is projected and its atoms kept apart
+PHYSICS_FROM = 500     # steps t <= this: the x0 prediction is projected and its atoms kept apart;
+                       # generation commits to an atom layout at the first of them
 SEPARATION = 0.9       # s: atoms i, j are pushed to at least s (r_i + r_j) apart (covalent radii)
-MIN_VOLUME = 1.0       # a cell smaller than this share of the volume its atoms take is scaled up to it
+MIN_VOLUME_SHARE = 1.0  # a cell smaller than this share of the volume its atoms take is scaled up to it
 REPULSION_STEPS = 8    # rounds of pushing per step
 _IMAGES = torch.tensor([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)],
                        dtype=torch.float32)
@@ -317,7 +318,7 @@ class Physics:
       `project`    every block of points (the points one atom owns, data.point_owner) is set to
                    its circular mean, channel 1 to the committed composition, and the lattice rows
                    to their means: the cloud becomes one that a crystal encodes to, exactly; a
-                   cell smaller than MIN_VOLUME of the volume its atoms take (sum of the layout's
+                   cell smaller than MIN_VOLUME_SHARE of the volume its atoms take (sum of the layout's
                    per-atom volumes) is scaled up to it, its shape kept;
       `keep_apart` atoms closer than s (r_i + r_j) are pushed apart, the lattice held.
     Why the sampler stays a denoiser: a step only needs an estimate of x0 (the DDIM and DDPM
@@ -335,8 +336,9 @@ class Physics:
     about the same as doing it once at the end, EXPERIMENTS.md)."""
 
     def __init__(self, length_range, layout=None, read_layout=None):
+        """One instance per sampling run: generation's commitment and the layout's tensors are kept."""
         self.log_lo, self.log_hi = math.log(length_range[0]), math.log(length_range[1])
-        self.layout, self.read_layout, self.held = layout, read_layout, None
+        self.layout, self.read_layout, self.held, self._tensors = layout, read_layout, None, None
 
     def __call__(self, x0, t):
         """The physical x0 for step t (model units); x0 itself above PHYSICS_FROM."""
@@ -344,40 +346,45 @@ class Physics:
             return x0
         if self.layout is None:                                       # generation: commit now
             self.layout = self.read_layout(from_model(x0).cpu().numpy())
-            mask = torch.zeros(len(x0), 3, 1, 1, dtype=torch.bool)
-            mask[:, 1] = torch.as_tensor(self.layout["committed"])[:, None, None]
-            self.held = (mask.to(x0.device), to_model(self.clouds_of(x0)))
+            mask = torch.zeros(len(x0), 3, 1, 1, dtype=torch.bool, device=x0.device)
+            mask[:, 1] = self.tensors(x0)["committed"][:, None, None]
+            self.held = (mask, to_model(self.clouds_of(x0)))
         return self.keep_apart(self.project(x0))
+
+    def tensors(self, x0):
+        """The layout's arrays (data.atom_layouts) as tensors on x0's device, made at first use."""
+        if self._tensors is None:
+            self._tensors = {key: torch.as_tensor(value, device=x0.device)
+                             for key, value in self.layout.items() if key != "counts"}
+            for key in ("radius", "volume"):
+                self._tensors[key] = self._tensors[key].to(x0.dtype)
+        return self._tensors
 
     def clouds_of(self, x0):
         """x0 (model units) with channel 1 set to the layout's composition, in [0, 1]."""
-        clouds = from_model(x0).clone()
-        composition = torch.as_tensor(self.layout["composition"], device=x0.device)
-        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
-        clouds[committed, 1] = composition[committed]
+        layout, clouds = self.tensors(x0), from_model(x0).clone()
+        clouds[layout["committed"], 1] = layout["composition"][layout["committed"]]
         return clouds
 
     def project(self, x0):
         """Blocks to their circular means, channel 1 to the composition, lattice rows to their means."""
-        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
-        clouds = self.clouds_of(x0)
-        clouds[:, 0] = self.atoms(clouds[:, 0]).gather(1, self.owner(x0).unsqueeze(-1).expand(-1, -1, 3))
+        layout, clouds = self.tensors(x0), self.clouds_of(x0)
+        owner = layout["owner"].unsqueeze(-1).expand(-1, -1, 3)                          # (B, 128, 3)
+        clouds[:, 0] = self.atoms(clouds[:, 0], layout["owner"]).gather(1, owner)
         half = clouds.shape[2] // 2
         clouds[:, 2, :half] = clouds[:, 2, :half].mean(1, keepdim=True)
         clouds[:, 2, half:] = clouds[:, 2, half:].mean(1, keepdim=True)
-        wanted = MIN_VOLUME * torch.as_tensor(self.layout["volume"], device=x0.device, dtype=x0.dtype).sum(1)
+        wanted = MIN_VOLUME_SHARE * layout["volume"].sum(1)
         volume = torch.linalg.det(self.metric(clouds)).clamp(min=1e-12).sqrt()
         grow = torch.log((wanted / volume).clamp(min=1.0)) / 3             # log of the length factor
         clouds[:, 2, half:] = (clouds[:, 2, half:] + grow[:, None, None] / (self.log_hi - self.log_lo)).clamp(0, 1)
-        return torch.where(committed[:, None, None, None], to_model(clouds), x0)
+        return torch.where(layout["committed"][:, None, None, None], to_model(clouds), x0)
 
-    def owner(self, x0):
-        return torch.as_tensor(self.layout["owner"], device=x0.device)
-
-    def atoms(self, positions):
-        """Circular mean of each atom's points: (B, 128, 3) in [0, 1] -> (B, 16, 3)."""
-        radius = torch.as_tensor(self.layout["radius"])
-        own = F.one_hot(self.owner(positions), radius.shape[1]).to(positions.dtype)   # (B, 128, 16)
+    @staticmethod
+    def atoms(positions, owner):
+        """Circular mean of each atom's points: (B, 128, 3) in [0, 1], owner (B, 128) the atom of each
+        point -> (B, 16, 3), 16 the most atoms a cloud holds (data.MAX_SITES)."""
+        own = F.one_hot(owner, 16).to(positions.dtype)                                   # (B, 128, 16)
         angle = 2 * math.pi * positions
         mean = torch.atan2(own.transpose(1, 2) @ angle.sin(), own.transpose(1, 2) @ angle.cos())
         return (mean / (2 * math.pi)) % 1.0
@@ -400,10 +407,10 @@ class Physics:
         every overlap it has, along the line between the two (in the cell's metric, so a step of
         fractional coordinates delta (overlap / d) is a move of `overlap` A). Two atoms alone meet
         s (r_i + r_j) after one round; atoms already that far apart do not move."""
-        radius = torch.as_tensor(self.layout["radius"], device=x0.device, dtype=x0.dtype)
-        radius = radius[:, : max(1, int((radius > 0).sum(1).max()))]                 # up to the most atoms
+        layout = self.tensors(x0)
+        radius = layout["radius"][:, : max(1, int((layout["radius"] > 0).sum(1).max()))]   # up to the most atoms
         clouds = from_model(x0)
-        G, atoms = self.metric(clouds), self.atoms(clouds[:, 0])[:, : radius.shape[1]]
+        G, atoms = self.metric(clouds), self.atoms(clouds[:, 0], layout["owner"])[:, : radius.shape[1]]
         reach = SEPARATION * (radius[:, :, None] + radius[:, None, :])               # (B, A, A)
         reach = reach * (radius[:, :, None] > 0) * (radius[:, None, :] > 0)
         reach = reach * (1 - torch.eye(radius.shape[1], device=x0.device))           # not an atom's own images
@@ -425,9 +432,8 @@ class Physics:
             if len(active) == 0:
                 break
         clouds = clouds.clone()
-        clouds[:, 0] = (atoms % 1.0).gather(1, self.owner(x0).unsqueeze(-1).expand(-1, -1, 3))
-        committed = torch.as_tensor(self.layout["committed"], device=x0.device)
-        return torch.where(committed[:, None, None, None], to_model(clouds), x0)
+        clouds[:, 0] = (atoms % 1.0).gather(1, layout["owner"].unsqueeze(-1).expand(-1, -1, 3))
+        return torch.where(layout["committed"][:, None, None, None], to_model(clouds), x0)
 
 
 GOLDEN_TRACE = (0, 5, 10, 15, 19)    # the 20-step sample's steps whose states the golden file holds

@@ -164,7 +164,8 @@ def format_csp(summary):
     best = f"best of k = {summary['k']}"
     return "\n".join([
         f"\nStructure prediction of {summary['n']} compositions, {summary['k']} samples each "
-        f"({summary['seconds']:.0f} s; StructureMatcher stol 0.5, ltol 0.3, angle_tol 10)",
+        f"({describe_sampler(**summary)}; {summary['seconds']:.0f} s; "
+        f"StructureMatcher stol 0.5, ltol 0.3, angle_tol 10)",
         f"{'':<28}{'match':>9}{'RMSE':>9}",
         f"{'first sample (k = 1)':<28}{100 * summary['match_rate_1']:>8.2f}%{summary['rmse_1']:>9.4f}",
         f"{best:<28}{100 * summary['match_rate_k']:>8.2f}%{summary['rmse_k']:>9.4f}",
@@ -200,16 +201,18 @@ def summarise_reconstruction(pairs, train_compositions):
     return summary
 
 
-def describe_sampler(sampler, steps, guidance, condition_above, refine=0, physics=False, t=None, **_):
+def describe_sampler(sampler, steps, guidance, condition_above, refine=0, physics=False, t=None, symmetrised=0, **_):
     """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below,
-    refined 5 times, physics-aware' (from t: reconstruction's start, steps t - 1 down to 0)."""
+    refined 5 times, physics-aware, symmetrised at 0.5 A' (from t: reconstruction's start, steps
+    t - 1 down to 0)."""
     words = sampler if sampler == "ddpm" else f"ddim, {steps} steps"
     if t is not None and t - 1 < condition_above:
         words += f", no condition (every step below {condition_above})"
     else:
         words += f", guidance {guidance:g}" + (f" at steps >= {condition_above}, no condition below"
                                                if condition_above else "")
-    return words + (f", refined {refine} times" if refine else "") + (", physics-aware" if physics else "")
+    return words + (f", refined {refine} times" if refine else "") + (", physics-aware" if physics else "") \
+        + (f", symmetrised at {symmetrised:g} A" if symmetrised else "")
 
 
 def format_reconstruction(summary):

@@ -809,9 +809,8 @@ def cmd_generate(args):
                         elements=np.array([" ".join(e) for e in element_sets]))
     count_lists = [counts or c for c in committed]            # decoded by blocks where the counts are known
     structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], count_lists)
-    if not args.no_physics:                 # symmetrised at data.SYMMETRY_TOLERANCE; P1 before and after
-        p1_before = sum(evaluate.space_group(s) == "P1" for s in structures if s)
-        structures = [None if s is None else data.symmetrise(s)[0] for s in structures]
+    p1_before = sum(evaluate.space_group(s) == "P1" for s in structures if s)
+    structures, symmetrised = symmetrise_all(structures, args)
     names = []
     for i, s in enumerate(structures):
         names.append(f"{i:04d}_{s.composition.reduced_formula if s else 'failed'}")
@@ -835,7 +834,9 @@ def cmd_generate(args):
                    physics=not args.no_physics, checkpoint=os.path.abspath(args.checkpoint),
                    novelty_checked=reference_file is not None)
     if not args.no_physics:
-        summary.update(uncommitted=sum(c is None for c in count_lists), p1_before_symmetrising=p1_before)
+        summary.update(uncommitted=sum(c is None for c in count_lists))
+    if symmetrised:
+        summary.update(symmetrised=symmetrised, p1_before_symmetrising=p1_before)
     write_json(os.path.join(out, "summary.json"), summary)
     print(evaluate.format_screening(summary))
     print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
@@ -886,7 +887,7 @@ def cmd_csp(args):
     physics = None if args.no_physics else (count_lists, length_range, evaluate.atomic_volumes(training))
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
     predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
-    predicted = predicted if args.no_physics else [None if s is None else data.symmetrise(s)[0] for s in predicted]
+    predicted, symmetrised = symmetrise_all(predicted, args)
     print(f"matching {len(predicted)} structures ...", file=sys.stderr, flush=True)
     rows = evaluate.csp_scores([c.structure for c in crystals], [predicted[i::n] for i in range(n)])
     for i, (row, c) in enumerate(zip(rows, crystals)):
@@ -894,7 +895,9 @@ def cmd_csp(args):
         if predicted[i]:
             predicted[i].to(filename=os.path.join(out, f"{i:04d}_{file_name(c.material_id)}_predicted.cif"))
     summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=steps_run(args),
-                                                          physics=not args.no_physics,
+                                                          guidance=args.guidance, condition_above=args.condition_above,
+                                                          refine=args.refine, seed=args.seed,
+                                                          physics=not args.no_physics, symmetrised=symmetrised,
                                                           train_crystals=len(ckpt["train_ids"]))
     write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
     args.made = None                            # finished: kept, whatever happens to what follows
@@ -1060,12 +1063,31 @@ def device(text):
     return text
 
 
-def idle_cores(seconds=0.1, stat="/proc/stat"):
-    """How many of the cores this process may run on are idle now (at least 1): the time they
-    spent idle over `seconds`, from /proc/stat (Linux), else the load average. Threads that
-    wait for each other spin, and a second one beside a busy program makes every step 2-3x
-    slower, so torch gets one thread per idle core (README, Threads)."""
+def cpu_quota(cgroup="/sys/fs/cgroup"):
+    """The CPUs a container's quota grants (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`), rounded up;
+    None where there is no quota or no cgroup to read."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            with open(os.path.join(cgroup, quota_file)) as f:
+                quota, *period = f.read().split()              # v2: "max 100000" or "200000 100000"
+            if period_file:
+                with open(os.path.join(cgroup, period_file)) as f:
+                    period = f.read().split()
+            if quota not in ("max", "-1"):
+                return max(1, math.ceil(int(quota) / int(period[0])))
+            return None
+        except (OSError, ValueError, IndexError, ZeroDivisionError):
+            continue
+    return None
+
+
+def idle_cores(seconds=0.1, stat="/proc/stat", cgroup="/sys/fs/cgroup"):
+    """How many of the cores this process may run on are idle now (at least 1, at most what a
+    container's quota grants): the time they spent idle over `seconds`, from /proc/stat (Linux),
+    else the load average. Threads that wait for each other spin, and a second one beside a busy
+    program makes every step 2-3x slower, so torch gets one thread per idle core (README, Threads)."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    allowed = min(len(cores), cpu_quota(cgroup) or len(cores))
 
     def idle_and_total():                   # per core: (idle + iowait ticks, all ticks)
         with open(stat) as f:
@@ -1076,8 +1098,11 @@ def idle_cores(seconds=0.1, stat="/proc/stat"):
         time.sleep(seconds)
         idle = sum((i1 - i0) / max(1, t1 - t0) for (i0, t0), (i1, t1) in zip(before, idle_and_total()))
     except (OSError, KeyError, ValueError, IndexError):
-        idle = len(cores) - os.getloadavg()[0] if hasattr(os, "getloadavg") else len(cores)
-    return max(1, min(len(cores), round(idle)))
+        try:
+            idle = len(cores) - os.getloadavg()[0]
+        except (AttributeError, OSError):                  # no load average either: every core
+            idle = len(cores)
+    return max(1, min(allowed, round(idle)))
 
 
 def add_run_arguments(p, seed=0):
@@ -1113,11 +1138,25 @@ def add_sampling_arguments(p, out, refine):
     add_run_arguments(p)
 
 
-def add_physics_argument(p):
+def add_physics_arguments(p):
     p.add_argument("--no-physics", action="store_true", help="the network's own samples: no projection of "
                    f"its x0 prediction onto a crystal, no pushing of atoms closer than {diffusion.SEPARATION} "
-                   f"(r_i + r_j) apart at steps <= {diffusion.PHYSICS_FROM} (diffusion.Physics), no symmetrising "
-                   f"of the crystals at {data.SYMMETRY_TOLERANCE} A (data.symmetrise)")
+                   f"(r_i + r_j) apart at steps <= {diffusion.PHYSICS_FROM} (diffusion.Physics), and no "
+                   "symmetrising unless --symmetrise is given")
+    p.add_argument("--symmetrise", type=number(float, 0, 1, what="a tolerance in A from 0 (off) to 1"),
+                   metavar="A", help="make each decoded crystal exactly symmetric under the space group spglib "
+                   f"finds at this tolerance (data.symmetrise; default {data.SYMMETRY_TOLERANCE}, 0 with "
+                   "--no-physics; 0: off); the summary gives P1 before and after")
+
+
+def symmetrise_all(structures, args):
+    """The decoded crystals symmetrised at --symmetrise (None stays None); the tolerance used."""
+    tolerance = args.symmetrise
+    if tolerance is None:                                     # with the physics, or not at all
+        tolerance = 0.0 if args.no_physics else data.SYMMETRY_TOLERANCE
+    if tolerance == 0:
+        return structures, 0.0
+    return [None if s is None else data.symmetrise(s, tolerance)[0] for s in structures], tolerance
 
 
 def build_parser():
@@ -1200,7 +1239,7 @@ def build_parser():
     p.add_argument("--reference", default=None, help="training structures for the novelty check and the "
                    "per-element volumes physics-aware sampling scales cells to (default: the checkpoint's training data)")
     add_sampling_arguments(p, "generate", refine=5)   # EXPERIMENTS.md, Crowded atoms
-    add_physics_argument(p)
+    add_physics_arguments(p)
     p.add_argument("--trajectory", action="store_true", help="also draw the first sample's points "
                    "at several timesteps into trajectory.png (Fig. S2)")
     p.set_defaults(run=cmd_generate)
@@ -1212,7 +1251,7 @@ def build_parser():
     p.add_argument("--k", type=number(int, 1, 100, what="a number of samples from 1 to 100"), default=1,
                    help="samples per composition, 1 to 100 (default 1; the field reports 1 and 20)")
     add_sampling_arguments(p, "csp", refine=0)
-    add_physics_argument(p)
+    add_physics_arguments(p)
     p.set_defaults(run=cmd_csp)
 
     p = sub.add_parser("evaluate", help="screen any folder of CIF/POSCAR files (Table 2)",

@@ -718,9 +718,9 @@ def test_the_physical_projection_makes_each_atoms_points_one_point_and_the_latti
         np.testing.assert_array_equal(projected[i, 1], data.element_layout(elements[i], counts[i]))
         assert StructureMatcher().fit(data.decode_blocks(projected[i], elements[i], counts[i]), structures[i])
     assert torch.equal(physics.project(noisy)[3], noisy[3])
-    # a cell smaller than MIN_VOLUME of what its atoms take grows to it, its shape kept
+    # a cell smaller than MIN_VOLUME_SHARE of what its atoms take grows to it, its shape kept
     volume = structures[0].volume / len(structures[0])
-    physics, x0, elements, counts = physics_of(structures[:1], volume_of=lambda e: 2 * volume / diffusion.MIN_VOLUME)
+    physics, x0, elements, counts = physics_of(structures[:1], volume_of=lambda e: 2 * volume / diffusion.MIN_VOLUME_SHARE)
     grown = data.decode_blocks(diffusion.from_model(physics.project(x0))[0].numpy(), elements[0], counts[0])
     assert grown.volume == pytest.approx(2 * structures[0].volume, rel=1e-4)
     np.testing.assert_allclose(grown.lattice.angles, structures[0].lattice.angles, atol=1e-3)
@@ -762,41 +762,53 @@ def test_symmetrising_makes_the_group_found_at_the_tolerance_exact_and_leaves_a_
 
 def test_a_committed_sample_decodes_to_exactly_the_composition_it_committed_to(mp20):
     """A model whose x0 is crystal A down to step PHYSICS_FROM and then another composition:
-    generation commits to A's atom counts at that step, and its sample decodes to A."""
+    generation commits to A's atom counts at that step, and its sample decodes to A (by the
+    clustering decoder too, which reads the composition from the points). A second sample whose x0
+    no decoder can read at that step is not committed and goes on exactly as without physics."""
     a, b = mp20[0].structure, next(c.structure for c in mp20 if len(c.structure) != len(mp20[0].structure))
     ddpm = diffusion.Diffusion()
     clouds = [diffusion.to_model(torch.from_numpy(data.encode(s)[0])) for s in (a, b)]
+    unreadable = clouds[0].clone()
+    unreadable[2, :64] = -1.0                                       # every angle 0 degrees: no cell
     elements = data.encode(a)[1]
     low = []
     class Scripted(torch.nn.Module):                  # eps of the x0 it wants: A, then B after the commitment
         def forward(self, x, t, *_):
             abar = ddpm.alphas_cumprod[t[0]].item()
             low.append(int(t[0]) <= diffusion.PHYSICS_FROM)
-            x0 = clouds[1] if sum(low) > 1 else clouds[0]
+            x0 = torch.stack([clouds[1] if sum(low) > 1 else clouds[0], unreadable])[: len(x)]
             return (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
     committed = []
     def read_layout(x0_clouds):
         counts = [data.read_counts(c, elements) for c in x0_clouds]
         committed.extend(counts)
-        return data.atom_layouts([elements], counts, lambda e: 0.0)
-    cond = (torch.ones(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-    out = ddpm.sample(Scripted(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=20,
-                      physics=diffusion.Physics(data.DEFAULT_LENGTH_RANGE, read_layout=read_layout))
-    assert committed == [[sum(site.specie.symbol == e for site in a) for e in elements]]
-    assert data.decode_blocks(out[0].numpy(), elements, committed[0]).composition == a.composition
+        return data.atom_layouts([elements] * len(counts), counts, lambda e: a.volume / len(a))   # A's cell
+    cond = (torch.ones(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    settings = dict(guidance=1.0, condition_above=0, sampler="ddim", steps=20,
+                    x_T=torch.randn(2, 3, 128, 3, generator=torch.Generator().manual_seed(0)))
+    out = ddpm.sample(Scripted(), cond, physics=diffusion.Physics(data.DEFAULT_LENGTH_RANGE, read_layout=read_layout),
+                      **settings)
+    assert committed == [[sum(site.specie.symbol == e for site in a) for e in elements], None]
+    assert data.decode(out[0].numpy(), elements).composition == a.composition != b.composition
     np.testing.assert_allclose(out[0, 1].numpy(), data.element_layout(elements, committed[0]), atol=1e-6)
+    low.clear()
+    assert torch.equal(out[1], ddpm.sample(Scripted(), cond, **settings)[1])     # the uncommitted one: free
 
 
 def test_generate_without_physics_gives_the_networks_own_samples_bit_for_bit(tiny_run, tmp_path):
     clouds = {}
-    for flags in ([], ["--no-physics"]):
-        out = tmp_path / ("off" if flags else "on")
+    for name, flags, symmetrised in (("on", [], 0.5), ("off", ["--no-physics"], None),
+                                     ("off_symmetrised", ["--no-physics", "--symmetrise", "0.3"], 0.3),
+                                     ("on_unsymmetrised", ["--symmetrise", "0"], None)):
+        out = tmp_path / name
         assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "3",
                           "--sampler", "ddim", "--steps", "6", "--refine", "0", "--out", str(out)] + flags) == 0
-        clouds[out.name] = np.load(out / "clouds.npz")["clouds"]
+        clouds[name] = np.load(out / "clouds.npz")["clouds"]
         summary = json.load(open(out / "summary.json"))
-        assert ("p1_before_symmetrising" in summary) != bool(flags)          # symmetrised: physics only
+        assert summary.get("symmetrised") == symmetrised                    # with the physics, or as asked
         assert summary["p1"] <= summary.get("p1_before_symmetrising", summary["p1"])
+    assert np.array_equal(clouds["off"], clouds["off_symmetrised"]) and np.array_equal(clouds["on"],
+                                                                                        clouds["on_unsymmetrised"])
     model, ckpt = pccd.load_checkpoint(str(tiny_run))
     ddpm = pccd.sampling_of(ckpt, argparse.Namespace(guidance=None, condition_above=None))
     own = ddpm.sample(model, pccd.condition_tensors([(["Mg", "O"], "unknown", "unknown")] * 3, "cpu"),
@@ -1009,7 +1021,20 @@ def test_torch_gets_one_thread_per_core_that_is_idle_when_a_command_starts(busy,
     snapshot([(1000, 5000), (2000, 5000)])
     monkeypatch.setattr(pccd.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(pccd.time, "sleep", lambda s: snapshot([(1000 + busy[0], 5100), (2000 + busy[1], 5100)]))
-    assert pccd.idle_cores(stat=str(stat)) == threads
+    assert pccd.idle_cores(stat=str(stat), cgroup=str(tmp_path / "none")) == threads
+
+
+@pytest.mark.parametrize("files, cores", [({"cpu.max": "max 100000"}, 4), ({"cpu.max": "150000 100000"}, 2),
+                                          ({"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}, 1),
+                                          ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, 4)])
+def test_a_containers_cpu_quota_caps_the_threads_and_no_load_figure_is_no_error(files, cores, tmp_path, monkeypatch):
+    for name, text in files.items():                 # cgroup v2 cpu.max, v1 cfs quota and period
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    monkeypatch.setattr(pccd.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(pccd.os, "getloadavg", lambda: (_ for _ in ()).throw(OSError("no load average")))
+    # no /proc/stat and no load average: every allowed core
+    assert pccd.idle_cores(seconds=0, stat=str(tmp_path / "no_stat"), cgroup=str(tmp_path)) == cores
 
 
 def test_the_cosine_schedule_decays_the_learning_rate_from_lr_to_0():
@@ -1322,6 +1347,8 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Mg", "O", "--n", "1_0"], 2, "--n: '1_0'"),
     (["generate", "--elements", "Mg", "O", "--n", "\u0664"], 2, "--n: '\u0664'"),            # an Arabic-Indic 4
     (["generate", "--elements", "Mg", "O", "--steps", "10"], 2, "--steps is DDIM's number of steps: add --sampler ddim"),
+    (["generate", "--elements", "Mg", "O", "--symmetrise", "1.5"], 2, "--symmetrise: '1.5' is not a tolerance in A"),
+    (["csp", "--symmetrise", "-0.1"], 2, "--symmetrise: '-0.1' is not a tolerance in A"),
     (["generate", "--formula", "D2O"], 2, "'D' is an isotope of H: write H"),
     (["train", "--batch-size", "100000"], 2, "--batch-size: '100000' is not a batch size from 1 to 4096"),
     (["train", "--out", ""], 2, "--out: an empty path"),
@@ -1433,6 +1460,7 @@ def test_good_values_of_every_checked_flag_parse():
     assert (args.guidance, args.steps, args.device) == (2.5, 1000, "cpu")
     assert parser.parse_args(["roundtrip", "--noise", "0", "0.01"]).noise == [0.0, 0.01]
     assert parser.parse_args(["reconstruct", "--t", "1000", "--n", "1"]).t == 1000
+    assert [parser.parse_args(["csp", "--symmetrise", v]).symmetrise for v in ("0", "1")] == [0.0, 1.0]
 
 
 def test_good_files_beside_bad_ones_are_still_used(bad_inputs, tmp_path, capsys):
