@@ -411,12 +411,12 @@ def train(args):
         resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
-    digest = data_digest(crystals)
+    digest, where = data_digest(crystals), os.path.relpath(resolve_path(s["data"]))      # as typed from here
     if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
-        raise UserError(f"{s['data']} has changed since this run began ({len(resumed['train_ids'])} crystals "
+        raise UserError(f"{where} has changed since this run began ({len(resumed['train_ids'])} crystals "
                         f"then, {len(crystals)} now): --resume would train on other data; start a new run")
     if resumed and resumed.get("data_digest", digest) != digest:     # runs saved before the digest: names only
-        raise UserError(f"{s['data']} has changed since this run began (other structures under the same "
+        raise UserError(f"{where} has changed since this run began (other structures under the same "
                         f"names): --resume would train on other data; start a new run")
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
     try:
@@ -729,7 +729,7 @@ def cmd_reconstruct(args):
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed, seconds=seconds)
     summary |= evaluate.summarise_reconstruction(pairs, ckpt["train_compositions"])
     write_json(os.path.join(out, "results.json"), dict(summary=summary, pairs=pairs))
-    args.made = None                            # finished: kept, whatever happens to what follows
+    args.made, args.kept = None, out            # finished: kept, whatever happens to what follows
     data.write_csv(os.path.join(out, "pairs.csv"), pairs, evaluate.PAIR_FIELDS)
     evaluate.plot_reconstruction(pairs, summary, os.path.join(out, "fig1.png"))
     print(evaluate.format_reconstruction(summary))
@@ -900,7 +900,7 @@ def cmd_csp(args):
                                                           physics=not args.no_physics, symmetrised=symmetrised,
                                                           train_crystals=len(ckpt["train_ids"]))
     write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
-    args.made = None                            # finished: kept, whatever happens to what follows
+    args.made, args.kept = None, out            # finished: kept, whatever happens to what follows
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
         evaluate.plot_prediction(crystals[i % n].structure, predicted[i], os.path.join(out, "predicted.png"))
     print(evaluate.format_csp(summary) + f"\nresults: {out}/ (results.json, predicted.png, first samples as CIF)")
@@ -976,9 +976,10 @@ def cmd_bench(args):
 
 
 def cmd_roundtrip(args):
-    print(f"{'data':<40} {'noise':>6} {'matched':>13} {'rate':>8} {'ms/decode':>10}")
-    for path in args.data:
+    for i, path in enumerate(args.data):
         crystals = load_or_fail(path, length_range=data.DEFAULT_LENGTH_RANGE)
+        if i == 0:                                  # the header once the first file has loaded
+            print(f"{'data':<40} {'noise':>6} {'matched':>13} {'rate':>8} {'ms/decode':>10}")
         for noise in args.noise:
             r = evaluate.roundtrip(crystals, noise=noise, seed=args.seed)
             print(evaluate.format_roundtrip(os.path.relpath(path), noise, r), flush=True)
@@ -1338,7 +1339,8 @@ def main(argv=None):
             e = f"{e.strerror or e}: {where}" if where else e
         elif not isinstance(e, UserError):
             raise
-        print(f"pccd.py {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)   # one line
+        kept = f" (the results written before it are kept in {args.kept}/)" if getattr(args, "kept", None) else ""
+        print(f"pccd.py {args.command}: error: {' '.join(str(e).split())}{kept}", file=sys.stderr)   # one line
         return 1
 
 

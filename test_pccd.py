@@ -1834,7 +1834,7 @@ def test_results_are_strict_json(tmp_path):
         dict(a=None, b=1.5, c=[None, 3])
 
 
-def test_a_full_disk_names_where_it_was_writing(tiny_run, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_names_where_it_was_writing(tiny_run, small_csv, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")              # as a write deep in zipfile raises it
     monkeypatch.setattr(np, "savez_compressed", full)
@@ -1843,6 +1843,13 @@ def test_a_full_disk_names_where_it_was_writing(tiny_run, tmp_path, capsys, monk
                              "--sampler", "ddim", "--steps", "2", "--out", str(out)], capsys)
     assert code == 1 and err[-1] == f"pccd.py generate: error: No space left on device: {out}"
     assert not out.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate, "plot_reconstruction", full)              # the disk fills after results.json
+    out = tmp_path / "rec"
+    code, err, _ = run_pccd(["reconstruct", "--checkpoint", str(tiny_run), "--data", small_csv, "--n", "2",
+                             "--sampler", "ddim", "--steps", "2", "--no-fig2", "--out", str(out)], capsys)
+    assert code == 1 and err[-1].endswith(f"(the results written before it are kept in {out}/)")
+    assert (out / "results.json").exists()
 
 
 def test_generate_stopped_while_screening_keeps_its_crystals_and_says_how_to_screen_them(tiny_run, small_csv, tmp_path,
