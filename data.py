@@ -31,9 +31,11 @@ numpy and pymatgen only: porting PCCD to another framework never touches this fi
 import csv
 import gzip
 import hashlib
+import math
 import os
 import re
 import sys
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -184,6 +186,14 @@ def parse_formula(text):
     if not 1 <= sum(counts.values()) <= MAX_SITES:
         raise ValueError(f"{text} has {sum(counts.values())} atoms; PCCD makes 1 to {MAX_SITES}")
     return elements, [counts[e] for e in elements]
+
+
+def formula(composition):
+    """The reduced formula as the atoms are counted: MgO, LiO for Li2O2, O for a crystal of O atoms
+    (pymatgen's reduced_formula names some compositions after molecules: LiO2, O2, H2O2)."""
+    counts = {e.symbol: int(round(n)) for e, n in Composition(composition).items()}     # ordered sites
+    divisor = math.gcd(*counts.values())
+    return "".join(e + (str(counts[e] // divisor) if counts[e] != divisor else "") for e in canonical_order(counts))
 
 
 def covalent_radius(symbol):
@@ -594,11 +604,18 @@ STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
 COMPRESSED = (".gz", ".bz2", ".xz", ".zip")
 
 
+# Files the project (and most tools) write that are never a POSCAR, whatever their name begins with
+NOT_STRUCTURE_SUFFIXES = (".csv", ".json", ".npz", ".png", ".pdf", ".svg", ".txt", ".log", ".md", ".pt", ".tmp")
+
+
 def _is_structure_file(name):
-    """A CIF or POSCAR by its name, compressed or not (a compressed one is skipped, and said)."""
+    """A CIF or POSCAR by its name, compressed or not (a compressed one is skipped, and said):
+    *.cif, *.vasp, *.poscar, and POSCAR* or CONTCAR* (POSCAR_1, CONTCAR.relaxed) unless the name
+    ends like another kind of file (POSCAR_screening.csv, POSCAR_cloud.png)."""
     base = os.path.basename(name)
     stem = base[: -len(base.rsplit(".", 1)[1]) - 1] if base.lower().endswith(COMPRESSED) else base
-    return stem.lower().endswith(STRUCTURE_SUFFIXES) or stem.startswith(("POSCAR", "CONTCAR"))
+    return stem.lower().endswith(STRUCTURE_SUFFIXES) or (
+        stem.startswith(("POSCAR", "CONTCAR")) and not stem.lower().endswith(NOT_STRUCTURE_SUFFIXES))
 
 
 class Misread(ValueError):
@@ -639,7 +656,8 @@ def is_csv(path):
     return path.lower().endswith((".csv", ".csv.gz"))
 
 
-NOT_A_CRYSTAL = ("not a regular file", "a POSCAR beside its CIF")   # skipped, but no crystal is lost
+# skipped, but no crystal is lost: not counted as a failed crystal where files are screened
+NOT_A_CRYSTAL = ("not a regular file", "a POSCAR beside its CIF", "hidden (a name starting with '.')")
 
 
 def _read_rows(path):
@@ -652,6 +670,8 @@ def _read_rows(path):
             full = os.path.join(path, name)
             if not os.path.isfile(full):      # a folder, a link to one, a named pipe: never read
                 yield name, None, None, {}, NOT_A_CRYSTAL[0]
+            elif name.startswith("."):        # macOS's ._x.cif beside x.cif, an editor's backup
+                yield name, None, None, {}, NOT_A_CRYSTAL[2]
             elif os.path.splitext(name)[1].lower() != ".cif" and os.path.splitext(name)[0] in cif_stems:
                 yield name, None, None, {}, NOT_A_CRYSTAL[1]        # generate writes both
             else:
@@ -712,7 +732,9 @@ def _parse_rows(path):
         if reason:
             yield name, None, reason, _to_float(props.get("band_gap")), ordering
         for k, structure in enumerate(structures):      # a CIF of several data blocks: name#2, ...
-            reason = "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
+            reason = "with coordinates or a cell that are not finite numbers" if not (
+                np.isfinite(structure.frac_coords).all() and np.isfinite(structure.lattice.matrix).all()) else \
+                "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
                 "disordered (partial occupancies)" if not structure.is_ordered else \
                 "with a dummy species (not an element)" if not all(
                     isinstance(e, Element) for e in structure.composition.elements) else ""
@@ -884,12 +906,26 @@ def split_of(material_id, fractions=(0.8, 0.1, 0.1)):
     return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
 
 
+def temporary_file(path):
+    """A new empty file beside `path`, to write it through and then rename it to `path` (an
+    interrupted write never leaves a half file posing as a whole one). Its name is its own
+    (.NAME.xxxx.tmp, made exclusively), so no file of the user's is ever overwritten or removed;
+    its permissions are those a plain open() would give."""
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
 def write_csv(path, rows, fields=CSV_FIELDS):
-    """Write rows (dicts; keys outside `fields` are left out) to a temporary file, then rename:
-    an interrupted write never leaves a half file posing as a whole one. The project's one CSV
-    writer: datasets, summary.csv, pairs.csv, screening.csv."""
-    tmp = path + ".tmp"
+    """Write rows (dicts; keys outside `fields` are left out) through a temporary file
+    (`temporary_file`). The project's one CSV writer: datasets, summary.csv, pairs.csv, screening.csv."""
+    tmp = None
     try:
+        tmp = temporary_file(path)
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
@@ -898,5 +934,5 @@ def write_csv(path, rows, fields=CSV_FIELDS):
     except OSError as e:                      # name the file asked for, not the temporary one
         raise OSError(e.errno, e.strerror, path) from None
     finally:
-        if os.path.exists(tmp):               # a failed write (a full disk) leaves nothing behind
+        if tmp and os.path.exists(tmp):       # a failed write (a full disk) leaves nothing behind
             os.remove(tmp)

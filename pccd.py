@@ -198,15 +198,16 @@ def save_checkpoint(path, state, spare=False):
     A save that fails (a full disk, a read-only folder) is one UserError naming `path`; with
     `spare`, the state is written to a new file in the system's temporary folder instead if it can
     be, and the error (SavedElsewhere) says where."""
-    tmp = path + ".tmp"
+    tmp = None
     try:
+        tmp = data.temporary_file(path)
         torch.save(state, tmp)
         os.replace(tmp, path)
     except Exception as e:                    # OSError, or torch's RuntimeError from its zip writer
         if isinstance(e, OSError) and e.strerror:
             reason = e.strerror
         else:                                 # torch: "[enforce fail at inline_container.cc:672] . unexpected pos"
-            said = re.sub(r"\[enforce fail at [^]]*\][ .]*", "", str(e).replace(tmp, path))
+            said = re.sub(r"\[enforce fail at [^]]*\][ .]*", "", str(e).replace(str(tmp), path))
             reason = f"is the disk full or the folder read-only? (torch: {said})"
         message = f"cannot write {path}: {reason}" + (" (the checkpoint saved before is kept)"
                                                        if os.path.exists(path) else "")
@@ -222,7 +223,7 @@ def save_checkpoint(path, state, spare=False):
                                      f"{path} and continue with --resume") from None
         raise UserError(message) from None
     finally:
-        if os.path.exists(tmp):               # a failed save (a full disk, Ctrl-C) leaves nothing behind
+        if tmp and os.path.exists(tmp):       # a failed save (a full disk, Ctrl-C) leaves nothing behind
             os.remove(tmp)
 
 
@@ -268,6 +269,10 @@ def load_for_sampling(args):
     else:
         args.checkpoint = default_checkpoint()
         model, ckpt = load_checkpoint(args.checkpoint, device)
+    planned = ckpt.get("settings", {}).get("steps")
+    if planned and ckpt.get("step", planned) < planned:     # a train stopped early (Ctrl-C, SIGTERM)
+        print(f"warning: {args.checkpoint} is a run stopped at step {ckpt['step']} of {planned}: continue it "
+              f"with python pccd.py train --resume, or name another with --checkpoint", file=sys.stderr)
     return device, model, ckpt, sampling_of(ckpt, args)
 
 
@@ -387,6 +392,10 @@ def train(args):
     path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(path) and not args.resume:
         raise UserError(f"{path} exists: continue it with --resume, or choose another --out")
+    others = [] if args.resume or getattr(args, "made", None) else sorted(set(os.listdir(args.out)) - {"train.lock"})
+    if others:                                # a folder of other files: its loss.png would be replaced
+        raise UserError(f"{args.out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
+                        f"train into a new or empty folder")
     resumed = load_checkpoint(path, advice="--resume continues the run in --out (default runs/default)")[1] \
         if args.resume else None
     if resumed and "optimizer" not in resumed:
@@ -481,6 +490,7 @@ def train(args):
                 if step % SAVE_EVERY:
                     save()
                 if os.path.exists(path):
+                    evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))     # the curve so far
                     print(f"{path} holds step {step}: continue with --resume", file=sys.stderr)
                 raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated(stop.signum)
             idx = torch.randint(0, len(x0_all), (s["batch_size"],), generator=batches)
@@ -531,14 +541,16 @@ def cmd_export(args):
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     make_parents(args.out, args)
     save_checkpoint(args.out, small)
+    tmp = None
     try:                                                  # both files, or neither
         model, _ = load_checkpoint(args.out)
-        with open(golden + ".tmp", "wb") as f:
+        tmp = data.temporary_file(golden)
+        with open(tmp, "wb") as f:
             np.savez_compressed(f, **diffusion.golden_tensors(model, small["sampling"]))
-        os.replace(golden + ".tmp", golden)
+        os.replace(tmp, golden)
     except BaseException as e:
-        for path in (args.out, golden + ".tmp"):
-            if os.path.exists(path):
+        for path in (args.out, tmp):
+            if path and os.path.exists(path):
                 os.remove(path)
         if isinstance(e, OSError):
             raise UserError(f"cannot write {golden}: {e.strerror or e} ({args.out} removed again)") from None
@@ -639,9 +651,11 @@ def physics_for(element_sets, count_lists, length_range, volumes):
 
 
 def file_name(material_id):
-    """A material id as part of a file name: letters, digits, '.', '-', '+' kept, the rest '_',
-    at most 80 characters ('icsd/123' would name a folder)."""
-    return re.sub(r"[^A-Za-z0-9.+-]", "_", material_id)[:80]
+    """A material id as part of a file name: a structure file's own suffix dropped (x.cif, x.cif#2:
+    x, x_2), letters, digits, '.', '-', '+' kept, the rest '_', at most 80 characters ('icsd/123'
+    would name a folder)."""
+    stem = re.sub(r"\.(cif|vasp|poscar)(?=#\d+$|$)", "", material_id, flags=re.I)
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", stem)[:80]
 
 
 def refine_run(args, t_start=diffusion.T - 1):
@@ -813,7 +827,7 @@ def cmd_generate(args):
     structures, symmetrised = symmetrise_all(structures, args)
     names = []
     for i, s in enumerate(structures):
-        names.append(f"{i:04d}_{s.composition.reduced_formula if s else 'failed'}")
+        names.append(f"{i:04d}_{data.formula(s.composition) if s else 'failed'}")
         if s is not None:
             s.to(filename=os.path.join(out, names[-1] + ".cif"))
             s.to(filename=os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
@@ -950,7 +964,7 @@ def cmd_show(args):
         cloud, elements = data.encode(structure, length_range=length_range)
     except ValueError as e:
         raise UserError(str(e))
-    evaluate.plot_cloud(cloud, elements, structure.composition.reduced_formula, out)
+    evaluate.plot_cloud(cloud, elements, data.formula(structure.composition), out)
     print(f"wrote {out}")
 
 
@@ -976,10 +990,9 @@ def cmd_bench(args):
 
 
 def cmd_roundtrip(args):
-    for i, path in enumerate(args.data):
-        crystals = load_or_fail(path, length_range=data.DEFAULT_LENGTH_RANGE)
-        if i == 0:                                  # the header once the first file has loaded
-            print(f"{'data':<40} {'noise':>6} {'matched':>13} {'rate':>8} {'ms/decode':>10}")
+    loaded = [(path, load_or_fail(path, length_range=data.DEFAULT_LENGTH_RANGE)) for path in args.data]  # all first
+    print(f"{'data':<40} {'noise':>6} {'matched':>13} {'rate':>8} {'ms/decode':>10}")
+    for path, crystals in loaded:
         for noise in args.noise:
             r = evaluate.roundtrip(crystals, noise=noise, seed=args.seed)
             print(evaluate.format_roundtrip(os.path.relpath(path), noise, r), flush=True)
