@@ -191,7 +191,10 @@ def parse_formula(text):
 def formula(composition):
     """The reduced formula as the atoms are counted: MgO, LiO for Li2O2, O for a crystal of O atoms
     (pymatgen's reduced_formula names some compositions after molecules: LiO2, O2, H2O2)."""
-    counts = {e.symbol: int(round(n)) for e, n in Composition(composition).items()}     # ordered sites
+    composition = Composition(composition)
+    if any(n != round(n) for n in composition.values()):                 # partial occupancies
+        return composition.reduced_formula
+    counts = {e.symbol: int(round(n)) for e, n in composition.items()}
     divisor = math.gcd(*counts.values())
     return "".join(e + (str(counts[e] // divisor) if counts[e] != divisor else "") for e in canonical_order(counts))
 
@@ -906,17 +909,22 @@ def split_of(material_id, fractions=(0.8, 0.1, 0.1)):
     return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
 
 
+UMASK = os.umask(0o022)                    # read once (setting it is the only way to read it)
+os.umask(UMASK)
+
+
 def temporary_file(path):
     """A new empty file beside `path`, to write it through and then rename it to `path` (an
     interrupted write never leaves a half file posing as a whole one). Its name is its own
     (.NAME.xxxx.tmp, made exclusively), so no file of the user's is ever overwritten or removed;
-    its permissions are those a plain open() would give."""
+    its permissions are what the umask gives a plain open()."""
     handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                                    prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        os.chmod(tmp, 0o666 & ~UMASK)     # mkstemp's are private (0600)
+    except OSError:                       # a drive without Unix permissions (FAT, some network mounts)
+        pass
     return tmp
 
 

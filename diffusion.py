@@ -331,9 +331,9 @@ class Physics:
     decoded by the clustering decoder (`read_layout`, clouds in [0, 1] -> layout), and from
     then on channel 1 is held to that composition (inpainting, `held`) and the crystal decodes by
     blocks. A sample whose x0 cannot be read there is not committed: it goes on unconstrained
-    and is decoded by clustering at the end (`layout["committed"]` says which). The decoded crystals
-    are then symmetrised (data.symmetrise, outside the loop: doing it to x0 at every step measured
-    about the same as doing it once at the end, EXPERIMENTS.md)."""
+    and is decoded by clustering at the end (`layout["committed"]` says which). Symmetrising
+    (data.symmetrise) is outside the loop: `generate` and `csp` apply it to the decoded crystals
+    (--symmetrise); doing it to x0 at every step measured about the same (EXPERIMENTS.md)."""
 
     def __init__(self, length_range, layout=None, read_layout=None):
         """One instance per sampling run: generation's commitment and the layout's tensors are kept."""
@@ -352,12 +352,14 @@ class Physics:
         return self.keep_apart(self.project(x0))
 
     def tensors(self, x0):
-        """The layout's arrays (data.atom_layouts) as tensors on x0's device, made at first use."""
+        """The layout's arrays (data.atom_layouts) as tensors on x0's device, made at first use (one
+        Physics per sampling run, on one device), and the 27 neighbouring cells' offsets."""
         if self._tensors is None:
             self._tensors = {key: torch.as_tensor(value, device=x0.device)
                              for key, value in self.layout.items() if key != "counts"}
             for key in ("radius", "volume"):
                 self._tensors[key] = self._tensors[key].to(x0.dtype)
+            self._tensors["images"] = _IMAGES.to(device=x0.device, dtype=x0.dtype)
         return self._tensors
 
     def clouds_of(self, x0):
@@ -422,7 +424,7 @@ class Physics:
         for _ in range(REPULSION_STEPS):
             a, g = atoms[active], G[active]
             delta = a[:, :, None] - a[:, None, :]                                       # f_i - f_j
-            delta = (delta - delta.round())[:, :, :, None] + _IMAGES.to(x0.device)     # (b, A, A, 27, 3)
+            delta = (delta - delta.round())[:, :, :, None] + layout["images"]          # (b, A, A, 27, 3)
             d = ((delta.flatten(1, 3) @ g).view(delta.shape) * delta).sum(-1).clamp(min=0).sqrt()
             overlap = (reach[active, :, :, None] - d).clamp(min=0)                      # (b, A, A, 27)
             direction = torch.where((d > 1e-6)[..., None], delta / d.clamp(min=1e-6)[..., None],

@@ -172,6 +172,14 @@ def portable_val(path):
     return path if path == "none" else portable_path(path)
 
 
+def shown_path(path):
+    """A path as a user here would type it: relative to the current folder (as given on another drive)."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:                    # Windows: another drive
+        return path
+
+
 def resolve_path(path):
     return path if os.path.isabs(path) else os.path.join(HERE, path)
 
@@ -271,8 +279,11 @@ def load_for_sampling(args):
         model, ckpt = load_checkpoint(args.checkpoint, device)
     planned = ckpt.get("settings", {}).get("steps")
     if planned and ckpt.get("step", planned) < planned:     # a train stopped early (Ctrl-C, SIGTERM)
-        print(f"warning: {args.checkpoint} is a run stopped at step {ckpt['step']} of {planned}: continue it "
-              f"with python pccd.py train --resume, or name another with --checkpoint", file=sys.stderr)
+        folder = os.path.dirname(args.checkpoint) if args.checkpoint.endswith(CHECKPOINT) else args.checkpoint
+        advice = f"continue it with python pccd.py train --resume --out {folder}" if "optimizer" in ckpt \
+            else "an export of an unfinished run"
+        print(f"warning: {args.checkpoint} was stopped at step {ckpt['step']} of {planned} ({advice}); "
+              f"name another with --checkpoint", file=sys.stderr)
     return device, model, ckpt, sampling_of(ckpt, args)
 
 
@@ -392,7 +403,8 @@ def train(args):
     path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(path) and not args.resume:
         raise UserError(f"{path} exists: continue it with --resume, or choose another --out")
-    others = [] if args.resume or getattr(args, "made", None) else sorted(set(os.listdir(args.out)) - {"train.lock"})
+    others = [] if args.resume or getattr(args, "made", None) else sorted(
+        name for name in os.listdir(args.out) if name != "train.lock" and not name.startswith("."))   # .DS_Store
     if others:                                # a folder of other files: its loss.png would be replaced
         raise UserError(f"{args.out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
                         f"train into a new or empty folder")
@@ -420,7 +432,7 @@ def train(args):
         resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
-    digest, where = data_digest(crystals), os.path.relpath(resolve_path(s["data"]))      # as typed from here
+    digest, where = data_digest(crystals), shown_path(resolve_path(s["data"]))
     if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
         raise UserError(f"{where} has changed since this run began ({len(resumed['train_ids'])} crystals "
                         f"then, {len(crystals)} now): --resume would train on other data; start a new run")
@@ -490,8 +502,11 @@ def train(args):
                 if step % SAVE_EVERY:
                     save()
                 if os.path.exists(path):
-                    evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))     # the curve so far
                     print(f"{path} holds step {step}: continue with --resume", file=sys.stderr)
+                    try:
+                        evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))    # the curve so far
+                    except Exception as e:            # a full disk: the steps are saved, the figure is not
+                        print(f"warning: loss.png not drawn ({e})", file=sys.stderr)
                 raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated(stop.signum)
             idx = torch.randint(0, len(x0_all), (s["batch_size"],), generator=batches)
             bg, mag = drop_properties(band_gap[idx], magnetic[idx], s["property_drop"])
@@ -518,7 +533,7 @@ def train(args):
                 if held_out:
                     val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
                     print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
-                          f"crystals of {os.path.relpath(resolve_path(s['val']))})", flush=True)
+                          f"crystals of {shown_path(resolve_path(s['val']))})", flush=True)
                 save()
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
@@ -823,7 +838,7 @@ def cmd_generate(args):
                         elements=np.array([" ".join(e) for e in element_sets]))
     count_lists = [counts or c for c in committed]            # decoded by blocks where the counts are known
     structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], count_lists)
-    p1_before = sum(evaluate.space_group(s) == "P1" for s in structures if s)
+    unsymmetrised = structures
     structures, symmetrised = symmetrise_all(structures, args)
     names = []
     for i, s in enumerate(structures):
@@ -831,7 +846,7 @@ def cmd_generate(args):
         if s is not None:
             s.to(filename=os.path.join(out, names[-1] + ".cif"))
             s.to(filename=os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
-    args.made = None                            # the crystals are written: kept, whatever follows
+    args.made, args.kept = None, out            # the crystals are written: kept, whatever follows
     print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
     try:
         rows, summary = evaluate.screen(structures, reference)
@@ -849,8 +864,9 @@ def cmd_generate(args):
                    novelty_checked=reference_file is not None)
     if not args.no_physics:
         summary.update(uncommitted=sum(c is None for c in count_lists))
+    summary.update(symmetrised=symmetrised)
     if symmetrised:
-        summary.update(symmetrised=symmetrised, p1_before_symmetrising=p1_before)
+        summary.update(p1_before_symmetrising=sum(evaluate.space_group(s) == "P1" for s in unsymmetrised if s))
     write_json(os.path.join(out, "summary.json"), summary)
     print(evaluate.format_screening(summary))
     print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
@@ -995,7 +1011,7 @@ def cmd_roundtrip(args):
     for path, crystals in loaded:
         for noise in args.noise:
             r = evaluate.roundtrip(crystals, noise=noise, seed=args.seed)
-            print(evaluate.format_roundtrip(os.path.relpath(path), noise, r), flush=True)
+            print(evaluate.format_roundtrip(shown_path(path), noise, r), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1160,7 +1176,7 @@ def add_physics_arguments(p):
     p.add_argument("--symmetrise", type=number(float, 0, 1, what="a tolerance in A from 0 (off) to 1"),
                    metavar="A", help="make each decoded crystal exactly symmetric under the space group spglib "
                    f"finds at this tolerance (data.symmetrise; default {data.SYMMETRY_TOLERANCE}, 0 with "
-                   "--no-physics; 0: off); the summary gives P1 before and after")
+                   "--no-physics; 0: off); generate's summary gives P1 before and after")
 
 
 def symmetrise_all(structures, args):

@@ -494,9 +494,14 @@ def test_an_exported_checkpoint_cannot_be_resumed_and_says_so(tiny_run, small_cs
     assert "cannot be resumed" in capsys.readouterr().err
 
 
-def test_train_refuses_to_overwrite_a_run(small_csv, tiny_run, capsys):
+def test_train_refuses_to_overwrite_a_run(small_csv, tiny_run, tmp_path, capsys):
     assert train(small_csv, tiny_run, 5) == 1
     assert "exists" in capsys.readouterr().err
+    hidden = tmp_path / "hidden"                       # a folder of hidden files only (.DS_Store) is no run's
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_text("")
+    assert train(small_csv, hidden, 2, "--val", "none", "--widths", "8", "8", "8") == 0
+    assert (hidden / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("bad", ["missing.csv", "empty"])
@@ -801,16 +806,17 @@ def test_a_committed_sample_decodes_to_exactly_the_composition_it_committed_to(m
 
 def test_generate_without_physics_gives_the_networks_own_samples_bit_for_bit(tiny_run, tmp_path):
     clouds = {}
-    for name, flags, symmetrised in (("on", [], 0.5), ("off", ["--no-physics"], None),
+    for name, flags, symmetrised in (("on", [], 0.5), ("off", ["--no-physics"], 0.0),
                                      ("off_symmetrised", ["--no-physics", "--symmetrise", "0.3"], 0.3),
-                                     ("on_unsymmetrised", ["--symmetrise", "0"], None)):
+                                     ("on_unsymmetrised", ["--symmetrise", "0"], 0.0)):
         out = tmp_path / name
         assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "3",
                           "--sampler", "ddim", "--steps", "6", "--refine", "0", "--out", str(out)] + flags) == 0
         clouds[name] = np.load(out / "clouds.npz")["clouds"]
         summary = json.load(open(out / "summary.json"))
-        assert summary.get("symmetrised") == symmetrised                    # with the physics, or as asked
-        assert summary["p1"] <= summary.get("p1_before_symmetrising", summary["p1"])
+        assert summary["symmetrised"] == symmetrised                        # with the physics, or as asked
+        assert ("p1_before_symmetrising" in summary) == bool(symmetrised)
+        assert not symmetrised or summary["p1"] <= summary["p1_before_symmetrising"]
     assert np.array_equal(clouds["off"], clouds["off_symmetrised"]) and np.array_equal(clouds["on"],
                                                                                         clouds["on_unsymmetrised"])
     model, ckpt = pccd.load_checkpoint(str(tiny_run))
@@ -819,6 +825,13 @@ def test_generate_without_physics_gives_the_networks_own_samples_bit_for_bit(tin
                       guidance=ckpt["sampling"]["guidance"], condition_above=ckpt["sampling"]["condition_above"],
                       sampler="ddim", steps=6, generator=torch.Generator().manual_seed(0))
     assert np.array_equal(clouds["off"], own.numpy()) and not np.array_equal(clouds["on"], clouds["off"])
+
+
+def test_names_count_the_atoms_and_keep_no_file_suffix():
+    assert [data.formula(f) for f in ("O1", "Li2O2", "H2O2", "Mg2O2", "Fe10O15", "Ar1F2")] == \
+        ["O", "LiO", "HO", "MgO", "Fe2O3", "F2Ar"]                        # pymatgen: O2, Li2O2, H2O2, ...
+    assert [pccd.file_name(m) for m in ("mp-1.cif", "four.cif#2", "x.VASP", "icsd/123", "a.cif.bak")] == \
+        ["mp-1", "four_2", "x", "icsd_123", "a.cif.bak"]
 
 
 def test_the_element_layout_is_channel_1_of_the_encoding_and_blocks_decode_it_back(mp20):
@@ -1759,7 +1772,8 @@ def test_sigterm_during_train_saves_the_steps_done_and_a_second_train_there_is_r
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss.png"]     # no lock or temporary file left
     code, err, _ = run_pccd(["generate", "--checkpoint", str(out), "--elements", "Mg", "O", "--n", "1", "--sampler",
                              "ddim", "--steps", "2", "--no-physics", "--out", str(tmp_path / "g")], capsys)
-    assert code == 0 and f"is a run stopped at step {step} of 100000" in err[0]     # said, not silently used
+    assert code == 0 and f"was stopped at step {step} of 100000 (continue it with python pccd.py train --resume " \
+        f"--out {out})" in err[0]                                              # said, not silently used
 
 
 def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
