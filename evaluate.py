@@ -163,7 +163,7 @@ def format_csp(summary):
     there; summary['train_crystals'] here)."""
     best = f"best of k = {summary['k']}"
     return "\n".join([
-        f"\nStructure prediction of {summary['n']} compositions, {summary['k']} samples each "
+        f"\nStructure prediction of {summary['n']} compositions, {summary['k']} sample{'s' if summary['k'] > 1 else ''} each "
         f"({describe_sampler(**summary)}; {summary['seconds']:.0f} s; "
         f"StructureMatcher stol 0.5, ltol 0.3, angle_tol 10)",
         f"{'':<28}{'match':>9}{'RMSE':>9}",
@@ -575,8 +575,9 @@ def format_screening(summary):
         lines.append("(novelty and volume not judged: no reference structures)")
     lines.append(f"{'median shortest distance':<38}{summary['median_shortest_distance']:>6.2f} A")
     lines.append(f"{'median V / V_pred':<38}{summary['median_volume_ratio']:>6.2f}")
-    lines.append(f"{'Wasserstein to reference: density':<38}{summary['w_density']:>6.3f} g/cm3")
-    lines.append(f"{'  number of elements':<38}{summary['w_elements']:>6.3f}")
+    number = lambda x: "     -" if x is None or x != x else f"{x:>6.3f}"       # noqa: E731  (NaN: no valid crystal)
+    lines.append(f"{'Wasserstein to reference: density':<38}{number(summary['w_density'])} g/cm3")
+    lines.append(f"{'  number of elements':<38}{number(summary['w_elements'])}")
     return "\n".join(lines)
 
 

@@ -280,10 +280,10 @@ def load_for_sampling(args):
     planned = ckpt.get("settings", {}).get("steps")
     if planned and ckpt.get("step", planned) < planned:     # a train stopped early (Ctrl-C, SIGTERM)
         folder = os.path.dirname(args.checkpoint) if args.checkpoint.endswith(CHECKPOINT) else args.checkpoint
-        advice = f"continue it with python pccd.py train --resume --out {folder}" if "optimizer" in ckpt \
+        advice = f"a stopped one continues with python pccd.py train --resume --out {folder}" if "optimizer" in ckpt \
             else "an export of an unfinished run"
-        print(f"warning: {args.checkpoint} was stopped at step {ckpt['step']} of {planned} ({advice}); "
-              f"name another with --checkpoint", file=sys.stderr)
+        print(f"warning: {args.checkpoint} is at step {ckpt['step']} of {planned}, stopped early or still "
+              f"training ({advice}); name another with --checkpoint", file=sys.stderr)
     return device, model, ckpt, sampling_of(ckpt, args)
 
 
@@ -402,7 +402,12 @@ def data_digest(crystals):
 def train(args):
     path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(path) and not args.resume:
-        raise UserError(f"{path} exists: continue it with --resume, or choose another --out")
+        try:
+            exported = "optimizer" not in torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:                     # not a checkpoint at all: the plain advice
+            exported = False
+        raise UserError(f"{path} exists" + (" (an exported, sampling-only checkpoint): choose another --out" if exported
+                                            else ": continue it with --resume, or choose another --out"))
     others = [] if args.resume or getattr(args, "made", None) else sorted(
         name for name in os.listdir(args.out) if name != "train.lock" and not name.startswith("."))   # .DS_Store
     if others:                                # a folder of other files: its loss.png would be replaced
@@ -781,6 +786,9 @@ def reference_path(path, named):
     print(f"warning: reference structures not found ({path}); novelty not checked", file=sys.stderr)
 
 
+FEW_FOR_VOLUMES = 100       # reference crystals below which the per-element volumes are said to be unreliable
+
+
 def load_reference(path, named="--reference"):
     """The training structures novelty is judged against (and atomic volumes fitted to): every
     readable one, whatever its size or number of elements (a copy of any of them is not novel).
@@ -799,6 +807,9 @@ def load_reference(path, named="--reference"):
                         f"novelty cannot be judged against it")
     if skipped:
         print(f"{named} {path}: skipped {said}", file=sys.stderr)
+    if len(reference) < FEW_FOR_VOLUMES:     # EXPERIMENTS.md, Per-element volumes from a small reference
+        print(f"warning: {named} {path} holds {len(reference)} crystals: per-element volumes fitted to fewer "
+              f"than {FEW_FOR_VOLUMES} judge V / V_pred (and scale physics-aware cells) unreliably", file=sys.stderr)
     return reference
 
 
@@ -815,10 +826,9 @@ def cmd_generate(args):
     else:
         element_sets = data.draw_element_sets(args.pool, args.n, rng)
     element_sets = [data.canonical_order(s) for s in element_sets]   # the slot order of training
+    out = fresh_dir(args)                   # a bad --out fails first, then a bad reference: not after sampling
     reference_file = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
-    # a bad reference fails now, not after sampling
     reference = load_reference(reference_file, "--reference" if args.reference else "the training data")
-    out = fresh_dir(args)
     unseen = sorted({e for s in element_sets for e in s}
                     - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
     if unseen:
@@ -828,6 +838,8 @@ def cmd_generate(args):
     trajectory = {} if args.trajectory else None
     lay = data.element_layout(elements, counts) if counts else None      # --formula: channel 1 held
     known = diffusion.known_channels(np.stack([[0 * lay, lay, 0 * lay]] * args.n), [1]) if counts else None
+    if not reference and not args.no_physics:
+        print("warning: no reference structures: cells are scaled to volumes from covalent radii", file=sys.stderr)
     physics = None if args.no_physics else (counts and [counts] * args.n, ckpt["length_range"],
                                             evaluate.atomic_volumes(reference))
     clouds, seconds, committed = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory,
