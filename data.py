@@ -627,7 +627,8 @@ class Misread(ValueError):
 
 # What pymatgen only warns about, but makes a different crystal of: (its warning, our reason)
 MISREAD = [("Missing elements", "with atoms pymatgen dropped (occupancy <= 0?)"),
-           ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)")]
+           ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)"),
+           ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)")]     # a refusal, said why
 
 
 def _parse_structures(text, fmt):
@@ -638,14 +639,20 @@ def _parse_structures(text, fmt):
         raise Misread("with a negative cell length")
     structures = []
     for block in blocks or [text]:                  # each data block alone: pymatgen's checks are per block
+        failure = None
         with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
             warnings.simplefilter("always")
-            structures += CifParser.from_str(block).parse_structures(primitive=False) if fmt == "cif" \
-                else [Structure.from_str(block, fmt=fmt)]
+            try:
+                structures += CifParser.from_str(block).parse_structures(primitive=False) if fmt == "cif" \
+                    else [Structure.from_str(block, fmt=fmt)]
+            except Exception as e:                  # unreadable, unless a warning says why
+                failure = e
         for warning in caught:
             for says, reason in MISREAD:
                 if says in str(warning.message):
                     raise Misread(reason)
+        if failure is not None:
+            raise failure
     for s in structures:
         try:
             s.remove_oxidation_states()
@@ -671,7 +678,7 @@ def _read_rows(path):
         cif_stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".cif")}
         for name in filter(_is_structure_file, names):
             full = os.path.join(path, name)
-            if not os.path.isfile(full):      # a folder, a link to one, a named pipe: never read
+            if os.path.isdir(full):           # a subfolder, or a link to one: never entered
                 yield name, None, None, {}, NOT_A_CRYSTAL[0]
             elif name.startswith("."):        # macOS's ._x.cif beside x.cif, an editor's backup
                 yield name, None, None, {}, NOT_A_CRYSTAL[2]
@@ -679,6 +686,8 @@ def _read_rows(path):
                 yield name, None, None, {}, NOT_A_CRYSTAL[1]        # generate writes both
             else:
                 yield from _read_rows(full)
+    elif not os.path.isfile(path):            # a named pipe, a device: reading it could wait forever
+        yield os.path.basename(path), None, None, {}, NOT_A_CRYSTAL[0]
     elif is_csv(path):
         csv.field_size_limit(2**31 - 1)
         opener = gzip.open if path.lower().endswith(".gz") else open
@@ -749,7 +758,7 @@ def _parse_rows(path):
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 2
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 3      # a new version when the reasons for skipping change
 
 
 def cache_path(path):
@@ -832,7 +841,7 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
     kept, skipped = [], {} if skipped is None else skipped
-    for name, structure, reason, band_gap, ordering in (_cached_rows if is_csv(path) else _parse_rows)(path):
+    for name, structure, reason, band_gap, ordering in (_cached_rows if is_csv(path) and os.path.isfile(path) else _parse_rows)(path):
         if not reason and only_encodable:
             reason = unencodable_reason(structure, length_range)
         if reason:

@@ -246,7 +246,8 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
         model = unet.UNet(unet.UNetConfig(**ckpt["model_config"])).to(device)
         model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})   # fp16 -> fp32
     except Exception as e:  # a truncated or foreign file: say so in one line
-        raise UserError(f"{path} is not a PCCD checkpoint ({type(e).__name__}: {e})")
+        said = (str(e).strip().splitlines() or [""])[0].split(". ")[0]          # its first sentence
+        raise UserError(f"{path} is not a PCCD checkpoint ({type(e).__name__}: {said})")
     if "sampling" not in ckpt:
         raise UserError(f"{path} was written by an earlier PCCD (no 'sampling' entry): train it again")
     return model.eval(), ckpt
@@ -902,9 +903,9 @@ def cmd_evaluate(args):
     rows, summary = evaluate.screen(structures, reference)
     for row, c in zip(rows, crystals):
         row.update(name=c.material_id)
+    print(evaluate.format_screening(summary), flush=True)   # shown even when the disk is full
     data.write_csv(path, rows[:len(crystals)],
                    [f for f in evaluate.SCREENING_FIELDS if f not in ("elements", "reason")])
-    print(evaluate.format_screening(summary))
     print(f"per-structure flags: {path}")
 
 

@@ -1815,6 +1815,7 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "negative.cif").write_text(cif.replace("0.00000000  0.00000000  0.00000000  1", "0.00000000  0.00000000  0.00000000  -1"))
     (folder / "vacancy.cif").write_text(cif.replace("0.50000000  0.50000000  0.50000000  1", "0.50000000  0.50000000  0.50000000  0.5"))
     (folder / "dummy.cif").write_text(cif.replace("Cl", "X"))
+    (folder / "over.cif").write_text(cif.replace("0.50000000  0.50000000  0.50000000  1", "0.50000000  0.50000000  0.50000000  1.02"))
     (folder / "packed.cif.gz").write_bytes(b"\x1f\x8b compressed")
     (folder / "minus.cif").write_text(cif.replace("_cell_length_a   4.20000000", "_cell_length_a   -4.20000000"))
     (folder / "quoted_minus.cif").write_text(cif.replace("_cell_length_b   4.20000000", "_cell_length_b   '-4.2'"))
@@ -1831,7 +1832,12 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
                        "with atoms pymatgen dropped (occupancy <= 0?)": 1, "disordered (partial occupancies)": 1,
                        "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
                        "with a negative cell length": 2, "with coordinates or a cell that are not finite numbers": 1,
-                       "hidden (a name starting with '.')": 1}
+                       "hidden (a name starting with '.')": 1, "with occupancies above 1 (two atoms on one spot?)": 1}
+    for name in ("pipe.cif", "pipe.csv"):                          # a pipe named itself is not read either
+        os.mkfifo(tmp_path / name)
+        skipped = {}
+        assert data.load_structures(str(tmp_path / name), verbose=False, skipped=skipped) == []
+        assert skipped == {"not a regular file": 1}
 
 
 def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_reference_is_refused(tmp_path, mp20, capsys):
