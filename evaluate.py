@@ -161,14 +161,14 @@ def summarise_csp(rows, k):
 def format_csp(summary):
     """The match rates beside the published ones on the MP-20 test split (27,136 training crystals
     there; summary['train_crystals'] here)."""
-    best = f"best of k = {summary['k']}"
+    best = [f"{'best of k = ' + str(summary['k']):<28}{100 * summary['match_rate_k']:>8.2f}%{summary['rmse_k']:>9.4f}"]
     return "\n".join([
         f"\nStructure prediction of {summary['n']} compositions, {summary['k']} sample{'s' if summary['k'] > 1 else ''} each "
         f"({describe_sampler(**summary)}; {summary['seconds']:.0f} s; "
         f"StructureMatcher stol 0.5, ltol 0.3, angle_tol 10)",
         f"{'':<28}{'match':>9}{'RMSE':>9}",
         f"{'first sample (k = 1)':<28}{100 * summary['match_rate_1']:>8.2f}%{summary['rmse_1']:>9.4f}",
-        f"{best:<28}{100 * summary['match_rate_k']:>8.2f}%{summary['rmse_k']:>9.4f}",
+        *(best if summary["k"] > 1 else []),
         f"first samples with a pair closer than 1.0 A: {100 * summary['closer_than_1A_1']:.2f}%, crowded "
         f"(d < {CROWDED_BELOW} (r_i + r_j)): {100 * summary['crowded_1']:.2f}%",
         f"published on MP-20's test split, 27,136 training crystals (this model: {summary['train_crystals']}):",
