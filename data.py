@@ -28,7 +28,9 @@ Where this differs from the paper, and why
 
 numpy and pymatgen only: porting PCCD to another framework never touches this file.
 """
+import contextlib
 import csv
+import errno
 import gzip
 import hashlib
 import math
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pymatgen.core import Composition, Element, Lattice, Structure
-from pymatgen.io.cif import CifParser
+from pymatgen.io.cif import CifFile, CifParser
 
 N_POINTS = 128       # points per channel (the paper's W)
 MAX_ELEMENTS = 3     # slots in channel 1
@@ -628,7 +630,9 @@ class Misread(ValueError):
 # What pymatgen only warns about, but makes a different crystal of: (its warning, our reason)
 MISREAD = [("Missing elements", "with atoms pymatgen dropped (occupancy <= 0?)"),
            ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)"),
-           ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)")]     # a refusal, said why
+           ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)"),     # a refusal, said why
+           ("Incorrect stoichiometry", "whose atoms disagree with its formula (a truncated copy?)")]   # last
+FRACTIONAL = ("_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z")
 
 
 def _parse_structures(text, fmt):
@@ -639,6 +643,12 @@ def _parse_structures(text, fmt):
         raise Misread("with a negative cell length")
     structures = []
     for block in blocks or [text]:                  # each data block alone: pymatgen's checks are per block
+        if fmt == "cif":                            # pymatgen reads CIF's '.' (not applicable) as 0
+            items = next(iter(CifFile.from_str(block).data.values()), None)
+            columns = [items.data.get(key, []) for key in FRACTIONAL] if items else []
+            if any(value.strip() == "." for column in columns
+                   for value in ([column] if isinstance(column, str) else column)):
+                raise Misread("with a coordinate written as '.' (not a number)")
         failure = None
         with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
             warnings.simplefilter("always")
@@ -647,8 +657,9 @@ def _parse_structures(text, fmt):
                     else [Structure.from_str(block, fmt=fmt)]
             except Exception as e:                  # unreadable, unless a warning says why
                 failure = e
+        disordered = not all(s.is_ordered for s in structures)      # its formula counts whole atoms: said below
         for warning in caught:
-            for says, reason in MISREAD:
+            for says, reason in MISREAD[:-1] if disordered else MISREAD:
                 if says in str(warning.message):
                     raise Misread(reason)
         if failure is not None:
@@ -670,6 +681,12 @@ def is_csv(path):
 NOT_A_CRYSTAL = ("not a regular file", "a POSCAR beside its CIF", "hidden (a name starting with '.')")
 
 
+def _shown(name):
+    """A file name as text every output can hold: bytes that are not UTF-8 (a name from a Windows
+    zip, say) become U+FFFD instead of Python's surrogates, which no UTF-8 file or JSON accepts."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _read_rows(path):
     """Yield (name, fmt, text, properties, why it is skipped or '') for each structure in a CSV, a
     folder (its structure files; not its subfolders) or a file."""
@@ -679,15 +696,15 @@ def _read_rows(path):
         for name in filter(_is_structure_file, names):
             full = os.path.join(path, name)
             if os.path.isdir(full):           # a subfolder, or a link to one: never entered
-                yield name, None, None, {}, NOT_A_CRYSTAL[0]
+                yield _shown(name), None, None, {}, NOT_A_CRYSTAL[0]
             elif name.startswith("."):        # macOS's ._x.cif beside x.cif, an editor's backup
-                yield name, None, None, {}, NOT_A_CRYSTAL[2]
+                yield _shown(name), None, None, {}, NOT_A_CRYSTAL[2]
             elif os.path.splitext(name)[1].lower() != ".cif" and os.path.splitext(name)[0] in cif_stems:
-                yield name, None, None, {}, NOT_A_CRYSTAL[1]        # generate writes both
+                yield _shown(name), None, None, {}, NOT_A_CRYSTAL[1]        # generate writes both
             else:
                 yield from _read_rows(full)
     elif not os.path.isfile(path):            # a named pipe, a device: reading it could wait forever
-        yield os.path.basename(path), None, None, {}, NOT_A_CRYSTAL[0]
+        yield _shown(os.path.basename(path)), None, None, {}, NOT_A_CRYSTAL[0]
     elif is_csv(path):
         csv.field_size_limit(2**31 - 1)
         opener = gzip.open if path.lower().endswith(".gz") else open
@@ -710,7 +727,7 @@ def _read_rows(path):
                                  f"save it as UTF-8") from None
             raise
     elif path.lower().endswith(COMPRESSED):
-        yield os.path.basename(path), None, None, {}, "compressed (unpack it first)"
+        yield _shown(os.path.basename(path)), None, None, {}, "compressed (unpack it first)"
     else:
         fmt = "cif" if path.lower().endswith(".cif") else "poscar"
         try:
@@ -718,7 +735,7 @@ def _read_rows(path):
                 text = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError):
             text = None                       # unopenable or binary: unreadable, like any bad file
-        yield os.path.basename(path), fmt, text, {}, ""
+        yield _shown(os.path.basename(path)), fmt, text, {}, ""
 
 
 def degenerate_lattice(lattice):
@@ -922,34 +939,47 @@ UMASK = os.umask(0o022)                    # read once (setting it is the only w
 os.umask(UMASK)
 
 
-def temporary_file(path):
-    """A new empty file beside `path`, to write it through and then rename it to `path` (an
-    interrupted write never leaves a half file posing as a whole one). Its name is its own
-    (.NAME.xxxx.tmp, made exclusively), so no file of the user's is ever overwritten or removed;
-    its permissions are what the umask gives a plain open()."""
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        os.chmod(tmp, 0o666 & ~UMASK)     # mkstemp's are private (0600)
-    except OSError:                       # a drive without Unix permissions (FAT, some network mounts)
-        pass
-    return tmp
-
-
-def write_csv(path, rows, fields=CSV_FIELDS):
-    """Write rows (dicts; keys outside `fields` are left out) through a temporary file
-    (`temporary_file`). The project's one CSV writer: datasets, summary.csv, pairs.csv, screening.csv."""
+@contextlib.contextmanager
+def written(path, new=True):
+    """Write `path` through a temporary file beside it: `with written(path) as tmp:` write tmp, and
+    at the end of the block it becomes `path` (an interrupted or failed write -- a full disk, Ctrl-C
+    -- never leaves a half file posing as a whole one, and the error names `path`). The temporary
+    file's name is its own (.NAME.xxxx.tmp, made exclusively), so no file of the user's is touched;
+    its permissions are what the umask gives a plain open(). new=True: `path` must not exist then
+    either (os.link refuses a name that exists: of two commands writing one name, one fails);
+    new=False replaces it (a checkpoint saved again)."""
     tmp = None
     try:
-        tmp = temporary_file(path)
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                       prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            os.chmod(tmp, 0o666 & ~UMASK)     # mkstemp's are private (0600)
+        except OSError:                       # a drive without Unix permissions (FAT, some network mounts)
+            pass
+        yield tmp
+        if not new:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:                   # a drive without hard links: checked, then renamed
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, "File exists", path) from None
+                os.replace(tmp, path)
     except OSError as e:                      # name the file asked for, not the temporary one
         raise OSError(e.errno, e.strerror, path) from None
     finally:
-        if tmp and os.path.exists(tmp):       # a failed write (a full disk) leaves nothing behind
+        if tmp and os.path.exists(tmp):       # after a failure, or the link: nothing left behind
             os.remove(tmp)
+
+
+def write_csv(path, rows, fields=CSV_FIELDS):
+    """Write rows (dicts; keys outside `fields` are left out) to the new file `path` (`written`).
+    The project's one CSV writer: datasets, summary.csv, pairs.csv, screening.csv."""
+    with written(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

@@ -594,6 +594,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, dpi, new=True):
+    """fig to path (its format from the suffix) through data.written: never a half-drawn file."""
+    try:
+        with data.written(path, new=new) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1][1:].lower() or "png")
+    finally:
+        pyplot().close(fig)
+
+
 def plot_cloud(cloud, elements, formula, path):
     """Fig. S1: the three channels of one crystal's (3, 128, 3) cloud."""
     plt = pyplot()
@@ -608,8 +617,7 @@ def plot_cloud(cloud, elements, formula, path):
     fig.subplots_adjust(top=0.84, right=0.88)
     fig.colorbar(im, cax=fig.add_axes([0.9, 0.15, 0.015, 0.65]))
     fig.suptitle(f"{formula}: the (3, 128, 3) PCCD cloud (paper Fig. S1)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_prediction(true, predicted, path):
@@ -630,8 +638,7 @@ def plot_prediction(true, predicted, path):
         ax.set(title=title, xlabel="true", ylabel="predicted", xlim=lim, ylim=lim)
     axes[0].legend()
     fig.suptitle(f"{true.composition.formula}: predicted from its composition alone")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_loss(losses, path):
@@ -645,8 +652,7 @@ def plot_loss(losses, path):
     ax.set(xlabel="step", ylabel="L1 loss (Eq. S4)", yscale="log", title="PCCD training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, new=False)              # redrawn as a run goes on
 
 
 def plot_reconstruction(pairs, summary, path):
@@ -688,8 +694,7 @@ def plot_reconstruction(pairs, summary, path):
               xlabel="get_rms_dist (normalised)")
     fig.suptitle(f"PCCD reconstruction from t = {summary['t']}, {summary['n']} structures")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_trajectory(trajectory, elements, path):
@@ -709,5 +714,4 @@ def plot_trajectory(trajectory, elements, path):
         ax.set(title=f"after step {t}", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1), xticks=[], yticks=[], zticks=[])
     fig.axes[0].legend(loc="upper left", fontsize=8)
     fig.suptitle("Generation of one crystal: points coloured by element (paper Fig. S2)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

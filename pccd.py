@@ -201,24 +201,25 @@ class SavedElsewhere(UserError):
     """A checkpoint that could not be written where it belongs, but was to a spare file."""
 
 
-def save_checkpoint(path, state, spare=False):
-    """Write to a temporary file and rename it, so an interrupted run never leaves a broken one.
-    A save that fails (a full disk, a read-only folder) is one UserError naming `path`; with
-    `spare`, the state is written to a new file in the system's temporary folder instead if it can
-    be, and the error (SavedElsewhere) says where."""
-    tmp = None
+def save_checkpoint(path, state, spare=False, new=False):
+    """Write through a temporary file (data.written), so an interrupted run never leaves a broken
+    one; new=True: never over a file (export), else the run's own is replaced. A save that fails (a
+    full disk, a read-only folder) is one UserError naming `path`; with `spare`, the state is
+    written to a new file in the system's temporary folder instead if it can be, and the error
+    (SavedElsewhere) says where."""
+    said = None
     try:
-        tmp = data.temporary_file(path)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with data.written(path, new=new) as tmp:
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as e:         # torch: "[enforce fail at inline_container.cc:672] . unexpected pos"
+                said = re.sub(r"\[enforce fail at [^]]*\][ .]*", "", str(e).replace(tmp, path))
+                raise
     except Exception as e:                    # OSError, or torch's RuntimeError from its zip writer
-        if isinstance(e, OSError) and e.strerror:
-            reason = e.strerror
-        else:                                 # torch: "[enforce fail at inline_container.cc:672] . unexpected pos"
-            said = re.sub(r"\[enforce fail at [^]]*\][ .]*", "", str(e).replace(str(tmp), path))
-            reason = f"is the disk full or the folder read-only? (torch: {said})"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+            f"is the disk full or the folder read-only? (torch: {said or e})"
         message = f"cannot write {path}: {reason}" + (" (the checkpoint saved before is kept)"
-                                                       if os.path.exists(path) else "")
+                                                       if os.path.exists(path) and not new else "")
         if spare:
             handle, spare = tempfile.mkstemp(prefix="pccd-checkpoint-", suffix=".pt")
             try:
@@ -230,9 +231,6 @@ def save_checkpoint(path, state, spare=False):
                 raise SavedElsewhere(f"{message}; step {state['step']} saved to {spare} instead: move it to "
                                      f"{path} and continue with --resume") from None
         raise UserError(message) from None
-    finally:
-        if tmp and os.path.exists(tmp):       # a failed save (a full disk, Ctrl-C) leaves nothing behind
-            os.remove(tmp)
 
 
 def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py train) or name one with --checkpoint"):
@@ -541,6 +539,7 @@ def train(args):
                     print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
                           f"crystals of {shown_path(resolve_path(s['val']))})", flush=True)
                 save()
+    args.kept = args.out                        # the checkpoint is saved: an error drawing the curve says so
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
           f"of last 50 steps: {np.mean(losses[-50:]):.4f}; {progress.done - progress.first} steps in "
@@ -561,18 +560,13 @@ def cmd_export(args):
                                   "train_compositions", "losses", "step")}
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     make_parents(args.out, args)
-    save_checkpoint(args.out, small)
-    tmp = None
+    save_checkpoint(args.out, small, new=True)
     try:                                                  # both files, or neither
         model, _ = load_checkpoint(args.out)
-        tmp = data.temporary_file(golden)
-        with open(tmp, "wb") as f:
+        with data.written(golden) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **diffusion.golden_tensors(model, small["sampling"]))
-        os.replace(tmp, golden)
     except BaseException as e:
-        for path in (args.out, tmp):
-            if path and os.path.exists(path):
-                os.remove(path)
+        os.remove(args.out)
         if isinstance(e, OSError):
             raise UserError(f"cannot write {golden}: {e.strerror or e} ({args.out} removed again)") from None
         raise
@@ -640,6 +634,18 @@ def fresh_dir(args):
             k += 1
 
 
+def write_structure(structure, path, fmt="cif"):
+    """A crystal as CIF or POSCAR, through data.written: never half a file."""
+    with data.written(path) as tmp:
+        structure.to(filename=tmp, fmt=fmt)
+
+
+def write_npz(path, **arrays):
+    """Arrays, compressed, through data.written."""
+    with data.written(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
 def write_json(path, value):
     """JSON that strict parsers read: numpy numbers as numbers, NaN and infinities as null."""
     def plain(v):
@@ -650,7 +656,7 @@ def write_json(path, value):
         if isinstance(v, (float, np.floating)):
             return float(v) if math.isfinite(v) else None
         return v.item() if isinstance(v, np.generic) else v
-    with open(path, "w") as f:
+    with data.written(path) as tmp, open(tmp, "w") as f:
         json.dump(plain(value), f, indent=1, allow_nan=False)
 
 
@@ -743,12 +749,12 @@ def cmd_reconstruct(args):
     x0 = diffusion.to_model(torch.from_numpy(np.stack([cloud for _, cloud, _ in usable])))
     g = torch.Generator().manual_seed(args.seed)
     x_t = ddpm.q_sample(x0, torch.full((len(x0),), t - 1), torch.randn(x0.shape, generator=g))
-    np.savez_compressed(os.path.join(out, "noised.npz"), x_t=x_t.numpy(), t=t,
-                        material_id=[c.material_id for c, _, _ in usable])
+    write_npz(os.path.join(out, "noised.npz"), x_t=x_t.numpy(), t=t,
+              material_id=[c.material_id for c, _, _ in usable])
     conditions = [(elements, c.band_gap_class, c.ordering) for c, _, elements in usable]
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, x_T=x_t, t_start=t - 1)
-    np.savez_compressed(os.path.join(out, "denoised.npz"), clouds=clouds,
-                        elements=np.array([" ".join(e) for e, _, _ in conditions]))
+    write_npz(os.path.join(out, "denoised.npz"), clouds=clouds,
+              elements=np.array([" ".join(e) for e, _, _ in conditions]))
     recon, reasons = data.decode_all(clouds, [e for e, _, _ in conditions], length_range)
 
     print(f"measuring {len(recon)} pairs (StructureMatcher{', CrystalNN' if args.fig2 else ''}) ...",
@@ -758,7 +764,7 @@ def cmd_reconstruct(args):
         pairs.append(evaluate.compare_reconstruction(c.structure, s, fig2=args.fig2)
                      | dict(material_id=c.material_id, decode_error=why))
         if s is not None:
-            s.to(filename=os.path.join(out, f"{len(pairs) - 1:04d}_{file_name(c.material_id)}.cif"))
+            write_structure(s, os.path.join(out, f"{len(pairs) - 1:04d}_{file_name(c.material_id)}.cif"))
     summary = dict(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data), t=t,
                    sampler=args.sampler, steps=steps_run(args, t - 1), guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed, seconds=seconds)
@@ -847,8 +853,8 @@ def cmd_generate(args):
                                                    known=known, physics=physics)
     if trajectory:
         evaluate.plot_trajectory(trajectory, element_sets[0], os.path.join(out, "trajectory.png"))
-    np.savez_compressed(os.path.join(out, "clouds.npz"), clouds=clouds,   # to decode again later
-                        elements=np.array([" ".join(e) for e in element_sets]))
+    write_npz(os.path.join(out, "clouds.npz"), clouds=clouds,   # to decode again later
+              elements=np.array([" ".join(e) for e in element_sets]))
     count_lists = [counts or c for c in committed]            # decoded by blocks where the counts are known
     structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], count_lists)
     unsymmetrised = structures
@@ -857,8 +863,8 @@ def cmd_generate(args):
     for i, s in enumerate(structures):
         names.append(f"{i:04d}_{data.formula(s.composition) if s else 'failed'}")
         if s is not None:
-            s.to(filename=os.path.join(out, names[-1] + ".cif"))
-            s.to(filename=os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
+            write_structure(s, os.path.join(out, names[-1] + ".cif"))
+            write_structure(s, os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
     args.made, args.kept = None, out            # the crystals are written: kept, whatever follows
     print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
     try:
@@ -936,7 +942,7 @@ def cmd_csp(args):
     for i, (row, c) in enumerate(zip(rows, crystals)):
         row.update(material_id=c.material_id, formula=c.structure.composition.formula)
         if predicted[i]:
-            predicted[i].to(filename=os.path.join(out, f"{i:04d}_{file_name(c.material_id)}_predicted.cif"))
+            write_structure(predicted[i], os.path.join(out, f"{i:04d}_{file_name(c.material_id)}_predicted.cif"))
     summary = evaluate.summarise_csp(rows, args.k) | dict(seconds=seconds, sampler=args.sampler, steps=steps_run(args),
                                                           guidance=args.guidance, condition_above=args.condition_above,
                                                           refine=args.refine, seed=args.seed,

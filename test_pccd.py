@@ -1815,6 +1815,9 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "negative.cif").write_text(cif.replace("0.00000000  0.00000000  0.00000000  1", "0.00000000  0.00000000  0.00000000  -1"))
     (folder / "vacancy.cif").write_text(cif.replace("0.50000000  0.50000000  0.50000000  1", "0.50000000  0.50000000  0.50000000  0.5"))
     (folder / "dummy.cif").write_text(cif.replace("Cl", "X"))
+    (folder / "dot.cif").write_text(cif.replace("0.00000000  0.00000000  0.00000000  1", ".  0.00000000  0.00000000  1"))
+    (folder / "cut.cif").write_text("\n".join(b.to(fmt="cif").rstrip().splitlines()[:-1]) + "\n")   # its last atom lost
+    a.to(filename=os.fsdecode(bytes(folder) + b"/\xff.cif"))                 # a name that is not UTF-8
     (folder / "over.cif").write_text(cif.replace("0.50000000  0.50000000  0.50000000  1", "0.50000000  0.50000000  0.50000000  1.02"))
     (folder / "packed.cif.gz").write_bytes(b"\x1f\x8b compressed")
     (folder / "minus.cif").write_text(cif.replace("_cell_length_a   4.20000000", "_cell_length_a   -4.20000000"))
@@ -1825,14 +1828,16 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "POSCAR_cloud.png").write_bytes(b"\x89PNG")                          # what show POSCAR writes
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
-    assert [c.material_id for c in kept] == ["two_blocks.cif#1", "two_blocks.cif#2", "x.cif"]
-    assert [c.structure.composition for c in kept] == [a.composition, b.composition, a.composition]
+    assert [c.material_id for c in kept] == ["two_blocks.cif#1", "two_blocks.cif#2", "x.cif", "\ufffd.cif"]
+    assert [c.structure.composition for c in kept] == [a.composition, b.composition, a.composition, a.composition]
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
                        "without element names (a POSCAR with no species line)": 1,
                        "with atoms pymatgen dropped (occupancy <= 0?)": 1, "disordered (partial occupancies)": 1,
                        "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
                        "with a negative cell length": 2, "with coordinates or a cell that are not finite numbers": 1,
-                       "hidden (a name starting with '.')": 1, "with occupancies above 1 (two atoms on one spot?)": 1}
+                       "hidden (a name starting with '.')": 1, "with occupancies above 1 (two atoms on one spot?)": 1,
+                       "with a coordinate written as '.' (not a number)": 1,
+                       "whose atoms disagree with its formula (a truncated copy?)": 1}
     for name in ("pipe.cif", "pipe.csv"):                          # a pipe named itself is not read either
         os.mkfifo(tmp_path / name)
         skipped = {}
@@ -1887,6 +1892,25 @@ def test_results_are_strict_json(tmp_path):
         dict(a=None, b=1.5, c=[None, 3])
 
 
+def test_every_output_file_is_whole_and_new_even_when_the_disk_fills_or_another_command_wrote_it(tmp_path):
+    path = str(tmp_path / "fig.png")
+    with pytest.raises(OSError, match="No space left on device") as e:
+        with data.written(path) as tmp:
+            open(tmp, "wb").write(b"half a figure")
+            raise OSError(28, "No space left on device", tmp)
+    assert e.value.filename == path and os.listdir(tmp_path) == []       # nothing half-written, the right name
+    with pytest.raises(FileExistsError):                                 # of two writers, one fails and says so
+        with data.written(path) as tmp:
+            open(tmp, "w").write("mine")
+            (tmp_path / "fig.png").write_text("another command's")      # it finished first
+    assert os.listdir(tmp_path) == ["fig.png"] and (tmp_path / "fig.png").read_text() == "another command's"
+    with pytest.raises(FileExistsError):
+        data.write_csv(path, [{"cif": "x"}], ["cif"])
+    with data.written(path, new=False) as tmp:                           # a checkpoint saved again: replaced
+        open(tmp, "w").write("again")
+    assert (tmp_path / "fig.png").read_text() == "again"
+
+
 def test_a_full_disk_names_where_it_was_writing(tiny_run, small_csv, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")              # as a write deep in zipfile raises it
@@ -1894,7 +1918,7 @@ def test_a_full_disk_names_where_it_was_writing(tiny_run, small_csv, tmp_path, c
     out = tmp_path / "gen"
     code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "1",
                              "--sampler", "ddim", "--steps", "2", "--out", str(out)], capsys)
-    assert code == 1 and err[-1] == f"pccd.py generate: error: No space left on device: {out}"
+    assert code == 1 and err[-1] == f"pccd.py generate: error: No space left on device: {out / 'clouds.npz'}"
     assert not out.exists()
     monkeypatch.undo()
     monkeypatch.setattr(evaluate, "plot_reconstruction", full)              # the disk fills after results.json
