@@ -177,16 +177,16 @@ def parse_formula(text):
     NaCl0 and Na1e1Cl are refused, not read as something else)."""
     compact = "".join(str(text).split())
     if not re.fullmatch(r"(?:[A-Z][a-z]?[0-9]*)+", compact):
-        raise ValueError(f"cannot read the formula '{text}': write element symbols, each followed by a "
+        raise ValueError(f"cannot read the formula {text!r}: write element symbols, each followed by a "
                          f"whole number of atoms, like Li2Co2O4")
     counts = {}
     for symbol, number in re.findall(r"([A-Z][a-z]?)([0-9]*)", compact):
         if number and int(number) < 1:
-            raise ValueError(f"{text}: atom counts must be whole numbers of at least 1 ({symbol}{number})")
+            raise ValueError(f"{compact}: atom counts must be whole numbers of at least 1 ({symbol}{number})")
         counts[symbol] = counts.get(symbol, 0) + int(number or 1)
     elements = check_elements(canonical_order(check_elements(list(counts))))
     if not 1 <= sum(counts.values()) <= MAX_SITES:
-        raise ValueError(f"{text} has {sum(counts.values())} atoms; PCCD makes 1 to {MAX_SITES}")
+        raise ValueError(f"{compact} has {sum(counts.values())} atoms; PCCD makes 1 to {MAX_SITES}")
     return elements, [counts[e] for e in elements]
 
 
@@ -361,7 +361,7 @@ def check_elements(elements):
                          f"PCCD encodes 1 to {MAX_ELEMENTS}")
     for symbol in elements:
         if not Element.is_valid_symbol(symbol):
-            raise ValueError(f"'{symbol}' is not a chemical element symbol")
+            raise ValueError(f"{symbol!r} is not a chemical element symbol")
         if Element(symbol).symbol != symbol:                          # D and T: pymatgen's isotopes of H
             raise ValueError(f"'{symbol}' is an isotope of {Element(symbol).symbol}: write {Element(symbol).symbol}")
     if len(set(elements)) != len(elements):

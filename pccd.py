@@ -197,6 +197,10 @@ def pick_device(name):
 # `step`; a run's own also `model`, `optimizer`, `rng` and `data_digest`, so that --resume
 # continues exactly, on the same data.
 
+CHECKPOINT_KEYS = ("ema", "model_config", "length_range", "sampling", "settings", "train_ids",
+                   "train_compositions", "losses", "step")
+
+
 class SavedElsewhere(UserError):
     """A checkpoint that could not be written where it belongs, but was to a spare file."""
 
@@ -248,6 +252,9 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
         raise UserError(f"{path} is not a PCCD checkpoint ({type(e).__name__}: {said})")
     if "sampling" not in ckpt:
         raise UserError(f"{path} was written by an earlier PCCD (no 'sampling' entry): train it again")
+    if missing := [key for key in CHECKPOINT_KEYS if key not in ckpt]:
+        raise UserError(f"{path} is not a whole PCCD checkpoint (no {', '.join(map(repr, missing))}): "
+                        f"write one with python pccd.py export RUN --out FILE")
     return model.eval(), ckpt
 
 
@@ -556,8 +563,7 @@ def cmd_export(args):
     if os.path.exists(args.out) or os.path.exists(golden):
         raise UserError(f"{args.out} or {golden} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
-    small = {k: ckpt[k] for k in ("model_config", "length_range", "sampling", "settings", "train_ids",
-                                  "train_compositions", "losses", "step")}
+    small = {k: ckpt[k] for k in CHECKPOINT_KEYS}
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     make_parents(args.out, args)
     save_checkpoint(args.out, small, new=True)
@@ -1041,7 +1047,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag costs one line (`pccd.py CMD: error: ...`, exit code 2)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")      # a value's newline too
 
 
 def number(kind, low=-math.inf, high=math.inf, what="", above=False, multiple_of=None):
@@ -1070,8 +1076,9 @@ BATCH = number(int, 1, 4096, what="a batch size from 1 to 4096")
 THREADS = number(int, 1, 256, what="a number of threads from 1 to 256")
 
 
-def out_path(text):
-    """An argparse type for --out: a path, not an empty string."""
+def given_path(text):
+    """An argparse type for every path (--out, --data, ...): not an empty string, which would
+    otherwise mean the current folder or a default."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path: name a file or folder")
     return text
@@ -1079,7 +1086,7 @@ def out_path(text):
 
 def image_path(text):
     """An argparse type for a figure's path: .png, .pdf or .svg."""
-    if os.path.splitext(out_path(text))[1].lower() not in (".png", ".pdf", ".svg"):
+    if os.path.splitext(given_path(text))[1].lower() not in (".png", ".pdf", ".svg"):
         raise argparse.ArgumentTypeError(f"{text!r}: name a .png, .pdf or .svg file")
     return text
 
@@ -1165,9 +1172,9 @@ def add_run_arguments(p, seed=0):
 
 
 def add_sampling_arguments(p, out, refine):
-    p.add_argument("--out", type=out_path, default=os.path.join("runs", out),
+    p.add_argument("--out", type=given_path, default=os.path.join("runs", out),
                    help=f"results folder (default runs/{out}; runs/{out}-2, -3, ... if it exists)")
-    p.add_argument("--checkpoint", type=out_path, default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
+    p.add_argument("--checkpoint", type=given_path, default=None, help=f"default: {DEFAULT_RUN}/{CHECKPOINT} if you "
                    f"trained one, else the shipped {os.path.relpath(SHIPPED_CHECKPOINT, HERE)}")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm (default): Eq. 6 "
                    "over every step, the paper's; ddim: deterministic, --steps steps")
@@ -1217,7 +1224,7 @@ def build_parser():
                        description=f"Train PCCD's U-Net (L1 loss, Eq. S4). Writes OUT/checkpoint.pt (every "
                        f"{SAVE_EVERY} steps and at the end) and OUT/loss.png (Fig. S4). A setting not given "
                        "comes from the preset, or, with --resume, from the run itself.")
-    p.add_argument("--data", help="training crystals: CDVAE CSV, folder or file (default: the "
+    p.add_argument("--data", type=given_path, help="training crystals: CDVAE CSV, folder or file (default: the "
                    "bundled MP-20 train split; the val split stays unseen)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 11 min on 2 cores) or long "
                    "(69 min; the shipped model): README, Training")
@@ -1237,19 +1244,19 @@ def build_parser():
                    "random periodic translations of each crystal (presets: off)")
     p.add_argument("--composition-given", type=PROBABILITY, metavar="P", help="share of crystals trained "
                    "with channel 1 (the composition) shown clean, as structure prediction holds it (presets: 0)")
-    p.add_argument("--val", type=out_path, metavar="DATA", help="crystals whose loss is reported at every checkpoint and "
+    p.add_argument("--val", type=given_path, metavar="DATA", help="crystals whose loss is reported at every checkpoint and "
                    "never trained on (default: the bundled MP-20 val split, or the resumed run's; none: skip)")
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
-    p.add_argument("--out", type=out_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
+    p.add_argument("--out", type=given_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps")
     add_run_arguments(p, seed=None)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("export", help="a small sampling-only copy of a run's checkpoint (how the "
                        "shipped one was made)", description=cmd_export.__doc__)
-    p.add_argument("source", metavar="RUN", help="run folder or checkpoint.pt (e.g. runs/hour)")
-    p.add_argument("--out", type=out_path, required=True, help="file to write (never overwritten)")
+    p.add_argument("source", type=given_path, metavar="RUN", help="run folder or checkpoint.pt (e.g. runs/hour)")
+    p.add_argument("--out", type=given_path, required=True, help="file to write (never overwritten)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("reconstruct", help="the paper's reconstruction experiment (Fig. 1, Table 1)",
@@ -1257,7 +1264,7 @@ def build_parser():
                        "noised.npz), denoise them with the model conditioned on their own elements, "
                        "decode, and compare with the originals: atom counts, Table 1's box-plot "
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
-    p.add_argument("--data", default=BUNDLED_TRAIN, help="structures to reconstruct (default: the "
+    p.add_argument("--data", type=given_path, default=BUNDLED_TRAIN, help="structures to reconstruct (default: the "
                    "training split, as the paper; use datasets/mp20_val.csv.gz for unseen ones)")
     p.add_argument("--n", type=COUNT, default=256, help="how many structures (default 256)")
     p.add_argument("--t", type=number(int, 1, diffusion.T, what=f"a step from 1 to {diffusion.T}"),
@@ -1285,8 +1292,9 @@ def build_parser():
                    help="metal, small (< 1.5 eV), large (>= 1.5 eV) or unknown (default)")
     p.add_argument("--magnetic", choices=data.MAGNETIC_ORDERINGS, default="unknown",
                    help="magnetic ordering (default unknown)")
-    p.add_argument("--reference", default=None, help="training structures for the novelty check and the "
-                   "per-element volumes physics-aware sampling scales cells to (default: the checkpoint's training data)")
+    p.add_argument("--reference", type=given_path, default=None, help="training structures for the novelty check "
+                   "and the per-element volumes physics-aware sampling scales cells to (default: the checkpoint's "
+                   "training data)")
     add_sampling_arguments(p, "generate", refine=5)   # EXPERIMENTS.md, Crowded atoms
     add_physics_arguments(p)
     p.add_argument("--trajectory", action="store_true", help="also draw the first sample's points "
@@ -1295,7 +1303,8 @@ def build_parser():
 
     p = sub.add_parser("csp", help="structure prediction from compositions: k samples each, match rate",
                        description=cmd_csp.__doc__)
-    p.add_argument("--data", default=BUNDLED_VAL, help="structures to predict (default: the val split)")
+    p.add_argument("--data", type=given_path, default=BUNDLED_VAL,
+                   help="structures to predict (default: the val split)")
     p.add_argument("--n", type=COUNT, default=1000, help="at most this many structures (default 1000)")
     p.add_argument("--k", type=number(int, 1, 100, what="a number of samples from 1 to 100"), default=1,
                    help="samples per composition, 1 to 100 (default 1; the field reports 1 and 20)")
@@ -1306,9 +1315,10 @@ def build_parser():
     p = sub.add_parser("evaluate", help="screen any folder of CIF/POSCAR files (Table 2)",
                        description="Screen crystals from any generator: structural and compositional "
                        "validity, uniqueness, novelty against --reference, and crowding, volume, symmetry.")
-    p.add_argument("folder", help="folder of CIF/POSCAR files (or one file, or a CDVAE CSV)")
-    p.add_argument("--reference", default=BUNDLED_TRAIN, help="training structures (default: %(default)s)")
-    p.add_argument("--csv", type=out_path, default=None, help="where to write the flags (default FOLDER/screening.csv, "
+    p.add_argument("folder", type=given_path, help="folder of CIF/POSCAR files (or one file, or a CDVAE CSV)")
+    p.add_argument("--reference", type=given_path, default=BUNDLED_TRAIN,
+                   help="training structures (default: %(default)s)")
+    p.add_argument("--csv", type=given_path, default=None, help="where to write the flags (default FOLDER/screening.csv, "
                    "or NAME_screening.csv beside a file)")
     p.set_defaults(run=cmd_evaluate)
 
@@ -1316,14 +1326,14 @@ def build_parser():
                        description=cmd_download.__doc__)
     p.add_argument("--api-key", help="Materials Project API key (default: $MP_API_KEY or "
                    "pymatgen's PMG_MAPI_KEY setting)")
-    p.add_argument("--out", type=out_path, default="datasets", help="folder for the CSV files (default %(default)s)")
+    p.add_argument("--out", type=given_path, default="datasets", help="folder for the CSV files (default %(default)s)")
     p.set_defaults(run=cmd_download)
 
     p = sub.add_parser("show", help="draw the three channels of a crystal's cloud (Fig. S1)",
                        description="Encode one crystal and draw its cloud: positions, element slots, "
                        "lattice rows (paper Fig. S1).")
-    p.add_argument("structure", help="a CIF/POSCAR file (or a CSV: its first usable row)")
-    p.add_argument("--checkpoint", type=out_path, default=None, help="use this model's length range "
+    p.add_argument("structure", type=given_path, help="a CIF/POSCAR file (or a CSV: its first usable row)")
+    p.add_argument("--checkpoint", type=given_path, default=None, help="use this model's length range "
                    f"(default {data.DEFAULT_LENGTH_RANGE[0]:g}-{data.DEFAULT_LENGTH_RANGE[1]:g} A)")
     p.add_argument("--out", type=image_path, default=None, help="PNG path (default NAME_cloud.png; .pdf, .svg)")
     p.set_defaults(run=cmd_show)
@@ -1338,7 +1348,7 @@ def build_parser():
     p = sub.add_parser("roundtrip", help="encode -> decode every structure and match it back",
                        description="Encode each structure, add Gaussian noise to the cloud, decode, and "
                        "count the crystals StructureMatcher() finds unchanged.")
-    p.add_argument("--data", nargs="+", default=[BUNDLED_TRAIN, BUNDLED_VAL],
+    p.add_argument("--data", type=given_path, nargs="+", default=[BUNDLED_TRAIN, BUNDLED_VAL],
                    help="CSV files, folders or structure files (default: the bundled MP-20 train and val splits)")
     p.add_argument("--noise", nargs="+", type=NON_NEGATIVE, default=[0.0, 0.01, 0.02],
                    help="std of Gaussian noise added to the cloud, in its [0, 1] units (default 0 0.01 0.02)")

@@ -1347,6 +1347,8 @@ def bad_inputs(tmp_path_factory, mp20):
     (root / "no_cif.csv").write_text("material_id,formula\nmp-1,NaCl\n")
     (root / "cut.csv.gz").write_bytes(open(os.path.join(HERE, "datasets", "mp20_val.csv.gz"), "rb").read(30000))
     (root / "plain.csv.gz").write_text("material_id,cif\n")                      # named .gz, not compressed
+    shipped = torch.load(os.path.join(HERE, "checkpoints", "pccd_mp20.pt"), weights_only=False)
+    torch.save({k: shipped[k] for k in ("ema", "model_config", "length_range", "sampling")}, root / "minimal.pt")
     long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     roundtrip = root / "roundtrip"
     roundtrip.mkdir()
@@ -1356,6 +1358,13 @@ def bad_inputs(tmp_path_factory, mp20):
 
 
 BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's folder, {run} the tiny run
+    (["train", "--data", ""], 2, "argument --data: an empty path"),             # not the current folder
+    (["generate", "--elements", "Mg", "--reference", ""], 2, "argument --reference: an empty path"),
+    (["evaluate", "{r}/mixed", "--reference", ""], 2, "argument --reference: an empty path"),
+    (["generate", "--elements", "Mg", "Mg\n"], 2, "argument --elements: 'Mg\\n' is not a chemical element symbol"),
+    (["generate", "--formula", "Na17\nCl"], 2, "argument --formula: Na17Cl has 18 atoms"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/minimal.pt"], 1,
+     "{r}/minimal.pt is not a whole PCCD checkpoint (no 'settings', 'train_ids', 'train_compositions'"),
     (["generate", "--elements", "Mg", "O", "--steps", "-1"], 2, "--steps: '-1' is not a number of steps from 1 to 1000"),
     (["generate", "--elements", "Mg", "O", "--steps", "0"], 2, "--steps: '0'"),
     (["generate", "--elements", "Mg", "O", "--steps", "1001"], 2, "--steps: '1001'"),
