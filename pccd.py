@@ -426,16 +426,18 @@ def train(args):
                         f"resume the run it was exported from, or train a new one")
     if resumed:
         own = resumed["settings"]
-        changed = [flag for flag, given, same in (
-            ("--data", args.data, lambda v: portable_path(v) == own["data"]),
+        changed = [flag for flag, given, same in (                  # --data: where the same crystals are now
+            ("--seed", args.seed, lambda v: v == own["seed"]),          # the random state is the run's own
             ("--widths", args.widths, lambda v: list(v) == list(own["widths"])),
             ("--prediction", args.prediction, lambda v: v == own["prediction"]),
             ("--preset", args.preset, lambda v: v == own.get("preset")),
             ("--val", args.val, lambda v: portable_val(v) == own.get("val", portable_val(v))))   # older runs: any
             if given is not None and not same(given)]
         if changed:
-            raise UserError(f"--resume continues the run's own data, held-out set, network, objective and "
-                            f"preset ({own.get('preset')}): leave out {', '.join(changed)}")
+            raise UserError(f"--resume continues the run's own held-out set, random state, network, objective "
+                            f"and preset ({own.get('preset')}): leave out {', '.join(changed)}")
+        if args.data is None and not os.path.exists(resolve_path(own["data"])):
+            raise UserError(f"the run's data, {own['data']}, is gone: if it moved, name it with --data")
     s = resolve_settings(args, resumed)
     if resumed and s["steps"] <= resumed["step"]:
         raise UserError(f"{path} is at step {resumed['step']} already, of {s['steps']}: give --steps above it")
@@ -445,11 +447,11 @@ def train(args):
     crystals = load_or_fail(resolve_path(s["data"]))
     digest, where = data_digest(crystals), shown_path(resolve_path(s["data"]))
     if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
-        raise UserError(f"{where} has changed since this run began ({len(resumed['train_ids'])} crystals "
+        raise UserError(f"{where} is not the run's data: it has changed since this run began ({len(resumed['train_ids'])} crystals "
                         f"then, {len(crystals)} now): --resume would train on other data; start a new run")
     if resumed and resumed.get("data_digest", digest) != digest:     # runs saved before the digest: names only
-        raise UserError(f"{where} has changed since this run began (other structures under the same "
-                        f"names): --resume would train on other data; start a new run")
+        raise UserError(f"{where} is not the run's data: it has changed since this run began (other structures "
+                        f"under the same names): --resume would train on other data; start a new run")
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
     try:
         encoded = data.encode_dataset(crystals, length_range)
@@ -459,7 +461,7 @@ def train(args):
         raise UserError(f"the clouds of {s['data']} are not all finite numbers; nothing trained")
     clouds, elements, band_gap, magnetic = map(torch.from_numpy, encoded)
     x0_all = diffusion.to_model(clouds)                                  # (N, 3, 128, 3) in [-1, 1]
-    held_out = None
+    held_out = val_digest = None
     if s["val"] != "none":
         val = load_or_fail(resolve_path(s["val"]), length_range=length_range)
         val = [val[i] for i in np.random.default_rng(0).permutation(len(val))[:HELD_OUT]]
@@ -467,6 +469,10 @@ def train(args):
         if {same(c) for c in val} & {same(c) for c in crystals}:       # by structure: names may be "row 0"
             print(f"warning: {s['val']} shares crystals with the training data: its loss is not a held-out "
                   f"loss", file=sys.stderr)
+        val_digest = data_digest(val)
+        if resumed and resumed.get("val_digest") not in (None, val_digest):             # older runs: any
+            raise UserError(f"{s['val']} has changed since this run began: its held-out losses would not "
+                            f"compare with the run's earlier ones; start a new run")
         v_clouds, *v_condition = map(torch.from_numpy, data.encode_dataset(val, length_range))
         held_out = [diffusion.to_model(v_clouds).to(device)] + [c.to(device) for c in v_condition]
 
@@ -494,7 +500,7 @@ def train(args):
                     step=step, losses=losses, val_losses=val_losses, model_config=config.to_dict(),
                     length_range=length_range,
                     settings=s, sampling=sampling_entry(s), train_ids=[c.material_id for c in crystals],
-                    data_digest=digest,
+                    data_digest=digest, val_digest=val_digest,
                     train_compositions=[c.structure.composition.formula for c in crystals])
 
     progress = Progress(s["steps"], "step", done=step)
@@ -1249,7 +1255,8 @@ def build_parser():
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", type=given_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps")
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps, on the "
+                   "same crystals (--data: where they are now, if they moved) and held-out set")
     add_run_arguments(p, seed=None)
     p.set_defaults(run=cmd_train)
 

@@ -1448,7 +1448,8 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structures (skipped: 1 unreadable)"),
     (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at {r}/nowhere/checkpoint.pt: --resume continues the run in --out"),
     (["export", "{r}/nowhere", "--out", "{r}/x.pt"], 1, "no checkpoint at {r}/nowhere: name a run folder"),
-    (["train", "--resume", "--out", "{run}", "--data", "{r}/mixed"], 1, "--resume continues the run's own data"),
+    (["train", "--resume", "--out", "{run}", "--seed", "7"], 1, "random state, network, objective and preset "
+     "(quick): leave out --seed"),                         # other --data: test_resume_refuses_data_that_changed...
     (["generate", "--elements", "mg", "o"], 2, "'mg' is not a chemical element symbol"),
     (["generate", "--elements", "na"], 2, "'na' is not a chemical element symbol"),
     (["export", "{run}", "--out", "{r}/a_file"], 1, "exists"),
@@ -1808,6 +1809,27 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
     assert code == 1 and len(err) == 2 and "fall outside the model's range" in err[-1], err   # the load line, then it
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_resume_follows_moved_data_and_refuses_a_changed_held_out_set_or_seed(tmp_path, capsys):
+    rows = bundled_rows(12)
+    write_rows(tmp_path / "six.csv", rows[:6])
+    write_rows(tmp_path / "val.csv", rows[6:9])
+    out = tmp_path / "run"
+    assert train(str(tmp_path / "six.csv"), out, 2, "--val", str(tmp_path / "val.csv"), "--widths", "8", "8", "8") == 0
+    (tmp_path / "moved").mkdir()
+    os.rename(tmp_path / "six.csv", tmp_path / "moved" / "six.csv")
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "3"], capsys)
+    assert code == 1 and "is gone: if it moved, name it with --data" in err[-1]
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "3", "--data",
+                             str(tmp_path / "moved" / "six.csv")], capsys)
+    assert code == 0 and torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--seed", "7"], capsys)
+    assert code == 1 and err[-1].endswith("leave out --seed")              # the random state is the run's
+    write_rows(tmp_path / "val.csv", rows[9:12])
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4"], capsys)
+    assert code == 1 and "val.csv has changed since this run began: its held-out losses would not compare" in err[-1]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
 def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_folder_or_a_pipe(tmp_path, mp20):
