@@ -752,6 +752,7 @@ def _parse_rows(path):
         ordering = (props.get("ordering") or "unknown").strip()
         ordering = ordering if ordering in MAGNETIC_ORDERINGS else "unknown"
         try:
+            skip = skip or ("empty" if text is not None and not text.strip() else "")
             structures = [] if skip else _parse_structures(text, fmt)
             reason = skip or ("" if structures else "unreadable")
         except Misread as e:
@@ -775,7 +776,7 @@ def _parse_rows(path):
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 3      # a new version when the reasons for skipping change
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 4      # a new version when the reasons for skipping change
 
 
 def cache_path(path):
@@ -843,7 +844,7 @@ def _cached_rows(path):
     yield from rows
 
 
-def load_structures(path, verbose=True, only_encodable=True, skipped=None, length_range=None):
+def load_structures(path, verbose=True, only_encodable=True, skipped=None, length_range=None, named=None):
     """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
     `material_id`, `band_gap`, `ordering`; plain or .csv.gz; its parsed rows are cached, see
     CACHE_FOLDER), a folder of CIF/POSCAR files, or one such file.
@@ -852,7 +853,8 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
     keeps every readable one; a model's length_range also drops longer and shorter cells). A bad
     row or file (unparsable, binary, empty, a degenerate cell, partial occupancies) is counted
     and skipped, never fatal. Prints one line saying what was kept and skipped (or, with
-    verbose=False, fills the dict `skipped` with {reason: count}).
+    verbose=False, fills the dict `skipped` with {reason: count}; a list `named` gets (name, reason)
+    for each).
     Returns a list of `Crystal`.
     """
     if not os.path.exists(path):
@@ -863,6 +865,8 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
             reason = unencodable_reason(structure, length_range)
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
+            if named is not None:
+                named.append((name, reason))
             continue
         kept.append(Crystal(structure=structure, material_id=name, band_gap=band_gap, ordering=ordering))
     if verbose:
@@ -873,7 +877,10 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
 def describe_load(path, kept, skipped):
     """'PATH: kept 3 of 5 structures (skipped: 1 unreadable, 1 with > 16 sites)'."""
     why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
-    return f"{path}: kept {len(kept)} of {len(kept) + sum(skipped.values())} structures (skipped: {why})"
+    total = len(kept) + sum(skipped.values())
+    inside = total == 0 and os.path.isdir(path) and any(os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+    return f"{path}: kept {len(kept)} of {total} structures (skipped: {why})" + \
+        ("; its subfolders are not read: name one" if inside else "")
 
 
 def _to_float(value):

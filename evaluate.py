@@ -563,6 +563,7 @@ def format_screening(summary):
                        ("valid_unique_novel", "valid, unique and novel"),
                        ("crystals_with_merges", "(decoder merged atoms on one spot)"),
                        ("uncommitted", "(not committed to an atom layout)"),
+                       ("missing_elements", "(without an element asked for)"),
                        ("charge_balance_not_judged", f"(charge not judged: > {CHARGE_BALANCE_LIMIT:.0e} ways)"),
                        ("closer_than_1A", "a pair closer than 1.0 A"),
                        ("crowded", f"crowded (d < {CROWDED_BELOW} (r_i + r_j))"), ("p1", "P1 (symprec 0.1)"),

@@ -146,12 +146,12 @@ class QuietPipe:
         return getattr(self.stream, name)
 
 
-def load_or_fail(path, only_encodable=True, skipped=None, length_range=None):
+def load_or_fail(path, only_encodable=True, skipped=None, length_range=None, named=None):
     """The structures of a CSV, folder or file (that a model of this length range can encode), and one
     line saying what was skipped and why (also counted into `skipped`); the error if nothing is left."""
     skipped = {} if skipped is None else skipped
     try:
-        crystals = data.load_structures(path, False, only_encodable, skipped, length_range)
+        crystals = data.load_structures(path, False, only_encodable, skipped, length_range, named)
     except (OSError, ValueError) as e:
         raise UserError(str(e))
     if not crystals:
@@ -886,13 +886,16 @@ def cmd_generate(args):
         print(f"the crystals are kept in {out}/: screen them with python pccd.py evaluate {out}{again}",
               file=sys.stderr)
         raise
-    for row, name, why, element_set in zip(rows, names, reasons, element_sets):
-        row.update(name=name, elements=" ".join(element_set), reason=why)
+    lacking = [[e for e in element_set if s and e not in s.composition]       # an asked element missing
+               for s, element_set in zip(structures, element_sets)]
+    for row, name, why, element_set, missing in zip(rows, names, reasons, element_sets, lacking):
+        row.update(name=name, elements=" ".join(element_set),
+                   reason=why or (f"no {' '.join(missing)}, which was asked for" if missing else ""))
     data.write_csv(os.path.join(out, "summary.csv"), rows, evaluate.SCREENING_FIELDS)
     summary.update(seconds=seconds, sampler=args.sampler, steps=steps_run(args), guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed,
                    physics=not args.no_physics, checkpoint=os.path.abspath(args.checkpoint),
-                   novelty_checked=reference_file is not None)
+                   novelty_checked=reference_file is not None, missing_elements=sum(map(bool, lacking)))
     if not args.no_physics:
         summary.update(uncommitted=sum(c is None for c in count_lists))
     summary.update(symmetrised=symmetrised)
@@ -905,8 +908,9 @@ def cmd_generate(args):
 
 def cmd_evaluate(args):
     folder = args.folder
+    stem = re.sub(r"\.csv\.gz$", "", folder, flags=re.I) if data.is_csv(folder) else folder   # x.csv.gz: x
     path = args.csv or (os.path.join(folder, "screening.csv") if os.path.isdir(folder)
-                        else os.path.splitext(folder)[0] + "_screening.csv")
+                        else os.path.splitext(stem)[0] + "_screening.csv")
     if os.path.exists(path):
         raise UserError(f"{path} exists; name another with --csv")
     if not os.path.basename(path) or path.endswith(os.sep):
@@ -915,15 +919,15 @@ def cmd_evaluate(args):
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):         # found now, not after screening
         raise UserError(f"cannot write {path}: {parent} is not a folder, or is read-only")
     skipped, reference = {}, load_reference(reference_path(args.reference, named=True))   # a bad one: first
-    crystals = load_or_fail(folder, only_encodable=False, skipped=skipped)
-    unreadable = sum(n for why, n in skipped.items() if why not in data.NOT_A_CRYSTAL)
-    structures = [c.structure for c in crystals] + [None] * unreadable        # counted as failed samples
+    named = []                                # (file, why) of each one skipped
+    crystals = load_or_fail(folder, only_encodable=False, skipped=skipped, named=named)
+    failed = [(name, why) for name, why in named if why not in data.NOT_A_CRYSTAL]
+    structures = [c.structure for c in crystals] + [None] * len(failed)     # counted as failed samples
     rows, summary = evaluate.screen(structures, reference)
-    for row, c in zip(rows, crystals):
-        row.update(name=c.material_id)
+    for row, (name, why) in zip(rows, [(c.material_id, "") for c in crystals] + failed):
+        row.update(name=name, reason=why)
     print(evaluate.format_screening(summary), flush=True)   # shown even when the disk is full
-    data.write_csv(path, rows[:len(crystals)],
-                   [f for f in evaluate.SCREENING_FIELDS if f not in ("elements", "reason")])
+    data.write_csv(path, rows, [f for f in evaluate.SCREENING_FIELDS if f != "elements"])   # with why a file failed
     print(f"per-structure flags: {path}")
 
 

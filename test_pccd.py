@@ -1497,10 +1497,12 @@ def test_good_files_beside_bad_ones_are_still_used(bad_inputs, tmp_path, capsys)
     import csv
     crystals = data.load_structures(str(bad_inputs / "mixed"))
     assert len(crystals) == 1 and crystals[0].material_id == "good.cif"
-    assert "kept 1 of 4 structures (skipped: 2 unreadable, 1 with a degenerate cell)" in capsys.readouterr().err
+    assert "kept 1 of 4 structures (skipped: 1 empty, 1 unreadable, 1 with a degenerate cell)" in capsys.readouterr().err
     out = tmp_path / "flags.csv"
     code, err, printed = run_pccd(["evaluate", str(bad_inputs / "mixed"), "--csv", str(out)], capsys)
-    assert code == 0 and [r["name"] for r in csv.DictReader(open(out))] == ["good.cif"]
+    assert code == 0 and [(r["name"], r["decoded"], r["reason"]) for r in csv.DictReader(open(out))] == [
+        ("good.cif", "True", ""), ("POSCAR_flat", "False", "with a degenerate cell"),   # each file, and why
+        ("binary.cif", "False", "unreadable"), ("empty.cif", "False", "empty")]
     assert re.search(r"^generated +4$", printed, re.M)                      # the bad files count as failed
     assert re.search(r"^decodable +1 +25.00%$", printed, re.M)
     code, err, _ = run_pccd(["train", "--data", str(bad_inputs / "mixed"), "--out", str(tmp_path / "run"),
@@ -2039,3 +2041,25 @@ def test_a_reference_folder_says_what_it_skipped(bad_inputs, capsys):
     said = capsys.readouterr().err.strip().splitlines()
     assert len(reference) == 1 and said[0].startswith(f"--reference {bad_inputs / 'mixed'}: skipped ")
     assert "unreadable" in said[0] and "holds 1 crystals: per-element volumes" in said[1]     # too few for volumes
+
+
+def test_generate_says_when_a_crystal_lacks_an_element_it_asked_for(tiny_run, tmp_path, capsys, monkeypatch):
+    import csv
+    only_oxygen = Structure(Lattice.cubic(3.0), ["O"], [[0, 0, 0]])
+    monkeypatch.setattr(data, "decode_all", lambda clouds, element_sets, *rest: (
+        [only_oxygen.copy() for _ in element_sets], [""] * len(element_sets)))
+    out = tmp_path / "g"
+    code, _, printed = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                                 "--sampler", "ddim", "--steps", "2", "--no-physics", "--out", str(out)], capsys)
+    assert code == 0 and re.search(r"^\(without an element asked for\) +2 +100.00%$", printed, re.M)
+    assert [r["reason"] for r in csv.DictReader(open(out / "summary.csv"))] == ["no Mg, which was asked for"] * 2
+    assert json.load(open(out / "summary.json"))["missing_elements"] == 2
+
+
+def test_evaluate_names_its_flags_after_a_gzipped_csv_and_says_subfolders_are_not_read(tmp_path, capsys):
+    write_rows(tmp_path / "x.csv.gz", bundled_rows(3))
+    code, _, printed = run_pccd(["evaluate", str(tmp_path / "x.csv.gz")], capsys)
+    assert code == 0 and printed.strip().endswith(f"per-structure flags: {tmp_path / 'x_screening.csv'}")
+    (tmp_path / "top" / "sub").mkdir(parents=True)
+    code, err, _ = run_pccd(["evaluate", str(tmp_path / "top")], capsys)
+    assert code == 1 and err[-1].endswith("kept 0 of 0 structures (skipped: none); its subfolders are not read: name one")
