@@ -860,7 +860,8 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
     kept, skipped = [], {} if skipped is None else skipped
-    for name, structure, reason, band_gap, ordering in (_cached_rows if is_csv(path) and os.path.isfile(path) else _parse_rows)(path):
+    rows = _cached_rows if is_csv(path) and os.path.isfile(path) else _parse_rows     # a pipe is not hashed
+    for name, structure, reason, band_gap, ordering in rows(path):
         if not reason and only_encodable:
             reason = unencodable_reason(structure, length_range)
         if reason:

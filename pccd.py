@@ -447,7 +447,8 @@ def train(args):
     crystals = load_or_fail(resolve_path(s["data"]))
     digest, where = data_digest(crystals), shown_path(resolve_path(s["data"]))
     if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
-        raise UserError(f"{where} is not the run's data: it has changed since this run began ({len(resumed['train_ids'])} crystals "
+        raise UserError(f"{where} is not the run's data: it has changed since this run began "
+                        f"({len(resumed['train_ids'])} crystals "
                         f"then, {len(crystals)} now): --resume would train on other data; start a new run")
     if resumed and resumed.get("data_digest", digest) != digest:     # runs saved before the digest: names only
         raise UserError(f"{where} is not the run's data: it has changed since this run began (other structures "
@@ -997,7 +998,9 @@ def cmd_download(args):
     try:
         rows = data.mp_documents_to_rows(data.query_materials_project(key))
     except Exception as e:  # bad key, no network, API error: one line, no traceback
-        raise UserError(f"the Materials Project query failed: {str(e).splitlines()[0][:300]}")
+        said = (str(e).splitlines() or [type(e).__name__])[0]
+        said = said if len(said) <= 300 else said[:300].rsplit(" ", 1)[0] + " ..."       # whole words
+        raise UserError(f"the Materials Project query failed: {said}")
     for split, path in paths.items():
         chosen = [r for r in rows if data.split_of(r["material_id"]) == split]
         data.write_csv(path, chosen)
@@ -1015,6 +1018,7 @@ def cmd_show(args):
         cloud, elements = data.encode(structure, length_range=length_range)
     except ValueError as e:
         raise UserError(str(e))
+    make_parents(out, args)
     evaluate.plot_cloud(cloud, elements, data.formula(structure.composition), out)
     print(f"wrote {out}")
 
