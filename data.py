@@ -630,8 +630,9 @@ class Misread(ValueError):
 # What pymatgen only warns about, but makes a different crystal of: (its warning, our reason)
 MISREAD = [("Missing elements", "with atoms pymatgen dropped (occupancy <= 0?)"),
            ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)"),
-           ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)"),     # a refusal, said why
-           ("Incorrect stoichiometry", "whose atoms disagree with its formula (a truncated copy?)")]   # last
+           ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)")]     # a refusal, said why
+# ... and of an ordered crystal only (a disordered one's formula counts whole atoms; said below):
+STOICHIOMETRY = ("Incorrect stoichiometry", "whose atoms disagree with its formula (a truncated copy?)")
 FRACTIONAL = ("_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z")
 
 
@@ -653,17 +654,18 @@ def _parse_structures(text, fmt):
         with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
             warnings.simplefilter("always")
             try:
-                structures += CifParser.from_str(block).parse_structures(primitive=False) if fmt == "cif" \
+                got = CifParser.from_str(block).parse_structures(primitive=False) if fmt == "cif" \
                     else [Structure.from_str(block, fmt=fmt)]
             except Exception as e:                  # unreadable, unless a warning says why
-                failure = e
-        disordered = not all(s.is_ordered for s in structures)      # its formula counts whole atoms: said below
+                got, failure = [], e
+        ordered = all(s.is_ordered for s in got)
         for warning in caught:
-            for says, reason in MISREAD[:-1] if disordered else MISREAD:
+            for says, reason in MISREAD + [STOICHIOMETRY] * ordered:
                 if says in str(warning.message):
                     raise Misread(reason)
         if failure is not None:
             raise failure
+        structures += got
     for s in structures:
         try:
             s.remove_oxidation_states()
@@ -824,23 +826,16 @@ def _cached_rows(path):
         lattice=np.array([s.lattice.matrix if s else np.zeros((3, 3)) for _, s, _, _, _ in rows]).reshape(-1, 3, 3),
         numbers=np.array([site.specie.Z for s in structures for site in s], dtype=np.int64),
         frac_coords=np.array([site.frac_coords for s in structures for site in s]).reshape(-1, 3))
-    tmp = f"{cache}.{os.getpid()}.tmp"                              # two loads at once: two files
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         stale = re.compile(re.escape(os.path.basename(path)) + r"\.[0-9a-f]{16}\.v\d+\.npz")
         for old in os.listdir(os.path.dirname(cache)):              # earlier contents of this file
             if stale.fullmatch(old) and old != os.path.basename(cache):
                 os.remove(os.path.join(os.path.dirname(cache), old))
-        with open(tmp, "wb") as f:
+        with written(cache, new=False) as tmp, open(tmp, "wb") as f:  # two loads at once: the same file
             np.savez(f, **arrays)
-        os.replace(tmp, cache)
     except OSError:                           # a read-only folder, a full disk: load without a cache
         pass
-    finally:                                  # and Ctrl-C while writing it: no half-written file left
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
     yield from rows
 
 
@@ -958,8 +953,8 @@ def written(path, new=True):
     new=False replaces it (a checkpoint saved again)."""
     tmp = None
     try:
-        handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                       prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),      # a name that fits
+                                       prefix=f".{os.path.basename(path)[:200]}.", suffix=".tmp")
         os.close(handle)
         try:
             os.chmod(tmp, 0o666 & ~UMASK)     # mkstemp's are private (0600)
@@ -972,12 +967,15 @@ def written(path, new=True):
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise
+                if not os.path.samefile(tmp, path):     # NFS may say so of a link it made
+                    raise
             except OSError:                   # a drive without hard links: checked, then renamed
                 if os.path.lexists(path):
                     raise FileExistsError(errno.EEXIST, "File exists", path) from None
                 os.replace(tmp, path)
     except OSError as e:                      # name the file asked for, not the temporary one
+        if e.errno is None:                   # not the file system's (gzip's BadGzipFile): as it was
+            raise
         raise OSError(e.errno, e.strerror, path) from None
     finally:
         if tmp and os.path.exists(tmp):       # after a failure, or the link: nothing left behind
@@ -987,7 +985,7 @@ def written(path, new=True):
 def write_csv(path, rows, fields=CSV_FIELDS):
     """Write rows (dicts; keys outside `fields` are left out) to the new file `path` (`written`).
     The project's one CSV writer: datasets, summary.csv, pairs.csv, screening.csv."""
-    with written(path) as tmp, open(tmp, "w", newline="") as f:
+    with written(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:   # as it is read
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

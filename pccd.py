@@ -148,7 +148,8 @@ class QuietPipe:
 
 def load_or_fail(path, only_encodable=True, skipped=None, length_range=None, named=None):
     """The structures of a CSV, folder or file (that a model of this length range can encode), and one
-    line saying what was skipped and why (also counted into `skipped`); the error if nothing is left."""
+    line saying what was skipped and why (also counted into `skipped`, and listed as (name, why) in
+    `named` if given); the error if nothing is left."""
     skipped = {} if skipped is None else skipped
     try:
         crystals = data.load_structures(path, False, only_encodable, skipped, length_range, named)
@@ -194,8 +195,8 @@ def pick_device(name):
 # A checkpoint is a dict: `ema` (the weights sampling uses), `model_config`, `length_range`,
 # `sampling` (how to sample: prediction, T, condition_above, guidance), `settings` (how it was
 # trained), `train_ids` and `train_compositions` (for the count baseline and novelty), `losses`,
-# `step`; a run's own also `model`, `optimizer`, `rng` and `data_digest`, so that --resume
-# continues exactly, on the same data.
+# `step`; a run's own also `model`, `optimizer`, `rng`, `data_digest` and `val_digest`, so that
+# --resume continues exactly, on the same data and held-out set.
 
 CHECKPOINT_KEYS = ("ema", "model_config", "length_range", "sampling", "settings", "train_ids",
                    "train_compositions", "losses", "step")
@@ -427,11 +428,12 @@ def train(args):
     if resumed:
         own = resumed["settings"]
         changed = [flag for flag, given, same in (                  # --data: where the same crystals are now
-            ("--seed", args.seed, lambda v: v == own["seed"]),          # the random state is the run's own
+            ("--seed", args.seed, lambda v: v == own.get("seed", v)),   # the random state is the run's own
             ("--widths", args.widths, lambda v: list(v) == list(own["widths"])),
             ("--prediction", args.prediction, lambda v: v == own["prediction"]),
             ("--preset", args.preset, lambda v: v == own.get("preset")),
-            ("--val", args.val, lambda v: portable_val(v) == own.get("val", portable_val(v))))   # older runs: any
+            ("--val", args.val, lambda v: portable_val(v) == own.get("val", portable_val(v))   # older runs: any
+             or v != "none" and resumed.get("val_digest") is not None))   # moved: its crystals checked below
             if given is not None and not same(given)]
         if changed:
             raise UserError(f"--resume continues the run's own held-out set, random state, network, objective "
@@ -576,8 +578,7 @@ def cmd_export(args):
     save_checkpoint(args.out, small, new=True)
     try:                                                  # both files, or neither
         model, _ = load_checkpoint(args.out)
-        with data.written(golden) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, **diffusion.golden_tensors(model, small["sampling"]))
+        write_npz(golden, **diffusion.golden_tensors(model, small["sampling"]))
     except BaseException as e:
         os.remove(args.out)
         if isinstance(e, OSError):
@@ -909,9 +910,8 @@ def cmd_generate(args):
 
 def cmd_evaluate(args):
     folder = args.folder
-    stem = re.sub(r"\.csv\.gz$", "", folder, flags=re.I) if data.is_csv(folder) else folder   # x.csv.gz: x
-    path = args.csv or (os.path.join(folder, "screening.csv") if os.path.isdir(folder)
-                        else os.path.splitext(stem)[0] + "_screening.csv")
+    stem = folder[:-len(".csv.gz")] if folder.lower().endswith(".csv.gz") else os.path.splitext(folder)[0]
+    path = args.csv or (os.path.join(folder, "screening.csv") if os.path.isdir(folder) else stem + "_screening.csv")
     if os.path.exists(path):
         raise UserError(f"{path} exists; name another with --csv")
     if not os.path.basename(path) or path.endswith(os.sep):
@@ -1258,13 +1258,14 @@ def build_parser():
                    "random periodic translations of each crystal (presets: off)")
     p.add_argument("--composition-given", type=PROBABILITY, metavar="P", help="share of crystals trained "
                    "with channel 1 (the composition) shown clean, as structure prediction holds it (presets: 0)")
-    p.add_argument("--val", type=given_path, metavar="DATA", help="crystals whose loss is reported at every checkpoint and "
+    p.add_argument("--val", type=given_path, metavar="DATA",
+                   help="crystals whose loss is reported at every checkpoint and "
                    "never trained on (default: the bundled MP-20 val split, or the resumed run's; none: skip)")
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", type=given_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps, on the "
-                   "same crystals (--data: where they are now, if they moved) and held-out set")
+                   "same crystals and held-out set (--data, --val: where they are now, if they moved)")
     add_run_arguments(p, seed=None)
     p.set_defaults(run=cmd_train)
 
@@ -1333,7 +1334,8 @@ def build_parser():
     p.add_argument("folder", type=given_path, help="folder of CIF/POSCAR files (or one file, or a CDVAE CSV)")
     p.add_argument("--reference", type=given_path, default=BUNDLED_TRAIN,
                    help="training structures (default: %(default)s)")
-    p.add_argument("--csv", type=given_path, default=None, help="where to write the flags (default FOLDER/screening.csv, "
+    p.add_argument("--csv", type=given_path, default=None,
+                   help="where to write the flags (default FOLDER/screening.csv, "
                    "or NAME_screening.csv beside a file)")
     p.set_defaults(run=cmd_evaluate)
 
