@@ -1712,8 +1712,16 @@ def test_two_runs_started_together_with_one_out_get_two_folders(tiny_run, tmp_pa
 
 
 def pccd_process(*argv, **popen):
+    """pccd.py started as from a terminal: Ctrl-C and a hang-up at their defaults, whatever this test
+    run inherited (a job started in the background or under nohup ignores them)."""
+    import signal
     import subprocess
     import sys
+
+    def as_from_a_terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    popen.setdefault("preexec_fn", as_from_a_terminal)
     return subprocess.Popen([sys.executable, os.path.join(HERE, "pccd.py"), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
