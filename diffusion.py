@@ -255,6 +255,8 @@ class Diffusion:
                 done += 1
                 if progress:
                     progress(done, total)
+        if trajectory is not None and len(passes) > 1:    # its last step shows the refined cloud, as decoded
+            trajectory[timesteps[-1]] = from_model(x[0]).cpu()
         return from_model(x).clamp(0, 1)
 
     def hold(self, x, known, t, generator=None):

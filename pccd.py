@@ -116,6 +116,9 @@ class QuietPipe:
     def write(self, text):
         try:
             return len(text) if self.gone else self.stream.write(text)
+        except UnicodeEncodeError:                        # a console that cannot show a path's é: escaped
+            encoding = self.stream.encoding or "ascii"
+            return self.write(text.encode(encoding, "backslashreplace").decode(encoding))
         except BlockingIOError:                           # a busy non-blocking reader: not gone
             raise
         except OSError as e:
@@ -244,6 +247,8 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
         path = os.path.join(path, CHECKPOINT)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: {advice}")
+    if not os.path.isfile(path):                  # a named pipe: torch.load would wait for a writer
+        raise UserError(f"{path} is not a regular file: {advice}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
         model = unet.UNet(unet.UNetConfig(**ckpt["model_config"])).to(device)
@@ -286,7 +291,7 @@ def load_for_sampling(args):
         model, ckpt = load_checkpoint(args.checkpoint, device)
     planned = ckpt.get("settings", {}).get("steps")
     if planned and ckpt.get("step", planned) < planned:     # a train stopped early (Ctrl-C, SIGTERM)
-        folder = os.path.dirname(args.checkpoint) if args.checkpoint.endswith(CHECKPOINT) else args.checkpoint
+        folder = (os.path.dirname(args.checkpoint) or ".") if args.checkpoint.endswith(CHECKPOINT) else args.checkpoint
         advice = f"a stopped one continues with python pccd.py train --resume --out {folder}" if "optimizer" in ckpt \
             else "an export of an unfinished run"
         print(f"warning: {args.checkpoint} is at step {ckpt['step']} of {planned}, stopped early or still "
@@ -438,8 +443,10 @@ def train(args):
         if changed:
             raise UserError(f"--resume continues the run's own held-out set, random state, network, objective "
                             f"and preset ({own.get('preset')}): leave out {', '.join(changed)}")
-        if args.data is None and not os.path.exists(resolve_path(own["data"])):
-            raise UserError(f"the run's data, {own['data']}, is gone: if it moved, name it with --data")
+        for flag, given, what, where in (("--data", args.data, "data", own["data"]),
+                                         ("--val", args.val, "held-out set", own.get("val", "none"))):
+            if given is None and where != "none" and not os.path.exists(resolve_path(where)):
+                raise UserError(f"the run's {what}, {where}, is gone: if it moved, name it with {flag}")
     s = resolve_settings(args, resumed)
     if resumed and s["steps"] <= resumed["step"]:
         raise UserError(f"{path} is at step {resumed['step']} already, of {s['steps']}: give --steps above it")
@@ -569,8 +576,9 @@ def cmd_export(args):
     golden = os.path.splitext(args.out)[0] + "_golden.npz"
     if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
         raise UserError(f"--out {args.out} names a folder: name the file to write, e.g. {os.path.join(args.out, 'model.pt')}")
-    if os.path.exists(args.out) or os.path.exists(golden):
-        raise UserError(f"{args.out} or {golden} exists: remove it or choose another --out")
+    for path in (args.out, golden):
+        if os.path.lexists(path):
+            raise UserError(f"{path} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
     small = {k: ckpt[k] for k in CHECKPOINT_KEYS}
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
@@ -908,14 +916,17 @@ def cmd_generate(args):
     print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
 
 
+def without_suffix(path):
+    """A file's path without its suffix (x.cif: x; x.csv.gz: x)."""
+    return path[:-len(".csv.gz")] if path.lower().endswith(".csv.gz") else os.path.splitext(path)[0]
+
+
 def cmd_evaluate(args):
     folder = args.folder
-    stem = folder[:-len(".csv.gz")] if folder.lower().endswith(".csv.gz") else os.path.splitext(folder)[0]
-    path = args.csv or (os.path.join(folder, "screening.csv") if os.path.isdir(folder) else stem + "_screening.csv")
-    if os.path.exists(path):
+    path = args.csv or (os.path.join(folder, "screening.csv") if os.path.isdir(folder)
+                        else without_suffix(folder) + "_screening.csv")
+    if os.path.lexists(path):                             # a link to nowhere too: it names a file
         raise UserError(f"{path} exists; name another with --csv")
-    if not os.path.basename(path) or path.endswith(os.sep):
-        raise UserError(f"--csv {path} names a folder: name the file to write")
     parent = os.path.dirname(os.path.abspath(path))
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):         # found now, not after screening
         raise UserError(f"cannot write {path}: {parent} is not a folder, or is read-only")
@@ -1009,18 +1020,18 @@ def cmd_download(args):
 
 def cmd_show(args):
     """Fig. S1: the three channels of one crystal's cloud."""
-    out = args.out or os.path.splitext(os.path.basename(os.path.normpath(args.structure)))[0] + "_cloud.png"
-    if os.path.exists(out):
+    out = args.out or without_suffix(os.path.basename(os.path.normpath(args.structure))) + "_cloud.png"
+    if os.path.lexists(out):
         raise UserError(f"{out} exists; name another with --out")
     length_range = load_checkpoint(args.checkpoint)[1]["length_range"] if args.checkpoint else data.DEFAULT_LENGTH_RANGE
-    structure = load_or_fail(args.structure, length_range=length_range)[0].structure   # the first that fits
+    first = load_or_fail(args.structure, length_range=length_range)[0]                  # the first that fits
     try:
-        cloud, elements = data.encode(structure, length_range=length_range)
+        cloud, elements = data.encode(first.structure, length_range=length_range)
     except ValueError as e:
         raise UserError(str(e))
     make_parents(out, args)
-    evaluate.plot_cloud(cloud, elements, data.formula(structure.composition), out)
-    print(f"wrote {out}")
+    evaluate.plot_cloud(cloud, elements, data.formula(first.structure.composition), out)
+    print(f"wrote {out} (the cloud of {first.material_id})")
 
 
 def cmd_bench(args):
@@ -1095,6 +1106,14 @@ def given_path(text):
     otherwise mean the current folder or a default."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    return text
+
+
+def csv_path(text):
+    """An argparse type for a CSV to write: .csv (a name a folder's loading would take for a crystal,
+    x.cif, POSCAR_2, is not one)."""
+    if not given_path(text).lower().endswith(".csv"):
+        raise argparse.ArgumentTypeError(f"{text!r}: name a .csv file")
     return text
 
 
@@ -1323,7 +1342,8 @@ def build_parser():
                    help="structures to predict (default: the val split)")
     p.add_argument("--n", type=COUNT, default=1000, help="at most this many structures (default 1000)")
     p.add_argument("--k", type=number(int, 1, 100, what="a number of samples from 1 to 100"), default=1,
-                   help="samples per composition, 1 to 100 (default 1; the field reports 1 and 20)")
+                   help="samples per composition, 1 to 100 (default 1; the field reports 1 and 20). The k "
+                   "samples are drawn together, so a k > 1 run's first samples are not a k = 1 run's")
     add_sampling_arguments(p, "csp", refine=0)
     add_physics_arguments(p)
     p.set_defaults(run=cmd_csp)
@@ -1334,7 +1354,7 @@ def build_parser():
     p.add_argument("folder", type=given_path, help="folder of CIF/POSCAR files (or one file, or a CDVAE CSV)")
     p.add_argument("--reference", type=given_path, default=BUNDLED_TRAIN,
                    help="training structures (default: %(default)s)")
-    p.add_argument("--csv", type=given_path, default=None,
+    p.add_argument("--csv", type=csv_path, default=None,
                    help="where to write the flags (default FOLDER/screening.csv, "
                    "or NAME_screening.csv beside a file)")
     p.set_defaults(run=cmd_evaluate)

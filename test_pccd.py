@@ -676,6 +676,19 @@ def test_inpainting_returns_the_known_part_exactly_and_samples_the_rest(mp20):
         assert np.abs(out[:, 0].numpy() - clouds[:, 0]).max() > 0.1                        # sampled
 
 
+def test_the_trajectory_ends_at_the_cloud_that_is_decoded_also_after_refinement():
+    class Constant(torch.nn.Module):
+        def forward(self, x, t, elements, band_gap, magnetic, drop):
+            return 0.3 * torch.ones_like(x)
+    cond = (torch.ones(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    for refine in (0, 2):
+        trajectory = {}
+        out = diffusion.Diffusion().sample(Constant(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=40,
+                                           refine=refine, trajectory=trajectory, generator=torch.Generator().manual_seed(0))
+        assert sorted(trajectory, reverse=True) == diffusion.ddim_timesteps(999, 40)     # a panel per step
+        assert torch.equal(trajectory[min(trajectory)].clamp(0, 1), out[0])
+
+
 def test_a_composition_given_in_training_is_shown_clean_left_out_of_the_loss_and_held_clean_in_sampling(mp20):
     ddpm = diffusion.Diffusion(prediction="v")
     clouds = np.stack([data.encode(c.structure)[0] for c in mp20[:2]])
@@ -1310,7 +1323,8 @@ def snapshot(folder):
             out[os.path.relpath(os.path.join(root, d), folder)] = None
         for f in files:
             path = os.path.join(root, f)
-            out[os.path.relpath(path, folder)] = hashlib.md5(open(path, "rb").read()).hexdigest()
+            out[os.path.relpath(path, folder)] = hashlib.md5(open(path, "rb").read()).hexdigest() \
+                if os.path.isfile(path) else os.path.islink(path)                 # a pipe is not read
     return out
 
 
@@ -1347,6 +1361,8 @@ def bad_inputs(tmp_path_factory, mp20):
     (root / "no_cif.csv").write_text("material_id,formula\nmp-1,NaCl\n")
     (root / "cut.csv.gz").write_bytes(open(os.path.join(HERE, "datasets", "mp20_val.csv.gz"), "rb").read(30000))
     (root / "plain.csv.gz").write_text("material_id,cif\n")                      # named .gz, not compressed
+    os.mkfifo(root / "pipe.pt")                                                # torch.load would wait on it
+    os.symlink(root / "nowhere.csv", root / "dangling.csv")
     shipped = torch.load(os.path.join(HERE, "checkpoints", "pccd_mp20.pt"), weights_only=False)
     torch.save({k: shipped[k] for k in ("ema", "model_config", "length_range", "sampling")}, root / "minimal.pt")
     long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
@@ -1358,6 +1374,9 @@ def bad_inputs(tmp_path_factory, mp20):
 
 
 BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's folder, {run} the tiny run
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/pipe.pt"], 1, "{r}/pipe.pt is not a regular file"),
+    (["evaluate", "{r}/mixed", "--csv", "{r}/mixed/x.cif"], 2, "--csv: '{r}/mixed/x.cif': name a .csv file"),
+    (["evaluate", "{r}/mixed", "--csv", "{r}/dangling.csv"], 1, "{r}/dangling.csv exists; name another with --csv"),
     (["train", "--data", ""], 2, "argument --data: an empty path"),             # not the current folder
     (["generate", "--elements", "Mg", "--reference", ""], 2, "argument --reference: an empty path"),
     (["evaluate", "{r}/mixed", "--reference", ""], 2, "argument --reference: an empty path"),
@@ -1836,6 +1855,8 @@ def test_resume_follows_moved_data_and_refuses_a_changed_held_out_set_or_seed(tm
                              str(tmp_path / "moved" / "six.csv")], capsys)
     assert code == 0 and torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
     os.rename(tmp_path / "val.csv", tmp_path / "moved" / "val.csv")
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4"], capsys)
+    assert code == 1 and "held-out set" in err[-1] and err[-1].endswith("is gone: if it moved, name it with --val")
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val",
                              str(tmp_path / "moved" / "val.csv")], capsys)
     assert code == 0 and torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
@@ -2088,3 +2109,12 @@ def test_evaluate_names_its_flags_after_a_gzipped_csv_and_says_subfolders_are_no
     (tmp_path / "top" / "sub").mkdir(parents=True)
     code, err, _ = run_pccd(["evaluate", str(tmp_path / "top")], capsys)
     assert code == 1 and err[-1].endswith("(skipped: none); its subfolders are not read: name one")
+
+
+def test_a_console_that_cannot_show_a_path_gets_it_escaped_not_a_traceback(tmp_path, mp20):
+    folder = tmp_path / "caf\u00e9"
+    folder.mkdir()
+    mp20[0].structure.to(filename=str(folder / "x.cif"))
+    p = pccd_process("evaluate", str(folder), env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "Traceback" not in err and out.strip().endswith("caf\\xe9/screening.csv")
