@@ -215,7 +215,8 @@ class Diffusion:
           elements and the lattice) are held to the sample's, and the positions are denoised
           again, unconditionally.
         x_T: the starting noisy cloud in model units; drawn from N(0, I) when None.
-        progress(i, n): called after each step. trajectory: a dict that receives {t: first cloud}.
+        progress(i, n): called after each step. trajectory: a dict that receives {t: first cloud}
+          (the last step's: the cloud returned, refined if it was).
         """
         elements = condition[0]
         B, device = elements.shape[0], elements.device

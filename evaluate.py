@@ -552,8 +552,8 @@ def format_screening(summary):
     """The summary in the layout of Table 2's first rows, then how physical the crystals are
     (and how they were sampled, for generate's own)."""
     n = max(summary["generated"], 1)
-    lines = [f"\nGenerated {n} crystal{'s' * (n != 1)} in {summary['seconds']:.0f} s ({describe_sampler(**summary)}; "
-             f"{summary['checkpoint']})"] if "sampler" in summary else []
+    lines = [f"\nGenerated {n} crystal{'s' * (n != 1)} in {summary['seconds']:.0f} s "
+             f"({describe_sampler(**summary)}; {summary['checkpoint']})"] if "sampler" in summary else []
     lines.append(f"{'generated':<38}{summary['generated']:>6}")
     lo, hi = VOLUME_BAND
     for key, label in (("decoded", "decodable"), ("structural", "structurally valid"),
