@@ -683,8 +683,9 @@ def test_the_trajectory_ends_at_the_cloud_that_is_decoded_also_after_refinement(
     cond = (torch.ones(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     for refine in (0, 2):
         trajectory = {}
-        out = diffusion.Diffusion().sample(Constant(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=40,
-                                           refine=refine, trajectory=trajectory, generator=torch.Generator().manual_seed(0))
+        out = diffusion.Diffusion().sample(Constant(), cond, guidance=1.0, condition_above=0, sampler="ddim",
+                                           steps=40, refine=refine, trajectory=trajectory,
+                                           generator=torch.Generator().manual_seed(0))
         assert sorted(trajectory, reverse=True) == diffusion.ddim_timesteps(999, 40)     # a panel per step
         assert torch.equal(trajectory[min(trajectory)].clamp(0, 1), out[0])
 
