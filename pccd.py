@@ -481,7 +481,8 @@ def train(args):
                   f"loss", file=sys.stderr)
         val_digest = data_digest(val)
         if resumed and resumed.get("val_digest") not in (None, val_digest):             # older runs: any
-            raise UserError(f"{s['val']} has changed since this run began: its held-out losses would not "
+            raise UserError(f"{shown_path(resolve_path(s['val']))} is not the run's held-out set (it has changed "
+                            f"since this run began, or is another): its held-out losses would not "
                             f"compare with the run's earlier ones; start a new run")
         v_clouds, *v_condition = map(torch.from_numpy, data.encode_dataset(val, length_range))
         held_out = [diffusion.to_model(v_clouds).to(device)] + [c.to(device) for c in v_condition]
@@ -1020,10 +1021,12 @@ def cmd_download(args):
 
 def cmd_show(args):
     """Fig. S1: the three channels of one crystal's cloud."""
-    out = args.out or without_suffix(os.path.basename(os.path.normpath(args.structure))) + "_cloud.png"
+    named = os.path.basename(os.path.abspath(args.structure)) or "structure"          # show . : this folder's name
+    out = args.out or without_suffix(named) + "_cloud.png"
     if os.path.lexists(out):
         raise UserError(f"{out} exists; name another with --out")
-    length_range = load_checkpoint(args.checkpoint)[1]["length_range"] if args.checkpoint else data.DEFAULT_LENGTH_RANGE
+    length_range = load_checkpoint(args.checkpoint, advice="name a run folder or a .pt file")[1]["length_range"] \
+        if args.checkpoint else data.DEFAULT_LENGTH_RANGE
     first = load_or_fail(args.structure, length_range=length_range)[0]                  # the first that fits
     try:
         cloud, elements = data.encode(first.structure, length_range=length_range)
@@ -1112,7 +1115,8 @@ def given_path(text):
 def csv_path(text):
     """An argparse type for a CSV to write: .csv (a name a folder's loading would take for a crystal,
     x.cif, POSCAR_2, is not one)."""
-    if not given_path(text).lower().endswith(".csv"):
+    name = os.path.basename(given_path(text)).lower()
+    if not name.endswith(".csv") or name == ".csv":
         raise argparse.ArgumentTypeError(f"{text!r}: name a .csv file")
     return text
 

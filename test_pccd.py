@@ -1377,6 +1377,8 @@ def bad_inputs(tmp_path_factory, mp20):
 BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's folder, {run} the tiny run
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/pipe.pt"], 1, "{r}/pipe.pt is not a regular file"),
     (["evaluate", "{r}/mixed", "--csv", "{r}/mixed/x.cif"], 2, "--csv: '{r}/mixed/x.cif': name a .csv file"),
+    (["evaluate", "{r}/mixed", "--csv", "{r}/.csv"], 2, "--csv: '{r}/.csv': name a .csv file"),       # no name
+    (["show", "{r}/mixed/good.cif", "--checkpoint", "{r}/pipe.pt"], 1, "pipe.pt is not a regular file: name a run"),
     (["evaluate", "{r}/mixed", "--csv", "{r}/dangling.csv"], 1, "{r}/dangling.csv exists; name another with --csv"),
     (["train", "--data", ""], 2, "argument --data: an empty path"),             # not the current folder
     (["generate", "--elements", "Mg", "--reference", ""], 2, "argument --reference: an empty path"),
@@ -1865,7 +1867,8 @@ def test_resume_follows_moved_data_and_refuses_a_changed_held_out_set_or_seed(tm
     assert code == 1 and err[-1].endswith("leave out --seed")              # the random state is the run's
     write_rows(tmp_path / "moved" / "val.csv", rows[9:12])
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "5"], capsys)
-    assert code == 1 and "val.csv has changed since this run began: its held-out losses would not compare" in err[-1]
+    assert code == 1 and "val.csv is not the run's held-out set (it has changed since this run began, or is " \
+        "another): its held-out losses would not compare" in err[-1]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
 
 
@@ -2119,3 +2122,14 @@ def test_a_console_that_cannot_show_a_path_gets_it_escaped_not_a_traceback(tmp_p
     p = pccd_process("evaluate", str(folder), env={**os.environ, "PYTHONIOENCODING": "ascii"})
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0 and "Traceback" not in err and out.strip().endswith("caf\\xe9/screening.csv")
+
+
+def test_show_names_its_figure_after_what_it_drew(tmp_path, mp20, capsys, monkeypatch):
+    (tmp_path / "fold").mkdir()
+    mp20[0].structure.to(filename=str(tmp_path / "fold" / "a.cif"))
+    write_rows(tmp_path / "x.csv.gz", bundled_rows(2))
+    monkeypatch.chdir(tmp_path / "fold")
+    for given, figure in ((".", "fold_cloud.png"), (str(tmp_path / "x.csv.gz"), "x_cloud.png")):
+        code, _, printed = run_pccd(["show", given], capsys)
+        assert code == 0 and (tmp_path / "fold" / figure).exists()
+        assert printed.startswith(f"wrote {figure} (the cloud of")
