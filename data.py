@@ -541,6 +541,7 @@ class Crystal:
     material_id: str = ""
     band_gap: float = float("nan")      # eV; NaN when the source has none
     ordering: str = "unknown"           # magnetic ordering, one of MAGNETIC_ORDERINGS
+    condition_unread: bool = False      # its source gave a band gap or ordering not understood
 
     @property
     def band_gap_class(self):
@@ -615,12 +616,12 @@ NOT_STRUCTURE_SUFFIXES = (".csv", ".json", ".npz", ".png", ".pdf", ".svg", ".txt
 
 def _is_structure_file(name):
     """A CIF or POSCAR by its name, compressed or not (a compressed one is skipped, and said):
-    *.cif, *.vasp, *.poscar, and POSCAR* or CONTCAR* (POSCAR_1, CONTCAR.relaxed) unless the name
+    *.cif, *.vasp, *.poscar, and POSCAR* or CONTCAR* (POSCAR_1, poscar_2, CONTCAR.relaxed) unless the name
     ends like another kind of file (POSCAR_screening.csv, POSCAR_cloud.png)."""
     base = os.path.basename(name)
     stem = base[: -len(base.rsplit(".", 1)[1]) - 1] if base.lower().endswith(COMPRESSED) else base
     return stem.lower().endswith(STRUCTURE_SUFFIXES) or (
-        stem.startswith(("POSCAR", "CONTCAR")) and not stem.lower().endswith(NOT_STRUCTURE_SUFFIXES))
+        stem.upper().startswith(("POSCAR", "CONTCAR")) and not stem.lower().endswith(NOT_STRUCTURE_SUFFIXES))
 
 
 class Misread(ValueError):
@@ -628,31 +629,75 @@ class Misread(ValueError):
 
 
 # What pymatgen only warns about, but makes a different crystal of: (its warning, our reason)
-MISREAD = [("Missing elements", "with atoms pymatgen dropped (occupancy <= 0?)"),
+MISREAD = [("Missing elements", "with atoms pymatgen dropped (an element it does not know, or occupancy <= 0?)"),
            ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)"),
-           ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)")]     # a refusal, said why
+           ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)"),     # a refusal, said why
+           ("implicit hydrogens", "with hydrogens not written as atoms (_atom_site_attached_hydrogens)")]
 # ... and of an ordered crystal only (a disordered one's formula counts whole atoms; said below):
 STOICHIOMETRY = ("Incorrect stoichiometry", "whose atoms disagree with its formula (a truncated copy?)")
 FRACTIONAL = ("_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z")
+# Where a CIF names its space group; pymatgen reads a name it does not know as P1, without the symmetry
+SPACE_GROUP_TAGS = ("_symmetry_space_group_name_h-m", "_symmetry_space_group_name_h_m", "_space_group_name_h-m_alt",
+                    "_space_group_name_hall", "_symmetry_space_group_name_hall", "_space_group_it_number",
+                    "_symmetry_int_tables_number")
+
+
+def _number(value):
+    """A CIF number ('4.2', '4.20(3)' with its uncertainty) as a float; None for '?', '.' or text."""
+    try:
+        return float(re.sub(r"\(\d+\)$", "", value.strip().strip("'\"")))
+    except (AttributeError, ValueError):
+        return None
+
+
+def _cif_misread(block):
+    """Why pymatgen would read this CIF data block as another crystal than the one written ('' if it
+    would not), and the block's data names and values, named in lower case."""
+    # pymatgen keeps the last of a data name written twice, flips a negative length, folds an angle
+    # outside 0-180 degrees back into it and reads '.' (not applicable) as 0
+    fields = re.sub(r"(?ms)^;.*?^;", "", block)               # text fields hold no data names
+    names = [name.lower() for name in re.findall(r"(?m)^[ \t]*(_\S+)", fields)]
+    if len(set(names)) < len(names):
+        return "with a data name written twice (which value is meant?)", {}
+    items = next(iter(CifFile.from_str(block).data.values()), None)
+    data = {key.lower(): value for key, value in (items.data.items() if items else [])}
+    for axis in "abc":
+        if (_number(data.get(f"_cell_length_{axis}")) or 0) < 0:
+            return "with a negative cell length", data
+    for angle in ("alpha", "beta", "gamma"):
+        value = _number(data.get(f"_cell_angle_{angle}"))
+        if value is not None and not 0 < value < 180:
+            return "with a cell angle outside 0-180 degrees", data
+    for column in (data.get(key, []) for key in FRACTIONAL):
+        if any(value.strip() == "." for value in ([column] if isinstance(column, str) else column)):
+            return "with a coordinate written as '.' (not a number)", data
+    return "", data
+
+
+def _poscar_misread(text):
+    """Why pymatgen would read this POSCAR as another crystal, or '': it takes as many names from
+    the species line as there are counts, and drops the rest."""
+    lines = text.splitlines()
+    names, counts = (lines[5].split(), lines[6].split()) if len(lines) > 6 else ([], [])
+    if names and counts and not any(_number(n) is not None for n in names) and \
+            all(c.isdigit() for c in counts) and len(names) != len(counts):
+        return "whose species line and counts disagree (elements without atoms?)"
+    return ""
 
 
 def _parse_structures(text, fmt):
     """The structures of a CIF (one per data block) or of a POSCAR, without oxidation states (Li+
     is Li). Raises Misread(reason) for a file pymatgen reads as another crystal (MISREAD)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")    # Windows' and old Macs' line ends
     blocks = [b for b in re.split(r"(?m)^(?=data_)", text) if b.startswith("data_")] if fmt == "cif" else [text]
-    if fmt == "cif" and re.search(r"(?m)^\s*_cell_length_[abc]\s+['\"]?-", text):  # pymatgen flips the axis
-        raise Misread("with a negative cell length")
     structures = []
     for block in blocks or [text]:                  # each data block alone: pymatgen's checks are per block
-        if fmt == "cif":                            # pymatgen reads CIF's '.' (not applicable) as 0
-            items = next(iter(CifFile.from_str(block).data.values()), None)
-            columns = [items.data.get(key, []) for key in FRACTIONAL] if items else []
-            if any(value.strip() == "." for column in columns
-                   for value in ([column] if isinstance(column, str) else column)):
-                raise Misread("with a coordinate written as '.' (not a number)")
         failure = None
         with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
             warnings.simplefilter("always")
+            reason, items = _cif_misread(block) if fmt == "cif" else (_poscar_misread(block), {})
+            if reason:
+                raise Misread(reason)
             try:
                 got = CifParser.from_str(block).parse_structures(primitive=False) if fmt == "cif" \
                     else [Structure.from_str(block, fmt=fmt)]
@@ -663,6 +708,13 @@ def _parse_structures(text, fmt):
             for says, reason in MISREAD + [STOICHIOMETRY] * ordered:
                 if says in str(warning.message):
                     raise Misread(reason)
+            guessed = re.fullmatch(r"(\S+) parsed as (\S+)", str(warning.message))   # from a site's label
+            if guessed and re.sub(r"[\d+-]", "", guessed[1]).lower() != guessed[2].lower():  # NA is Na; NO3 not N
+                raise Misread("with a site whose element pymatgen guesses from its label (NO3 as N?)")
+            if "Defaulting to P1" in str(warning.message):    # P1 only for a CIF that names no group
+                if any(isinstance(items.get(tag), str) and items[tag].strip(" '\"") not in ("?", ".", "1", "P1", "P 1")
+                       for tag in SPACE_GROUP_TAGS):
+                    raise Misread("whose space group pymatgen cannot read (it would read the crystal as P1)")
         if failure is not None:
             raise failure
         structures += got
@@ -710,24 +762,31 @@ def _read_rows(path):
     elif is_csv(path):
         csv.field_size_limit(2**31 - 1)
         opener = gzip.open if path.lower().endswith(".gz") else open
+        damaged = (EOFError, zlib.error, gzip.BadGzipFile)
         try:
             with opener(path, "rt", newline="", encoding="utf-8-sig") as f:    # -sig: a BOM is not a name
-                reader = csv.DictReader(f)
+                reader = csv.DictReader(f, strict=True)     # strict: a stray quote is an error, not 150 rows
                 if "cif" not in (reader.fieldnames or []):
                     raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
                 for i, row in enumerate(reader):
                     yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, ""
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        except csv.Error as e:
+            raise ValueError(f"{path} is not a well-formed CSV (line {reader.reader.line_num}: {e}): "
+                             f"a quote never closed?") from None
+        except damaged as e:
             raise ValueError(f"{path} is not a readable gzip file ({e}): a truncated or damaged copy?") from None
         except UnicodeDecodeError:
-            with opener(path, "rb") as f:     # the decoder counted from its last chunk: find the byte
-                raw = f.read()
+            try:
+                with opener(path, "rb") as f:     # the decoder counted from its last chunk: find the byte
+                    raw = f.read()
+            except damaged:                       # cut short after the bad byte
+                raw = b""
             try:
                 raw.decode("utf-8-sig")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}): "
                                  f"save it as UTF-8") from None
-            raise
+            raise ValueError(f"{path} is not UTF-8 text: save it as UTF-8") from None
     elif path.lower().endswith(COMPRESSED):
         yield _shown(os.path.basename(path)), None, None, {}, "compressed (unpack it first)"
     else:
@@ -747,12 +806,23 @@ def degenerate_lattice(lattice):
     return not volume >= 0.1 or not volume / np.prod(lattice.abc) >= 0.01
 
 
+def _condition(props):
+    """A row's band gap (eV; NaN if none) and magnetic ordering ('unknown' if none), and True if
+    it gave one that is not understood ('1,5', a negative gap, 'ferro'): taken as unknown, and said."""
+    gap_text, ordering_text = ((props.get(key) or "").strip() for key in ("band_gap", "ordering"))
+    band_gap = _to_float(gap_text)
+    band_gap = band_gap if np.isfinite(band_gap) and band_gap >= 0 else float("nan")
+    ordering = {o.lower(): o for o in MAGNETIC_ORDERINGS}.get(ordering_text.lower(), "unknown")
+    return band_gap, ordering, (bool(gap_text) and np.isnan(band_gap)) or \
+        (bool(ordering_text) and ordering_text.lower() not in map(str.lower, MAGNETIC_ORDERINGS))
+
+
 def _parse_rows(path):
-    """Yield (name, structure or None, why it is unusable or '', band_gap, ordering) for each
-    structure in a CSV, a folder or a file: the slow part of loading (a CIF takes ~3 ms)."""
+    """Yield (name, structure or None, why it is unusable or '', band_gap, ordering, whether a
+    condition was not understood) for each structure in a CSV, a folder or a file: the slow part
+    of loading (a CIF takes ~3 ms)."""
     for name, fmt, text, props, skip in _read_rows(path):
-        ordering = (props.get("ordering") or "unknown").strip()
-        ordering = ordering if ordering in MAGNETIC_ORDERINGS else "unknown"
+        band_gap, ordering, unread = _condition(props)
         try:
             skip = skip or ("empty" if text is not None and not text.strip() else "")
             structures = [] if skip else _parse_structures(text, fmt)
@@ -762,7 +832,7 @@ def _parse_rows(path):
         except Exception:
             structures, reason = [], "unreadable"
         if reason:
-            yield name, None, reason, _to_float(props.get("band_gap")), ordering
+            yield name, None, reason, band_gap, ordering, unread
         for k, structure in enumerate(structures):      # a CIF of several data blocks: name#2, ...
             reason = "with coordinates or a cell that are not finite numbers" if not (
                 np.isfinite(structure.frac_coords).all() and np.isfinite(structure.lattice.matrix).all()) else \
@@ -771,14 +841,14 @@ def _parse_rows(path):
                 "with a dummy species (not an element)" if not all(
                     isinstance(e, Element) for e in structure.composition.elements) else ""
             yield (name + (f"#{k + 1}" if len(structures) > 1 else ""), None if reason else structure, reason,
-                   _to_float(props.get("band_gap")), ordering)
+                   band_gap, ordering, unread)
 
 
 # The parsed rows of a CSV are cached beside it, in .pccd_cache/, as arrays (a lattice, atomic
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 4      # a new version when the reasons for skipping change
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 5      # a new version when the reasons for skipping change
 
 
 def cache_path(path):
@@ -800,7 +870,8 @@ def _cached_rows(path):
         try:
             with np.load(cache) as f:
                 c = {k: f[k] for k in f.files}        # read each array once, not once per row
-            if not {"name", "reason", "band_gap", "ordering", "n_sites", "lattice", "numbers", "frac_coords"} <= set(c):
+            if not {"name", "reason", "band_gap", "ordering", "unread", "n_sites", "lattice", "numbers",
+                    "frac_coords"} <= set(c):
                 raise KeyError("an array is missing")
         except Exception:                             # a damaged cache: parsed again, and rewritten
             c = None
@@ -810,20 +881,22 @@ def _cached_rows(path):
                 pass
     if c is not None:
         starts = np.cumsum(c["n_sites"]) - c["n_sites"]
-        for i, (name, reason, band_gap, ordering) in enumerate(
-                zip(c["name"].tolist(), c["reason"].tolist(), c["band_gap"].tolist(), c["ordering"].tolist())):
+        for i, (name, reason, band_gap, ordering, unread) in enumerate(zip(
+                c["name"].tolist(), c["reason"].tolist(), c["band_gap"].tolist(), c["ordering"].tolist(),
+                c["unread"].tolist())):
             sites = slice(starts[i], starts[i] + c["n_sites"][i])
             structure = None if reason else \
                 Structure(Lattice(c["lattice"][i]), c["numbers"][sites].tolist(), c["frac_coords"][sites])
-            yield name, structure, reason, band_gap, ordering
+            yield name, structure, reason, band_gap, ordering, unread
         return
     rows = list(_parse_rows(path))
-    structures = [s for _, s, _, _, _ in rows if s is not None]
+    structures = [r[1] for r in rows if r[1] is not None]
     arrays = dict(
         name=np.array([r[0] for r in rows]), reason=np.array([r[2] for r in rows]),
         band_gap=np.array([r[3] for r in rows], dtype=float), ordering=np.array([r[4] for r in rows]),
-        n_sites=np.array([len(s) if s else 0 for _, s, _, _, _ in rows], dtype=np.int64),
-        lattice=np.array([s.lattice.matrix if s else np.zeros((3, 3)) for _, s, _, _, _ in rows]).reshape(-1, 3, 3),
+        unread=np.array([r[5] for r in rows], dtype=bool),
+        n_sites=np.array([len(r[1]) if r[1] else 0 for r in rows], dtype=np.int64),
+        lattice=np.array([r[1].lattice.matrix if r[1] else np.zeros((3, 3)) for r in rows]).reshape(-1, 3, 3),
         numbers=np.array([site.specie.Z for s in structures for site in s], dtype=np.int64),
         frac_coords=np.array([site.frac_coords for s in structures for site in s]).reshape(-1, 3))
     try:
@@ -856,7 +929,7 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
         raise FileNotFoundError(f"no such file or folder: {path}")
     kept, skipped = [], {} if skipped is None else skipped
     rows = _cached_rows if is_csv(path) and os.path.isfile(path) else _parse_rows     # a pipe is not hashed
-    for name, structure, reason, band_gap, ordering in rows(path):
+    for name, structure, reason, band_gap, ordering, unread in rows(path):
         if not reason and only_encodable:
             reason = unencodable_reason(structure, length_range)
         if reason:
@@ -864,19 +937,29 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
             if named is not None:
                 named.append((name, reason))
             continue
-        kept.append(Crystal(structure=structure, material_id=name, band_gap=band_gap, ordering=ordering))
+        kept.append(Crystal(structure=structure, material_id=name, band_gap=band_gap, ordering=ordering,
+                            condition_unread=unread))
     if verbose:
         print(describe_load(path, kept, skipped), file=sys.stderr)
     return kept
 
 
 def describe_load(path, kept, skipped):
-    """'PATH: kept 3 of 5 structures (skipped: 1 unreadable, 1 with > 16 sites)'."""
-    why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
-    total = len(kept) + sum(skipped.values())
-    inside = total == 0 and os.path.isdir(path) and any(os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
-    return f"{path}: kept {len(kept)} of {total} structures (skipped: {why})" + \
-        ("; its subfolders are not read: name one" if inside else "")
+    """'PATH: kept 3 of 5 structures (skipped: 1 unreadable, 1 with > 16 sites; not structures: 3 a
+    POSCAR beside its CIF)', and what else a user should know: an empty folder's subfolders and
+    CSV files go unread, a band gap or ordering was not understood."""
+    why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()) if r not in NOT_A_CRYSTAL) or "none"
+    unused = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()) if r in NOT_A_CRYSTAL)
+    why += f"; not structures: {unused}" if unused else ""
+    total = len(kept) + sum(n for r, n in skipped.items() if r not in NOT_A_CRYSTAL)
+    names = os.listdir(path) if total == 0 and os.path.isdir(path) else []
+    unread = " and ".join(what for what, there in (
+        ("subfolders", any(os.path.isdir(os.path.join(path, n)) for n in names)),
+        ("CSV files", any(is_csv(n) for n in names))) if there)
+    unclear = sum(c.condition_unread for c in kept)
+    return f"{path}: kept {len(kept)} of {total} structure{'s' * (total != 1)} (skipped: {why})" + \
+        (f"; its {unread} are not read: name one" if unread else "") + \
+        (f"; {unclear} with a band gap or ordering not understood, taken as unknown" if unclear else "")
 
 
 def _to_float(value):

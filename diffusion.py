@@ -18,8 +18,9 @@ import torch.nn.functional as F
 T = 1000          # diffusion steps (Table S1); every checkpoint records the T it was trained with
 COND_DROP = 0.2   # share of a batch trained without the condition, for classifier-free guidance
 # Refinement: the positions of a finished sample are noised back to this step and its last steps
-# are run again, unconditionally (as below condition_above), `refine` times, the elements and the
-# lattice held. Each pass lets atoms that sit too close move apart; EXPERIMENTS.md, "Crowded atoms".
+# are run again as the sampler ran them (unconditionally below condition_above), `refine` times, the
+# elements and the lattice held. Each pass lets atoms that sit too close move apart; EXPERIMENTS.md,
+# "Crowded atoms".
 REFINE_FROM = 50
 
 
@@ -213,7 +214,7 @@ class Diffusion:
         refine: how many times to run the last steps of the schedule (those <= REFINE_FROM) again
           on the positions alone: channel 0 is noised back with q (Eq. 3), channels 1 and 2 (the
           elements and the lattice) are held to the sample's, and the positions are denoised
-          again, unconditionally.
+          again, as those steps were the first time (unconditionally where t < condition_above).
         x_T: the starting noisy cloud in model units; drawn from N(0, I) when None.
         progress(i, n): called after each step. trajectory: a dict that receives {t: first cloud}
           (the last step's: the cloud returned, refined if it was).

@@ -161,13 +161,15 @@ def summarise_csp(rows, k):
 def format_csp(summary):
     """The match rates beside the published ones on the MP-20 test split (27,136 training crystals
     there; summary['train_crystals'] here)."""
-    best = [f"{'best of k = ' + str(summary['k']):<28}{100 * summary['match_rate_k']:>8.2f}%{summary['rmse_k']:>9.4f}"]
+    def rmse(value):                       # NaN where nothing matched
+        return f"{value:>9.4f}" if value == value else f"{'-':>9}"
+    best = [f"{'best of k = ' + str(summary['k']):<28}{100 * summary['match_rate_k']:>8.2f}%{rmse(summary['rmse_k'])}"]
     return "\n".join([
         f"\nStructure prediction of {summary['n']} compositions, {summary['k']} sample{'s' if summary['k'] > 1 else ''} each "
         f"({describe_sampler(**summary)}; {summary['seconds']:.0f} s; "
-        f"StructureMatcher stol 0.5, ltol 0.3, angle_tol 10)",
+        f"StructureMatcher stol 0.5, ltol 0.3, angle_tol 10, volumes scaled)",
         f"{'':<28}{'match':>9}{'RMSE':>9}",
-        f"{'first sample (k = 1)':<28}{100 * summary['match_rate_1']:>8.2f}%{summary['rmse_1']:>9.4f}",
+        f"{'first sample (k = 1)':<28}{100 * summary['match_rate_1']:>8.2f}%{rmse(summary['rmse_1'])}",
         *(best if summary["k"] > 1 else []),
         f"first samples with a pair closer than 1.0 A: {100 * summary['closer_than_1A_1']:.2f}%, crowded "
         f"(d < {CROWDED_BELOW} (r_i + r_j)): {100 * summary['crowded_1']:.2f}%",
@@ -206,7 +208,7 @@ def describe_sampler(sampler, steps, guidance, condition_above, refine=0, physic
     refined 5 times, physics-aware, symmetrised at 0.5 A' (from t: reconstruction's start, steps
     t - 1 down to 0)."""
     words = sampler if sampler == "ddpm" else f"ddim, {steps} steps"
-    if t is not None and t - 1 < condition_above:
+    if (999 if t is None else t - 1) < condition_above:          # the first step, T - 1 = 999 or t - 1
         words += f", no condition (every step below {condition_above})"
     else:
         words += f", guidance {guidance:g}" + (f" at steps >= {condition_above}, no condition below"

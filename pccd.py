@@ -7,10 +7,12 @@ import argparse
 import copy
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -242,7 +244,8 @@ def save_checkpoint(path, state, spare=False, new=False):
 
 
 def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py train) or name one with --checkpoint"):
-    """Returns (model with EMA weights, in eval mode, on device; the checkpoint dict)."""
+    """Returns (model with EMA weights, in eval mode, on device; the checkpoint dict, with
+    `loaded_from`: the file's absolute path and the SHA-256 of the bytes read, never saved again)."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.exists(path):
@@ -250,17 +253,22 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
     if not os.path.isfile(path):                  # a named pipe: torch.load would wait for a writer
         raise UserError(f"{path} is not a regular file: {advice}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        with open(path, "rb") as f:                # read once: what is hashed is what is loaded
+            raw = f.read()
+        ckpt = torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
         model = unet.UNet(unet.UNetConfig(**ckpt["model_config"])).to(device)
         model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})   # fp16 -> fp32
     except Exception as e:  # a truncated or foreign file: say so in one line
-        said = (str(e).strip().splitlines() or [""])[0].split(". ")[0]          # its first sentence
+        said = re.sub(r"^\[enforce fail at [^]]*\] \.? *", "", str(e).strip())   # torch's C++ source line: not for users
+        said = (said.splitlines() or [""])[0].split(". ")[0]                   # its first sentence
         raise UserError(f"{path} is not a PCCD checkpoint ({type(e).__name__}: {said})")
     if "sampling" not in ckpt:
         raise UserError(f"{path} was written by an earlier PCCD (no 'sampling' entry): train it again")
     if missing := [key for key in CHECKPOINT_KEYS if key not in ckpt]:
         raise UserError(f"{path} is not a whole PCCD checkpoint (no {', '.join(map(repr, missing))}): "
                         f"write one with python pccd.py export RUN --out FILE")
+    ckpt["loaded_from"] = dict(checkpoint=os.path.abspath(path), checkpoint_step=ckpt["step"],
+                               checkpoint_sha256=hashlib.sha256(raw).hexdigest())
     return model.eval(), ckpt
 
 
@@ -297,6 +305,16 @@ def load_for_sampling(args):
         print(f"warning: {args.checkpoint} is at step {ckpt['step']} of {planned}, stopped early or still "
               f"training ({advice}); name another with --checkpoint", file=sys.stderr)
     return device, model, ckpt, sampling_of(ckpt, args)
+
+
+def run_record(args, ckpt):
+    """What a results file records of its run, to repeat it: the command as typed, every option's
+    value (defaults included) and the checkpoint sampled (its path, step and the SHA-256 of its bytes:
+    a run still training replaces the file)."""
+    plain = (str, int, float, bool, type(None))
+    options = {k: v for k, v in vars(args).items() if k not in ("argv", "made", "kept") and (
+        isinstance(v, plain) or isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
+    return dict(command=shlex.join(["python", "pccd.py", *args.argv]), options=options) | ckpt["loaded_from"]
 
 
 def default_checkpoint():
@@ -566,7 +584,7 @@ def train(args):
     args.kept = args.out                        # the checkpoint is saved: an error drawing the curve says so
     evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
-          f"of last 50 steps: {np.mean(losses[-50:]):.4f}; {progress.done - progress.first} steps in "
+          f"of last {min(50, len(losses))} steps: {np.mean(losses[-50:]):.4f}; {progress.done - progress.first} steps in "
           f"{progress.elapsed() / 60:.1f} min)")
 
 
@@ -581,7 +599,7 @@ def cmd_export(args):
         if os.path.lexists(path):
             raise UserError(f"{path} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
-    small = {k: ckpt[k] for k in CHECKPOINT_KEYS}
+    small = {k: ckpt[k] for k in CHECKPOINT_KEYS + ("data_digest",) if k in ckpt}    # what sampling needs
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     make_parents(args.out, args)
     save_checkpoint(args.out, small, new=True)
@@ -762,6 +780,11 @@ def cmd_reconstruct(args):
     device, model, ckpt, ddpm = load_for_sampling(args)
     t, length_range = ddpm.T if args.t is None else args.t, ckpt["length_range"]
     args.refine = refine_run(args, t - 1)
+    if args.data is None:                           # the model's own training data, where it still is
+        args.data = resolve_path(ckpt["settings"]["data"])
+        if not os.path.exists(args.data):
+            raise UserError(f"the model's training data, {ckpt['settings']['data']}, is gone: name structures "
+                            f"with --data")
     crystals = load_or_fail(args.data, length_range=length_range)
     rng = np.random.default_rng(args.seed)
     crystals = [crystals[i] for i in rng.permutation(len(crystals))[: args.n]]
@@ -788,10 +811,10 @@ def cmd_reconstruct(args):
                      | dict(material_id=c.material_id, decode_error=why))
         if s is not None:
             write_structure(s, os.path.join(out, f"{len(pairs) - 1:04d}_{file_name(c.material_id)}.cif"))
-    summary = dict(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data), t=t,
+    summary = dict(data=os.path.abspath(args.data), t=t,
                    sampler=args.sampler, steps=steps_run(args, t - 1), guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed, seconds=seconds)
-    summary |= evaluate.summarise_reconstruction(pairs, ckpt["train_compositions"])
+    summary |= evaluate.summarise_reconstruction(pairs, ckpt["train_compositions"]) | run_record(args, ckpt)
     write_json(os.path.join(out, "results.json"), dict(summary=summary, pairs=pairs))
     args.made, args.kept = None, out            # finished: kept, whatever happens to what follows
     data.write_csv(os.path.join(out, "pairs.csv"), pairs, evaluate.PAIR_FIELDS)
@@ -820,15 +843,14 @@ FEW_FOR_VOLUMES = 100       # reference crystals below which the per-element vol
 
 
 def load_reference(path, named="--reference"):
-    """The training structures novelty is judged against (and atomic volumes fitted to): every
+    """The training crystals novelty is judged against (and atomic volumes fitted to): every
     readable one, whatever its size or number of elements (a copy of any of them is not novel).
     `named`: what the errors call it (the flag, or where the path came from)."""
     if not path:
         return []
     skipped = {}
     try:
-        reference = [c.structure for c in data.load_structures(path, verbose=False, only_encodable=False,
-                                                               skipped=skipped)]
+        reference = data.load_structures(path, verbose=False, only_encodable=False, skipped=skipped)
     except (OSError, ValueError) as e:       # not UTF-8, no 'cif' column: said by the loader, in one line
         raise UserError(f"{named} {path}: {e}") from None
     said = ", ".join(f"{n} {why}" for why, n in skipped.items())
@@ -838,9 +860,29 @@ def load_reference(path, named="--reference"):
     if skipped:
         print(f"{named} {path}: skipped {said}", file=sys.stderr)
     if len(reference) < FEW_FOR_VOLUMES:     # EXPERIMENTS.md, Per-element volumes from a small reference
-        print(f"warning: {named} {path} holds {len(reference)} crystals: per-element volumes fitted to fewer "
-              f"than {FEW_FOR_VOLUMES} judge V / V_pred (and scale physics-aware cells) unreliably", file=sys.stderr)
+        print(f"warning: {named} {path} holds {len(reference)} crystal{'s' * (len(reference) != 1)}: per-element "
+              f"volumes fitted to fewer than {FEW_FOR_VOLUMES} judge V / V_pred (and scale physics-aware cells) "
+              f"unreliably", file=sys.stderr)
     return reference
+
+
+def trained_on(reference, ckpt):
+    """The crystals of `reference` the checkpoint was trained on, or None if it was trained on others
+    (the file has changed since: other names, compositions or, where the run recorded it, structures)."""
+    crystals = [c for c in reference if not data.unencodable_reason(c.structure)]     # what train keeps
+    same = [c.material_id for c in crystals] == ckpt["train_ids"] and \
+        [c.structure.composition.formula for c in crystals] == ckpt["train_compositions"] and \
+        ckpt.get("data_digest") in (None, data_digest(crystals))          # exported checkpoints hold none
+    return crystals if same else None
+
+
+def untrained_conditions(args, crystals, ckpt):
+    """The asked-for band-gap class and magnetic ordering that no training crystal had: their
+    embeddings are where training left them, random ('unknown' is trained by property dropout)."""
+    dropped = {"unknown"} if ckpt["settings"].get("property_drop", 0) > 0 else set()
+    return [f"{what} {value}" for what, value, seen in (
+        ("band gap", args.band_gap, {c.band_gap_class for c in crystals}),
+        ("magnetic ordering", args.magnetic, {c.ordering for c in crystals})) if value not in seen | dropped]
 
 
 def cmd_generate(args):
@@ -859,6 +901,14 @@ def cmd_generate(args):
     out = fresh_dir(args)                   # a bad --out fails first, then a bad reference: not after sampling
     reference_file = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
     reference = load_reference(reference_file, "--reference" if args.reference else "the training data")
+    training = trained_on(reference, ckpt) if reference and args.reference is None else None
+    if reference and args.reference is None and training is None:
+        print(f"warning: {reference_file} has changed since the model was trained on it: novelty not checked "
+              f"(name the training data with --reference)", file=sys.stderr)
+        reference, reference_file = [], None
+    if training and (untrained := untrained_conditions(args, training, ckpt)):
+        print(f"warning: no training crystal had {' or '.join(untrained)}: that condition is untrained "
+              f"(random) in this model", file=sys.stderr)
     unseen = sorted({e for s in element_sets for e in s}
                     - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
     if unseen:
@@ -871,7 +921,7 @@ def cmd_generate(args):
     if not reference and not args.no_physics:
         print("warning: no reference structures: cells are scaled to volumes from covalent radii", file=sys.stderr)
     physics = None if args.no_physics else (counts and [counts] * args.n, ckpt["length_range"],
-                                            evaluate.atomic_volumes(reference))
+                                            evaluate.atomic_volumes([c.structure for c in reference]))
     clouds, seconds, committed = sample_in_batches(model, ddpm, conditions, args, device, trajectory=trajectory,
                                                    known=known, physics=physics)
     if trajectory:
@@ -891,7 +941,7 @@ def cmd_generate(args):
     args.made, args.kept = None, out            # the crystals are written: kept, whatever follows
     print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
     try:
-        rows, summary = evaluate.screen(structures, reference)
+        rows, summary = evaluate.screen(structures, [c.structure for c in reference])
     except BaseException:
         again = f" --reference {reference_file}" if reference_file else ""
         print(f"the crystals are kept in {out}/: screen them with python pccd.py evaluate {out}{again}",
@@ -905,13 +955,14 @@ def cmd_generate(args):
     data.write_csv(os.path.join(out, "summary.csv"), rows, evaluate.SCREENING_FIELDS)
     summary.update(seconds=seconds, sampler=args.sampler, steps=steps_run(args), guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed,
-                   physics=not args.no_physics, checkpoint=os.path.abspath(args.checkpoint),
-                   novelty_checked=reference_file is not None, missing_elements=sum(map(bool, lacking)))
+                   physics=not args.no_physics, novelty_checked=reference_file is not None,
+                   missing_elements=sum(map(bool, lacking)))
     if not args.no_physics:
         summary.update(uncommitted=sum(c is None for c in count_lists))
     summary.update(symmetrised=symmetrised)
     if symmetrised:
         summary.update(p1_before_symmetrising=sum(evaluate.space_group(s) == "P1" for s in unsymmetrised if s))
+    summary |= run_record(args, ckpt)
     write_json(os.path.join(out, "summary.json"), summary)
     print(evaluate.format_screening(summary))
     print(f"structures, summary.csv and the raw clouds (clouds.npz): {out}/")
@@ -936,7 +987,7 @@ def cmd_evaluate(args):
     crystals = load_or_fail(folder, only_encodable=False, skipped=skipped, named=named)
     failed = [(name, why) for name, why in named if why not in data.NOT_A_CRYSTAL]
     structures = [c.structure for c in crystals] + [None] * len(failed)     # counted as failed samples
-    rows, summary = evaluate.screen(structures, reference)
+    rows, summary = evaluate.screen(structures, [c.structure for c in reference])
     for row, (name, why) in zip(rows, [(c.material_id, "") for c in crystals] + failed):
         row.update(name=name, reason=why)
     print(evaluate.format_screening(summary), flush=True)   # shown even when the disk is full
@@ -962,7 +1013,8 @@ def cmd_csp(args):
         print(f"warning: training data not found ({ckpt['settings']['data']}); cells are scaled to volumes "
               f"from covalent radii", file=sys.stderr)
     training = load_reference(training, "the training data") if os.path.exists(training) and not args.no_physics else []
-    physics = None if args.no_physics else (count_lists, length_range, evaluate.atomic_volumes(training))
+    physics = None if args.no_physics else (count_lists, length_range,
+                                            evaluate.atomic_volumes([c.structure for c in training]))
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
     predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
     predicted, symmetrised = symmetrise_all(predicted, args)
@@ -976,7 +1028,8 @@ def cmd_csp(args):
                                                           guidance=args.guidance, condition_above=args.condition_above,
                                                           refine=args.refine, seed=args.seed,
                                                           physics=not args.no_physics, symmetrised=symmetrised,
-                                                          train_crystals=len(ckpt["train_ids"]))
+                                                          train_crystals=len(ckpt["train_ids"]),
+                                                          data=os.path.abspath(args.data)) | run_record(args, ckpt)
     write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
     args.made, args.kept = None, out            # finished: kept, whatever happens to what follows
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
@@ -1050,7 +1103,8 @@ def cmd_bench(args):
         asked = re.search(r"tried to allocate (\d+ bytes|[\d.]+ ?[KMGTP]i?B)", str(e), re.I)
         raise UserError(f"--batch-size {B} does not fit in memory"
                         + (f" (it asked for {asked.group(1)})" if asked else ""))
-    print(f"device {device} ({torch.get_num_threads()} threads), batch {B}\n"
+    threads = torch.get_num_threads()
+    print(f"device {device} ({threads} thread{'s' * (threads != 1)}), batch {B}\n"
           f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
           f"training step                    {train_ms:8.1f} ms\n"
           f"guided sampling step (2 passes)  {guided_ms:8.1f} ms   (original: ~2500 ms on a 2-core CPU)\n"
@@ -1303,8 +1357,8 @@ def build_parser():
                        "noised.npz), denoise them with the model conditioned on their own elements, "
                        "decode, and compare with the originals: atom counts, Table 1's box-plot "
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
-    p.add_argument("--data", type=given_path, default=BUNDLED_TRAIN, help="structures to reconstruct (default: the "
-                   "training split, as the paper; use datasets/mp20_val.csv.gz for unseen ones)")
+    p.add_argument("--data", type=given_path, help="structures to reconstruct (default: the model's training "
+                   "data, as the paper; datasets/mp20_val.csv.gz for unseen ones)")
     p.add_argument("--n", type=COUNT, default=256, help="how many structures (default 256)")
     p.add_argument("--t", type=number(int, 1, diffusion.T, what=f"a step from 1 to {diffusion.T}"),
                    help=f"noise to step t, 1..{diffusion.T} (default {diffusion.T} = T)")
@@ -1376,7 +1430,8 @@ def build_parser():
     p.add_argument("structure", type=given_path, help="a CIF/POSCAR file (or a CSV: its first usable row)")
     p.add_argument("--checkpoint", type=given_path, default=None, help="use this model's length range "
                    f"(default {data.DEFAULT_LENGTH_RANGE[0]:g}-{data.DEFAULT_LENGTH_RANGE[1]:g} A)")
-    p.add_argument("--out", type=image_path, default=None, help="PNG path (default NAME_cloud.png; .pdf, .svg)")
+    p.add_argument("--out", type=image_path, default=None, help="PNG path (default NAME_cloud.png in the current "
+                   "folder; .pdf, .svg)")
     p.set_defaults(run=cmd_show)
 
     p = sub.add_parser("bench", help="parameter count and milliseconds per training/sampling step",
@@ -1401,6 +1456,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)          # recorded with the results
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

@@ -911,7 +911,8 @@ def test_evaluate_on_a_generate_folder_counts_each_crystal_once(tiny_run, tmp_pa
                       "--sampler", "ddim", "--steps", "4", "--out", str(out)]) == 0
     written = len(list(out.glob("*.cif")))                 # a POSCAR beside each CIF: the same crystal
     code, err, printed = run_pccd(["evaluate", str(out), "--csv", str(tmp_path / "flags.csv")], capsys)
-    assert code == 0 and f"skipped: {written} a POSCAR beside its CIF" in err[0], err
+    assert code == 0 and f"kept {written} of {written} structures (skipped: none; not structures: {written} a " \
+        f"POSCAR beside its CIF)" in err[0], err
     assert re.search(rf"^generated +{written}$", printed, re.M) and re.search(rf"^decodable +{written} ", printed, re.M)
 
 
@@ -1362,6 +1363,15 @@ def bad_inputs(tmp_path_factory, mp20):
     (root / "no_cif.csv").write_text("material_id,formula\nmp-1,NaCl\n")
     (root / "cut.csv.gz").write_bytes(open(os.path.join(HERE, "datasets", "mp20_val.csv.gz"), "rb").read(30000))
     (root / "plain.csv.gz").write_text("material_id,cif\n")                      # named .gz, not compressed
+    good = mp20[1].structure.to(fmt="cif")
+    (root / "stray_quote.csv").write_text(f'material_id,cif\n"mp-1,"{good}"\nmp-2,"{good}"\n')   # a quote never closed
+    import gzip
+    (root / "latin1_cut.csv.gz").write_bytes(gzip.compress(f"material_id,cif\nmp-1,\"{good}\"\nmp-2,caf\xe9\n"
+                                                           .encode("latin-1") * 40)[:-30])  # both: not UTF-8 said
+    only_csv = root / "only_csv"
+    only_csv.mkdir()
+    (only_csv / "crystals.csv").write_text(f'material_id,cif\nmp-1,"{good}"\n')
+    np.savez(root / "golden.npz", x=np.zeros(3))                                 # an export's golden tensors
     os.mkfifo(root / "pipe.pt")                                                # torch.load would wait on it
     os.symlink(root / "nowhere.csv", root / "dangling.csv")
     shipped = torch.load(os.path.join(HERE, "checkpoints", "pccd_mp20.pt"), weights_only=False)
@@ -1417,6 +1427,11 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["evaluate", "{r}/mixed", "--csv", "{r}/nowhere/x.csv"], 1, "cannot write {r}/nowhere/x.csv: {r}/nowhere is not a folder"),
     (["evaluate", "{r}/cut.csv.gz"], 1, "{r}/cut.csv.gz is not a readable gzip file"),
     (["evaluate", "{r}/plain.csv.gz"], 1, "{r}/plain.csv.gz is not a readable gzip file"),
+    (["evaluate", "{r}/stray_quote.csv"], 1, "{r}/stray_quote.csv is not a well-formed CSV (line 2"),
+    (["show", "{r}/latin1_cut.csv.gz"], 1, "{r}/latin1_cut.csv.gz is not UTF-8 text"),
+    (["evaluate", "{r}/only_csv"], 1, "kept 0 of 0 structures (skipped: none); its CSV files are not read: name one"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/golden.npz"], 1, "golden.npz is not a PCCD "
+     "checkpoint (RuntimeError: file in archive is not"),
     (["evaluate", "{r}/mixed", "--reference", "{r}/cut.csv.gz"], 1, "--reference {r}/cut.csv.gz: {r}/cut.csv.gz is not a readable gzip"),
     (["download", "--api-key", "x", "--out", "{r}/a_file"], 1, "--out {r}/a_file is a file, not a folder"),
     (["generate", "--elements", "Mg", "O", "--batch-size", "-4"], 2, "--batch-size"),
@@ -1467,7 +1482,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["evaluate", "{r}/only_bad"], 1, "kept 0 of 2 structures (skipped: 1 unreadable, 1 with a degenerate cell)"),
     (["reconstruct", "--checkpoint", "{run}", "--data", "{r}/only_bad"], 1, "1 unreadable"),
     (["train", "--data", "{r}/only_bad", "--out", "{r}/run"], 1, "kept 0 of 2"),
-    (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structures (skipped: 1 unreadable)"),
+    (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structure (skipped: 1 unreadable)"),
     (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at {r}/nowhere/checkpoint.pt: --resume continues the run in --out"),
     (["export", "{r}/nowhere", "--out", "{r}/x.pt"], 1, "no checkpoint at {r}/nowhere: name a run folder"),
     (["train", "--resume", "--out", "{run}", "--seed", "7"], 1, "random state, network, objective and preset "
@@ -1899,15 +1914,40 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "quoted_minus.cif").write_text(cif.replace("_cell_length_b   4.20000000", "_cell_length_b   '-4.2'"))
     (folder / "POSCAR_nan").write_text("NaCl\n1.0\n4 0 0\n0 4 0\n0 0 4\nNa Cl\n1 1\ndirect\n0 0 0\nnan 0.5 0.5\n")
     (folder / "._x.cif").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")   # copied from a Mac
+    rock_salt = "data_NaCl\n_symmetry_space_group_name_H-M 'F m -3 m'\n" + "".join(
+        f"_cell_length_{x} 5.64\n_cell_angle_{y} 90\n" for x, y in zip("abc", ("alpha", "beta", "gamma"))) + \
+        "loop_\n _atom_site_type_symbol\n _atom_site_label\n _atom_site_fract_x\n _atom_site_fract_y\n" \
+        " _atom_site_fract_z\n _atom_site_occupancy\n  Na Na1 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 1\n"
+    (folder / "rock_salt.cif").write_text(rock_salt)                                # 8 atoms: Fm-3m read
+    (folder / "unknown_group.cif").write_text(rock_salt.replace("'F m -3 m'", "'Fm3m'"))   # read as P1: 2
+    (folder / "twice.cif").write_text(cif.replace("_cell_length_a   4.20000000",
+                                                  "_cell_length_a   4.20000000\n_cell_length_a   6.0"))
+    (folder / "angle.cif").write_text(cif.replace("_cell_angle_alpha   90.00000000", "_cell_angle_alpha   270"))
+    (folder / "hydrogens.cif").write_text(rock_salt.replace("_atom_site_occupancy\n", "_atom_site_occupancy\n"
+        " _atom_site_attached_hydrogens\n").replace(" 1\n", " 1 1\n"))
+    (folder / "label.cif").write_text(rock_salt.replace(" _atom_site_type_symbol\n", "")
+                                      .replace("Na Na1", "NO3").replace("Cl Cl1", "Cl1"))   # NO3 is not N
+    (folder / "poscar_lower").write_text("NaCl\n1.0\n4 0 0\n0 4 0\n0 0 4\nNa Cl\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
+    (folder / "POSCAR_names").write_text("x\n1.0\n4 0 0\n0 4 0\n0 0 4\nNa Cl O\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
+    (folder / "old_mac.cif").write_text(cif.replace("\n", "\r"))                      # line ends of a 1990s Mac
     (folder / "POSCAR_screening.csv").write_text("name,formula\n")                 # what evaluate POSCAR writes
     (folder / "POSCAR_cloud.png").write_bytes(b"\x89PNG")                          # what show POSCAR writes
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
-    assert [c.material_id for c in kept] == ["two_blocks.cif#1", "two_blocks.cif#2", "x.cif", "\ufffd.cif"]
-    assert [c.structure.composition for c in kept] == [a.composition, b.composition, a.composition, a.composition]
+    assert [c.material_id for c in kept] == ["old_mac.cif", "poscar_lower", "rock_salt.cif", "two_blocks.cif#1",
+                                             "two_blocks.cif#2", "x.cif", "\ufffd.cif"]
+    assert [c.structure.composition for c in kept] == [Composition("NaCl"), Composition("NaCl"), Composition("Na4Cl4"),
+                                                      a.composition, b.composition, a.composition, a.composition]
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
                        "without element names (a POSCAR with no species line)": 1,
-                       "with atoms pymatgen dropped (occupancy <= 0?)": 1, "disordered (partial occupancies)": 1,
+                       "whose space group pymatgen cannot read (it would read the crystal as P1)": 1,
+                       "with a data name written twice (which value is meant?)": 1,
+                       "with a cell angle outside 0-180 degrees": 1,
+                       "with hydrogens not written as atoms (_atom_site_attached_hydrogens)": 1,
+                       "with a site whose element pymatgen guesses from its label (NO3 as N?)": 1,
+                       "whose species line and counts disagree (elements without atoms?)": 1,
+                       "with atoms pymatgen dropped (an element it does not know, or occupancy <= 0?)": 1,
+                       "disordered (partial occupancies)": 1,
                        "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
                        "with a negative cell length": 2, "with coordinates or a cell that are not finite numbers": 1,
                        "hidden (a name starting with '.')": 1, "with occupancies above 1 (two atoms on one spot?)": 1,
@@ -2052,7 +2092,7 @@ def test_odd_environment_settings_do_not_reach_the_user_as_foreign_messages(tmp_
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0 and (tmp_path / "good_cloud.png").exists()
     assert done.stderr.strip().splitlines() == ["warning: OMP_NUM_THREADS='abc' is not a number of threads from 1 to 256; ignored",
-                                                "good.cif: kept 1 of 1 structures (skipped: none)"]
+                                                "good.cif: kept 1 of 1 structure (skipped: none)"]
 
 
 def test_results_say_the_steps_that_ran(tiny_run, tmp_path):
@@ -2090,7 +2130,7 @@ def test_a_reference_folder_says_what_it_skipped(bad_inputs, capsys):
     reference = pccd.load_reference(str(bad_inputs / "mixed"))
     said = capsys.readouterr().err.strip().splitlines()
     assert len(reference) == 1 and said[0].startswith(f"--reference {bad_inputs / 'mixed'}: skipped ")
-    assert "unreadable" in said[0] and "holds 1 crystals: per-element volumes" in said[1]     # too few for volumes
+    assert "unreadable" in said[0] and "holds 1 crystal: per-element volumes" in said[1]     # too few for volumes
 
 
 def test_generate_says_when_a_crystal_lacks_an_element_it_asked_for(tiny_run, tmp_path, capsys, monkeypatch):
@@ -2133,3 +2173,44 @@ def test_show_names_its_figure_after_what_it_drew(tmp_path, mp20, capsys, monkey
         code, _, printed = run_pccd(["show", given], capsys)
         assert code == 0 and (tmp_path / "fold" / figure).exists()
         assert printed.startswith(f"wrote {figure} (the cloud of")
+
+
+def test_a_band_gap_or_ordering_not_understood_is_taken_as_unknown_and_said(tmp_path):
+    rows = [dict(r, ordering="") for r in bundled_rows(5)]
+    rows[0]["band_gap"], rows[1]["band_gap"] = "1,5", "-2"             # a decimal comma, no gap below 0
+    rows[2]["ordering"], rows[3]["ordering"] = "fm", "ferro"          # FM in lower case; not an ordering
+    write_rows(tmp_path / "conditions.csv", rows)
+    for _ in ("parsed", "from the cache"):
+        skipped = {}
+        kept = data.load_structures(str(tmp_path / "conditions.csv"), verbose=False, skipped=skipped)
+        assert [c.band_gap_class for c in kept[:2]] == ["unknown", "unknown"] and kept[4].band_gap_class != "unknown"
+        assert [c.ordering for c in kept[2:]] == ["FM", "unknown", "unknown"]
+        assert data.describe_load("conditions.csv", kept, skipped) == "conditions.csv: kept 5 of 5 structures " \
+            "(skipped: none); 3 with a band gap or ordering not understood, taken as unknown"
+
+
+def test_generate_records_its_run_and_judges_novelty_only_against_the_data_the_model_was_trained_on(tmp_path, capsys):
+    import hashlib
+    rows = bundled_rows(12)
+    write_rows(tmp_path / "data.csv", rows[:6])
+    run = tmp_path / "run"
+    assert train(str(tmp_path / "data.csv"), run, 2, "--val", "none", "--widths", "8", "8", "8") == 0
+    sample = ["generate", "--elements", "Mg", "O", "--n", "1", "--sampler", "ddim", "--steps", "2", "--checkpoint",
+              str(run), "--batch-size", "1", "--magnetic", "FM"]
+    code, err, _ = run_pccd(sample + ["--out", str(tmp_path / "g1")], capsys)
+    assert code == 0 and "warning: no training crystal had magnetic ordering FM: that condition is untrained " \
+        "(random) in this model" in err
+    summary = json.load(open(tmp_path / "g1" / "summary.json"))
+    assert summary["command"] == "python pccd.py " + " ".join(sample + ["--out", str(tmp_path / "g1")])
+    assert summary["options"]["magnetic"] == "FM" and summary["options"]["batch_size"] == 1
+    assert summary["checkpoint_step"] == 2 and summary["novelty_checked"] and summary["checkpoint_sha256"] == \
+        hashlib.sha256(open(run / "checkpoint.pt", "rb").read()).hexdigest()
+    write_rows(tmp_path / "data.csv", rows[6:])                       # the data file replaced since
+    code, err, _ = run_pccd(sample + ["--out", str(tmp_path / "g2")], capsys)
+    assert code == 0 and f"warning: {tmp_path / 'data.csv'} has changed since the model was trained on it: " \
+        f"novelty not checked (name the training data with --reference)" in err
+    assert not json.load(open(tmp_path / "g2" / "summary.json"))["novelty_checked"]
+    code, err, _ = run_pccd(["reconstruct", "--checkpoint", str(run), "--n", "1", "--sampler", "ddim", "--steps", "2",
+                             "--t", "10", "--no-fig2", "--out", str(tmp_path / "r")], capsys)
+    results = json.load(open(tmp_path / "r" / "results.json"))["summary"]      # the model's data, not MP-20's
+    assert code == 0 and results["data"] == str(tmp_path / "data.csv") and results["checkpoint_step"] == 2
