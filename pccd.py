@@ -258,12 +258,16 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
         ckpt = torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
         model = unet.UNet(unet.UNetConfig(**ckpt["model_config"])).to(device)
         model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})   # fp16 -> fp32
+        finite = all(torch.isfinite(p).all() for p in model.parameters())
     except Exception as e:  # a truncated or foreign file: say so in one line
         said = re.sub(r"^\[enforce fail at [^]]*\] \.? *", "", str(e).strip())   # torch's C++ source line: not for users
         said = (said.splitlines() or [""])[0].split(". ")[0]                   # its first sentence
         raise UserError(f"{path} is not a PCCD checkpoint ({type(e).__name__}: {said})")
     if "sampling" not in ckpt:
         raise UserError(f"{path} was written by an earlier PCCD (no 'sampling' entry): train it again")
+    if not finite:
+        raise UserError(f"{path} holds weights that are not finite numbers (a run that diverged): train again "
+                        f"with a smaller --lr")
     if missing := [key for key in CHECKPOINT_KEYS if key not in ckpt]:
         raise UserError(f"{path} is not a whole PCCD checkpoint (no {', '.join(map(repr, missing))}): "
                         f"write one with python pccd.py export RUN --out FILE")
@@ -534,6 +538,8 @@ def train(args):
 
     progress = Progress(s["steps"], "step", done=step)
 
+    saved = [step] if resumed else []     # the step the run's checkpoint holds
+
     def save():                           # where the run's folder cannot be written: a spare file, and the folder kept
         try:
             save_checkpoint(path, state(), spare=True)
@@ -541,6 +547,7 @@ def train(args):
             args.made = None
             raise
         args.made = None                  # a folder with a checkpoint is kept
+        saved[:] = [step]
     model.train()
     with StopRequests() as stop:
         while step < s["steps"]:
@@ -566,6 +573,10 @@ def train(args):
             given = (torch.rand(len(idx)) < s["composition_given"]).to(device) if s["composition_given"] else None
             loss = ddpm.loss(model, x0.to(device), elements[idx].to(device), bg.to(device), mag.to(device),
                              cond_drop, t=t, composition_given=given)   # Eq. S4 (eps or v)
+            if not math.isfinite(loss.item()):                # diverged: nothing more is saved over what was
+                raise UserError(f"the loss is {loss.item()} at step {step + 1}: training diverged (--lr {s['lr']:g} "
+                                f"too large?); " + (
+                                    f"{path} holds step {saved[0]}" if saved else "nothing was saved"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -630,7 +641,7 @@ class Progress:
 
     def update(self, n, note="", out=None):
         self.done, now = self.done + n, self.elapsed()
-        if now - self.last > 10 or self.done >= self.total:
+        if now - self.last > 10 or self.done >= self.total - 1e-6:    # fractions of a batch add up to 2.9999...
             self.last, left = now, max(0.0, now / (self.done - self.first) * (self.total - self.done) / 60)
             print(f"{self.unit} {self.done:>6.0f}/{self.total}  {note}  {now:5.0f} s elapsed, "
                   f"{left:5.1f} min left", file=out or sys.stderr, flush=True)
@@ -651,6 +662,8 @@ def make_parents(path, args):
             args.made.insert(1, folder)
         except FileExistsError:                           # another command made it: not ours to remove
             pass
+        except OSError as e:                              # /proc, a read-only disk: said, not "no such file"
+            raise UserError(f"cannot make the folder {folder} ({e.strerror}): name a writable place") from None
     return args.made[1:]
 
 
@@ -673,6 +686,9 @@ def fresh_dir(args):
             return candidate
         except FileExistsError:
             k += 1
+        except OSError as e:
+            raise UserError(f"cannot make the folder {candidate} ({e.strerror}): name a writable place with "
+                            f"--out") from None
 
 
 def write_structure(structure, path, fmt="cif"):
@@ -1034,7 +1050,8 @@ def cmd_csp(args):
     args.made, args.kept = None, out            # finished: kept, whatever happens to what follows
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
         evaluate.plot_prediction(crystals[i % n].structure, predicted[i], os.path.join(out, "predicted.png"))
-    print(evaluate.format_csp(summary) + f"\nresults: {out}/ (results.json, predicted.png, first samples as CIF)")
+    written = ["results.json"] + ["predicted.png"] * any(predicted) + ["first samples as CIF"] * any(predicted[:n])
+    print(evaluate.format_csp(summary) + f"\nresults: {out}/ ({', '.join(written)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1143,16 +1160,16 @@ def number(kind, low=-math.inf, high=math.inf, what="", above=False, multiple_of
             ok = False
         if not ok or (multiple_of and value % multiple_of):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
+        return value + 0                                    # -0.0 is 0.0
     return parse
 
 
-POSITIVE = number(int, 1, what="a positive integer")
+TRAINING_STEPS = number(int, 1, 10_000_000, what="a number of steps from 1 to 10000000")
 SEED = number(int, 0, 2**32 - 1, what="an integer from 0 to 2**32 - 1")
 STEP = number(int, 0, diffusion.T, what=f"a diffusion step from 0 to {diffusion.T}")
 PROBABILITY = number(float, 0, 1, what="a probability from 0 to 1")
-NON_NEGATIVE = number(float, 0, what="a finite number >= 0")
-WIDTH = number(int, 8, what="a positive multiple of 8 (GroupNorm's 8 groups)", multiple_of=8)
+GUIDANCE = number(float, 0, 100, what="a guidance scale from 0 to 100")
+WIDTH = number(int, 8, 512, what="a multiple of 8 (GroupNorm's 8 groups) from 8 to 512", multiple_of=8)
 COUNT = number(int, 1, 100_000, what="a number from 1 to 100000")
 BATCH = number(int, 1, 4096, what="a batch size from 1 to 4096")
 THREADS = number(int, 1, 256, what="a number of threads from 1 to 256")
@@ -1202,12 +1219,12 @@ class ElementsArgument(argparse.Action):
 
 def device(text):
     """auto, cpu, cuda or cuda:N, refused here when torch sees no such device."""
-    index = text[5:] if text.startswith("cuda:") else "0"
-    if text not in ("auto", "cpu", "cuda") and not (text.startswith("cuda:") and index.isdigit()):
+    cuda = re.fullmatch(r"cuda(?::([0-9]+))?", text)              # ASCII digits: torch reads no others
+    if text not in ("auto", "cpu") and not cuda:
         raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, cuda or cuda:N")
-    if text.startswith("cuda") and int(index) >= torch.cuda.device_count():
+    if cuda and int(cuda[1] or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-    return text
+    return f"cuda:{int(cuda[1])}" if cuda and cuda[1] else text            # cuda:00 is cuda:0
 
 
 def cpu_quota(cgroup="/sys/fs/cgroup"):
@@ -1271,7 +1288,7 @@ def add_sampling_arguments(p, out, refine):
                    "over every step, the paper's; ddim: deterministic, --steps steps")
     p.add_argument("--steps", type=number(int, 1, diffusion.T, what=f"a number of steps from 1 to {diffusion.T}"),
                    help="DDIM steps (default 100; with --sampler ddim only: ddpm runs every step)")
-    p.add_argument("--guidance", type=NON_NEGATIVE, help="classifier-free guidance w: eps = eps_uncond + "
+    p.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance w: eps = eps_uncond + "
                    "w (eps_cond - eps_uncond); 1 or 0: one pass (default: the checkpoint's, 3)")
     p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
                    "STEP, one unconditional pass below (default: the checkpoint's, 250)")
@@ -1319,7 +1336,7 @@ def build_parser():
                    "bundled MP-20 train split; the val split stays unseen)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 11 min on 2 cores) or long "
                    "(69 min; the shipped model): README, Training")
-    p.add_argument("--steps", type=POSITIVE, help="total optimisation steps (presets: 3600, 24000)")
+    p.add_argument("--steps", type=TRAINING_STEPS, help="total optimisation steps (presets: 3600, 24000)")
     p.add_argument("--batch-size", type=BATCH, help="crystals per step (presets: 64; Table S1: 128)")
     p.add_argument("--lr", type=number(float, 0, 1, what="a learning rate in (0, 1]", above=True),
                    help="Adam learning rate (presets: 2e-3; Table S1: 1e-4, much slower here: EXPERIMENTS.md)")
@@ -1446,7 +1463,8 @@ def build_parser():
                        "count the crystals StructureMatcher() finds unchanged.")
     p.add_argument("--data", type=given_path, nargs="+", default=[BUNDLED_TRAIN, BUNDLED_VAL],
                    help="CSV files, folders or structure files (default: the bundled MP-20 train and val splits)")
-    p.add_argument("--noise", nargs="+", type=NON_NEGATIVE, default=[0.0, 0.01, 0.02],
+    p.add_argument("--noise", nargs="+", type=number(float, 0, 1, what="a standard deviation from 0 to 1"),
+                   default=[0.0, 0.01, 0.02],
                    help="std of Gaussian noise added to the cloud, in its [0, 1] units (default 0 0.01 0.02)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the noise (default 0)")
     p.set_defaults(run=cmd_roundtrip)

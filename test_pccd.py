@@ -1400,7 +1400,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Mg", "O", "--steps", "-1"], 2, "--steps: '-1' is not a number of steps from 1 to 1000"),
     (["generate", "--elements", "Mg", "O", "--steps", "0"], 2, "--steps: '0'"),
     (["generate", "--elements", "Mg", "O", "--steps", "1001"], 2, "--steps: '1001'"),
-    (["generate", "--elements", "Mg", "O", "--guidance", "nan"], 2, "--guidance: 'nan' is not a finite number"),
+    (["generate", "--elements", "Mg", "O", "--guidance", "nan"], 2, "--guidance: 'nan' is not a guidance scale from 0 to 100"),
     (["generate", "--elements", "Mg", "O", "--guidance", "-1"], 2, "--guidance"),
     (["generate", "--elements", "Mg", "O", "--n", "0"], 2, "--n: '0' is not a number from 1 to 100000"),
     (["generate", "--elements", "Mg", "O", "--n", "200000"], 2, "--n: '200000' is not a number from 1 to 100000"),
@@ -1455,7 +1455,11 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["train", "--lr", "inf"], 2, "--lr"),
     (["train", "--property-drop", "1.5"], 2, "--property-drop: '1.5' is not a probability"),
     (["train", "--condition-above", "2000"], 2, "--condition-above"),
-    (["train", "--widths", "30", "64", "128"], 2, "--widths: '30' is not a positive multiple of 8"),
+    (["train", "--widths", "30", "64", "128"], 2, "--widths: '30' is not a multiple of 8 (GroupNorm's 8 groups) from 8 to 512"),
+    (["train", "--widths", "8", "1024", "8"], 2, "--widths: '1024' is not a multiple of 8"),
+    (["train", "--steps", "18446744073709551616"], 2, "--steps: '18446744073709551616' is not a number of steps"),
+    (["generate", "--elements", "Mg", "--guidance", "1e308"], 2, "--guidance: '1e308' is not a guidance scale"),
+    (["roundtrip", "--noise", "2"], 2, "--noise: '2' is not a standard deviation from 0 to 1"),
     (["roundtrip", "--noise", "-0.1"], 2, "--noise"),
     (["bench", "--batch-size", "0"], 2, "--batch-size"),
     (["generate", "--elements", "Xx"], 2, "argument --elements: 'Xx' is not a chemical element symbol"),
@@ -2214,3 +2218,54 @@ def test_generate_records_its_run_and_judges_novelty_only_against_the_data_the_m
                              "--t", "10", "--no-fig2", "--out", str(tmp_path / "r")], capsys)
     results = json.load(open(tmp_path / "r" / "results.json"))["summary"]      # the model's data, not MP-20's
     assert code == 0 and results["data"] == str(tmp_path / "data.csv") and results["checkpoint_step"] == 2
+
+
+def test_a_run_that_diverges_stops_at_its_first_non_finite_loss_and_keeps_only_finite_checkpoints(
+        small_csv, tmp_path, monkeypatch, capsys):
+    real, calls = diffusion.Diffusion.loss, []
+
+    def diverging(self, *args, **kwargs):           # what too large a learning rate does, at the 3rd step
+        calls.append(1)
+        return real(self, *args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(diffusion.Diffusion, "loss", diverging)
+    monkeypatch.setattr(pccd, "SAVE_EVERY", 2)
+    out = tmp_path / "run"
+    code, err, _ = run_pccd(["train", "--data", small_csv, "--steps", "5", "--batch-size", "4", "--val", "none",
+                             "--widths", "8", "8", "8", "--out", str(out)], capsys)
+    assert code == 1 and err[-1] == f"pccd.py train: error: the loss is nan at step 3: training diverged " \
+        f"(--lr 0.002 too large?); {out / 'checkpoint.pt'} holds step 2"
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["ema"].values())
+    saved["ema"] = {k: v * float("nan") for k, v in saved["ema"].items()}     # a run saved after it diverged
+    torch.save(saved, tmp_path / "nan.pt")
+    code, err, _ = run_pccd(["generate", "--elements", "Mg", "--checkpoint", str(tmp_path / "nan.pt")], capsys)
+    assert code == 1 and "nan.pt holds weights that are not finite numbers (a run that diverged)" in err[-1]
+
+
+def test_flag_values_are_read_as_one_spelling(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)                # as on a machine with a GPU
+    assert pccd.device("cuda:00") == "cuda:0" and pccd.device("cuda") == "cuda"   # torch refuses 'cuda:00'
+    with pytest.raises(argparse.ArgumentTypeError):
+        pccd.device("cuda:\u0660")                                            # an Arabic-Indic 0
+    assert str(pccd.GUIDANCE("-0")) == "0.0"                                 # not -0 in the results
+
+
+def test_the_last_progress_line_is_printed_when_fractions_of_a_batch_add_up_to_just_below_it(capsys):
+    progress = pccd.Progress(3, "structures")
+    for _ in range(7):
+        progress.update(2 / 7)
+    progress.update(1 / 7 * 7)                                 # 2.9999999999999996 in floats
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("structures      3/3")
+
+
+def test_tables_over_nothing_say_so_rather_than_nan():
+    table1 = {k: dict(efficiency=float("nan"), upper=float("nan"), lower=float("nan")) for k in "abcxyz"}
+    summary = dict(n=1, mean_rms=None, t=1000, sampler="ddim", steps=2, guidance=3, condition_above=250, seconds=1,
+                   checkpoint="c.pt", decoded=1, atom_count_accuracy=0.0, count_baseline_accuracy=1.0, match_rate=0.0,
+                   match_rate_default=0.0, table1=table1, table1_periodic_coords=table1)
+    assert "nan" not in evaluate.format_reconstruction(summary)
+    csp = dict(n=1, k=2, sampler="ddim", steps=2, guidance=3, condition_above=250, seconds=1, match_rate_1=0.0,
+               rmse_1=float("nan"), match_rate_k=0.0, rmse_k=float("nan"), decoded_1=0.0, closer_than_1A_1=0.0,
+               crowded_1=0.0, train_crystals=5)
+    said = evaluate.format_csp(csp)
+    assert "nan" not in said and "first samples: 0.00% decoded" in said
