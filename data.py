@@ -611,7 +611,8 @@ COMPRESSED = (".gz", ".bz2", ".xz", ".zip")
 
 
 # Files the project (and most tools) write that are never a POSCAR, whatever their name begins with
-NOT_STRUCTURE_SUFFIXES = (".csv", ".json", ".npz", ".png", ".pdf", ".svg", ".txt", ".log", ".md", ".pt", ".tmp")
+NOT_STRUCTURE_SUFFIXES = (".csv", ".json", ".npz", ".png", ".pdf", ".svg", ".jpg", ".txt", ".log", ".md", ".pt",
+                          ".tmp", ".py", ".sh", ".ipynb", ".xyz", ".xml", ".out", ".dat", ".h5", ".yaml", ".html")
 
 
 def _is_structure_file(name):
@@ -656,8 +657,9 @@ def _cif_misread(block):
     # pymatgen keeps the last of a data name written twice, flips a negative length, folds an angle
     # outside 0-180 degrees back into it and reads '.' (not applicable) as 0
     fields = re.sub(r"(?ms)^;.*?^;", "", block)               # text fields hold no data names
-    names = [name.lower() for name in re.findall(r"(?m)^[ \t]*(_\S+)", fields)]
-    if len(set(names)) < len(names):
+    names = [name.lower() for name in re.findall(r"(?m)^[ \t]*(_\S+)", fields)
+             if name.lower().startswith(("_cell_", "_atom_site_", "_symmetry_", "_space_group_"))]
+    if len(set(names)) < len(names):                          # of those that make the crystal
         return "with a data name written twice (which value is meant?)", {}
     items = next(iter(CifFile.from_str(block).data.values()), None)
     data = {key.lower(): value for key, value in (items.data.items() if items else [])}
@@ -674,10 +676,19 @@ def _cif_misread(block):
     return "", data
 
 
+def _label_names(label, element):
+    """Whether a site label pymatgen read as `element` names it: its letters are the element in
+    any case (NA, CO1 for Co) or the element and lower-case letters (Ow1, Hw: water's O and H), not
+    another element's symbol after it (NO3 read as N, OH as O)."""
+    letters = re.sub(r"[^A-Za-z]", "", label)
+    return letters.lower() == element.lower() or (
+        letters[:len(element)].lower() == element.lower() and letters[len(element):].islower())
+
+
 def _poscar_misread(text):
     """Why pymatgen would read this POSCAR as another crystal, or '': it takes as many names from
     the species line as there are counts, and drops the rest."""
-    lines = text.splitlines()
+    lines = [re.split(r"[#!]", line)[0] for line in text.splitlines()]      # comments after # or !
     names, counts = (lines[5].split(), lines[6].split()) if len(lines) > 6 else ([], [])
     if names and counts and not any(_number(n) is not None for n in names) and \
             all(c.isdigit() for c in counts) and len(names) != len(counts):
@@ -709,7 +720,7 @@ def _parse_structures(text, fmt):
                 if says in str(warning.message):
                     raise Misread(reason)
             guessed = re.fullmatch(r"(\S+) parsed as (\S+)", str(warning.message))   # from a site's label
-            if guessed and re.sub(r"[\d+-]", "", guessed[1]).lower() != guessed[2].lower():  # NA is Na; NO3 not N
+            if guessed and not _label_names(guessed[1], guessed[2]):
                 raise Misread("with a site whose element pymatgen guesses from its label (NO3 as N?)")
             if "Defaulting to P1" in str(warning.message):    # P1 only for a CIF that names no group
                 if any(isinstance(items.get(tag), str) and items[tag].strip(" '\"") not in ("?", ".", "1", "P1", "P 1")
@@ -772,7 +783,7 @@ def _read_rows(path):
                     yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, ""
         except csv.Error as e:
             raise ValueError(f"{path} is not a well-formed CSV (line {reader.reader.line_num}: {e}): "
-                             f"a quote never closed?") from None
+                             f"a stray quote?") from None
         except damaged as e:
             raise ValueError(f"{path} is not a readable gzip file ({e}): a truncated or damaged copy?") from None
         except UnicodeDecodeError:
@@ -810,6 +821,7 @@ def _condition(props):
     """A row's band gap (eV; NaN if none) and magnetic ordering ('unknown' if none), and True if
     it gave one that is not understood ('1,5', a negative gap, 'ferro'): taken as unknown, and said."""
     gap_text, ordering_text = ((props.get(key) or "").strip() for key in ("band_gap", "ordering"))
+    gap_text = "" if gap_text.lower() in ("nan", "none", "null", "n/a", "na", "?", "unknown") else gap_text  # none given
     band_gap = _to_float(gap_text)
     band_gap = band_gap if np.isfinite(band_gap) and band_gap >= 0 else float("nan")
     ordering = {o.lower(): o for o in MAGNETIC_ORDERINGS}.get(ordering_text.lower(), "unknown")

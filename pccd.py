@@ -315,9 +315,14 @@ def run_record(args, ckpt):
     """What a results file records of its run, to repeat it: the command as typed, every option's
     value (defaults included) and the checkpoint sampled (its path, step and the SHA-256 of its bytes:
     a run still training replaces the file)."""
-    plain = (str, int, float, bool, type(None))
-    options = {k: v for k, v in vars(args).items() if k not in ("argv", "made", "kept") and (
-        isinstance(v, plain) or isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
+    options = {}
+    for key, value in vars(args).items():
+        try:
+            options[key] = json.loads(json.dumps(value))       # --formula's (elements, counts) a list
+        except TypeError:                                      # the command's function: not an option
+            pass
+    for key in ("argv", "made", "kept"):
+        options.pop(key, None)
     return dict(command=shlex.join(["python", "pccd.py", *args.argv]), options=options) | ckpt["loaded_from"]
 
 
@@ -540,7 +545,13 @@ def train(args):
 
     saved = [step] if resumed else []     # the step the run's checkpoint holds
 
+    def diverged(what):                   # nothing more is saved over what was
+        raise UserError(f"{what}: training diverged (--lr {s['lr']:g} too large?); "
+                        + (f"{path} holds step {saved[0]}" if saved else "nothing was saved"))
+
     def save():                           # where the run's folder cannot be written: a spare file, and the folder kept
+        if not all(torch.isfinite(p).all() for p in ema.parameters()):
+            diverged(f"the weights are not finite numbers at step {step}")
         try:
             save_checkpoint(path, state(), spare=True)
         except SavedElsewhere:
@@ -573,10 +584,6 @@ def train(args):
             given = (torch.rand(len(idx)) < s["composition_given"]).to(device) if s["composition_given"] else None
             loss = ddpm.loss(model, x0.to(device), elements[idx].to(device), bg.to(device), mag.to(device),
                              cond_drop, t=t, composition_given=given)   # Eq. S4 (eps or v)
-            if not math.isfinite(loss.item()):                # diverged: nothing more is saved over what was
-                raise UserError(f"the loss is {loss.item()} at step {step + 1}: training diverged (--lr {s['lr']:g} "
-                                f"too large?); " + (
-                                    f"{path} holds step {saved[0]}" if saved else "nothing was saved"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -585,6 +592,8 @@ def train(args):
                     p_ema.lerp_(p, 1 - EMA_DECAY)
             step += 1
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                diverged(f"the loss is {losses[-1]} at step {step}")
             progress.update(1, f"loss {np.mean(losses[-50:]):.4f}", out=sys.stdout)
             if step % SAVE_EVERY == 0 or step == s["steps"]:
                 if held_out:
@@ -796,12 +805,16 @@ def cmd_reconstruct(args):
     device, model, ckpt, ddpm = load_for_sampling(args)
     t, length_range = ddpm.T if args.t is None else args.t, ckpt["length_range"]
     args.refine = refine_run(args, t - 1)
-    if args.data is None:                           # the model's own training data, where it still is
+    own = args.data is None                         # the model's own training data, where it still is
+    if own:
         args.data = resolve_path(ckpt["settings"]["data"])
         if not os.path.exists(args.data):
             raise UserError(f"the model's training data, {ckpt['settings']['data']}, is gone: name structures "
                             f"with --data")
     crystals = load_or_fail(args.data, length_range=length_range)
+    if own and not trained_on(data.load_structures(args.data, verbose=False), ckpt):
+        print(f"warning: {args.data} has changed since the model was trained on it: these are not the "
+              f"crystals it learned", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
     crystals = [crystals[i] for i in rng.permutation(len(crystals))[: args.n]]
     usable = [(c, *data.encode(c.structure, length_range=length_range)) for c in crystals]
@@ -882,14 +895,13 @@ def load_reference(path, named="--reference"):
     return reference
 
 
-def trained_on(reference, ckpt):
-    """The crystals of `reference` the checkpoint was trained on, or None if it was trained on others
-    (the file has changed since: other names, compositions or, where the run recorded it, structures)."""
-    crystals = [c for c in reference if not data.unencodable_reason(c.structure)]     # what train keeps
-    same = [c.material_id for c in crystals] == ckpt["train_ids"] and \
+def trained_on(crystals, ckpt):
+    """Whether these crystals (the encodable ones of a file, as train keeps them) are the ones the
+    checkpoint was trained on: not if the file has changed since (other names, compositions or,
+    where the run recorded it, structures)."""
+    return [c.material_id for c in crystals] == ckpt["train_ids"] and \
         [c.structure.composition.formula for c in crystals] == ckpt["train_compositions"] and \
         ckpt.get("data_digest") in (None, data_digest(crystals))          # exported checkpoints hold none
-    return crystals if same else None
 
 
 def untrained_conditions(args, crystals, ckpt):
@@ -917,12 +929,12 @@ def cmd_generate(args):
     out = fresh_dir(args)                   # a bad --out fails first, then a bad reference: not after sampling
     reference_file = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
     reference = load_reference(reference_file, "--reference" if args.reference else "the training data")
-    training = trained_on(reference, ckpt) if reference and args.reference is None else None
-    if reference and args.reference is None and training is None:
+    training = [c for c in reference if not data.unencodable_reason(c.structure)]      # what train kept
+    if reference and args.reference is None and not trained_on(training, ckpt):
         print(f"warning: {reference_file} has changed since the model was trained on it: novelty not checked "
               f"(name the training data with --reference)", file=sys.stderr)
         reference, reference_file = [], None
-    if training and (untrained := untrained_conditions(args, training, ckpt)):
+    if reference and args.reference is None and (untrained := untrained_conditions(args, training, ckpt)):
         print(f"warning: no training crystal had {' or '.join(untrained)}: that condition is untrained "
               f"(random) in this model", file=sys.stderr)
     unseen = sorted({e for s in element_sets for e in s}
@@ -1289,7 +1301,7 @@ def add_sampling_arguments(p, out, refine):
     p.add_argument("--steps", type=number(int, 1, diffusion.T, what=f"a number of steps from 1 to {diffusion.T}"),
                    help="DDIM steps (default 100; with --sampler ddim only: ddpm runs every step)")
     p.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance w: eps = eps_uncond + "
-                   "w (eps_cond - eps_uncond); 1 or 0: one pass (default: the checkpoint's, 3)")
+                   "w (eps_cond - eps_uncond), 0 to 100; 1 or 0: one pass (default: the checkpoint's, 3)")
     p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
                    "STEP, one unconditional pass below (default: the checkpoint's, 250)")
     p.set_defaults(refine_default=refine)
@@ -1356,7 +1368,7 @@ def build_parser():
                    help="crystals whose loss is reported at every checkpoint and "
                    "never trained on (default: the bundled MP-20 val split, or the resumed run's; none: skip)")
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
-                   f"and 32 points, multiples of 8 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
+                   f"and 32 points, multiples of 8 up to 512 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", type=given_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps, on the "
                    "same crystals and held-out set (--data, --val: where they are now, if they moved)")
@@ -1465,7 +1477,7 @@ def build_parser():
                    help="CSV files, folders or structure files (default: the bundled MP-20 train and val splits)")
     p.add_argument("--noise", nargs="+", type=number(float, 0, 1, what="a standard deviation from 0 to 1"),
                    default=[0.0, 0.01, 0.02],
-                   help="std of Gaussian noise added to the cloud, in its [0, 1] units (default 0 0.01 0.02)")
+                   help="std of Gaussian noise added to the cloud, 0 to 1 in its [0, 1] units (default 0 0.01 0.02)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the noise (default 0)")
     p.set_defaults(run=cmd_roundtrip)
     return parser

@@ -1934,14 +1934,24 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "poscar_lower").write_text("NaCl\n1.0\n4 0 0\n0 4 0\n0 0 4\nNa Cl\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
     (folder / "POSCAR_names").write_text("x\n1.0\n4 0 0\n0 4 0\n0 0 4\nNa Cl O\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
     (folder / "old_mac.cif").write_text(cif.replace("\n", "\r"))                      # line ends of a 1990s Mac
+    (folder / "POSCAR_comment").write_text("x\n1.0\n4 0 0\n0 4 0\n0 0 4\nNa Cl  # species\n1 1\ndirect\n0 0 0\n"
+                                           "0.5 0.5 0.5\n")                        # read, as pymatgen reads it
+    (folder / "water.cif").write_text(rock_salt.replace(" _atom_site_type_symbol\n", "")
+                                      .replace("Na Na1", "Ow1").replace("Cl Cl1", "Hw1"))    # VESTA's water O, H
+    (folder / "journal.cif").write_text(cif.replace("data_", "_journal_year 1999\n_journal_year 2001\ndata_", 1)
+                                        .replace("_cell_length_a", "_journal_year 1999\n_journal_year 2001\n"
+                                                 "_cell_length_a"))               # metadata twice: the crystal is one
+    (folder / "poscar2cif.py").write_text("print('a script, not a structure')\n")
     (folder / "POSCAR_screening.csv").write_text("name,formula\n")                 # what evaluate POSCAR writes
     (folder / "POSCAR_cloud.png").write_bytes(b"\x89PNG")                          # what show POSCAR writes
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
-    assert [c.material_id for c in kept] == ["old_mac.cif", "poscar_lower", "rock_salt.cif", "two_blocks.cif#1",
-                                             "two_blocks.cif#2", "x.cif", "\ufffd.cif"]
-    assert [c.structure.composition for c in kept] == [Composition("NaCl"), Composition("NaCl"), Composition("Na4Cl4"),
-                                                      a.composition, b.composition, a.composition, a.composition]
+    assert [c.material_id for c in kept] == ["POSCAR_comment", "journal.cif", "old_mac.cif", "poscar_lower",
+                                             "rock_salt.cif", "two_blocks.cif#1", "two_blocks.cif#2", "water.cif",
+                                             "x.cif", "\ufffd.cif"]
+    assert [c.structure.composition for c in kept] == [Composition(f) for f in ("NaCl", "NaCl", "NaCl", "NaCl",
+                                                       "Na4Cl4")] + [a.composition, b.composition,
+                                                       Composition("O4H4"), a.composition, a.composition]
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
                        "without element names (a POSCAR with no species line)": 1,
                        "whose space group pymatgen cannot read (it would read the crystal as P1)": 1,
@@ -2182,12 +2192,13 @@ def test_show_names_its_figure_after_what_it_drew(tmp_path, mp20, capsys, monkey
 def test_a_band_gap_or_ordering_not_understood_is_taken_as_unknown_and_said(tmp_path):
     rows = [dict(r, ordering="") for r in bundled_rows(5)]
     rows[0]["band_gap"], rows[1]["band_gap"] = "1,5", "-2"             # a decimal comma, no gap below 0
+    rows[4]["band_gap"] = "nan"                                       # none given: unknown, nothing to say
     rows[2]["ordering"], rows[3]["ordering"] = "fm", "ferro"          # FM in lower case; not an ordering
     write_rows(tmp_path / "conditions.csv", rows)
     for _ in ("parsed", "from the cache"):
         skipped = {}
         kept = data.load_structures(str(tmp_path / "conditions.csv"), verbose=False, skipped=skipped)
-        assert [c.band_gap_class for c in kept[:2]] == ["unknown", "unknown"] and kept[4].band_gap_class != "unknown"
+        assert [c.band_gap_class for c in kept[:2] + kept[4:]] == ["unknown"] * 3
         assert [c.ordering for c in kept[2:]] == ["FM", "unknown", "unknown"]
         assert data.describe_load("conditions.csv", kept, skipped) == "conditions.csv: kept 5 of 5 structures " \
             "(skipped: none); 3 with a band gap or ordering not understood, taken as unknown"
@@ -2218,6 +2229,11 @@ def test_generate_records_its_run_and_judges_novelty_only_against_the_data_the_m
                              "--t", "10", "--no-fig2", "--out", str(tmp_path / "r")], capsys)
     results = json.load(open(tmp_path / "r" / "results.json"))["summary"]      # the model's data, not MP-20's
     assert code == 0 and results["data"] == str(tmp_path / "data.csv") and results["checkpoint_step"] == 2
+    assert f"warning: {tmp_path / 'data.csv'} has changed since the model was trained on it: these are not the " \
+        "crystals it learned" in err
+    code, _, _ = run_pccd(["generate", "--formula", "MgO", "--n", "1", "--sampler", "ddim", "--steps", "2",
+                           "--checkpoint", str(run), "--out", str(tmp_path / "g3")], capsys)
+    assert code == 0 and json.load(open(tmp_path / "g3" / "summary.json"))["options"]["formula"] == [["Mg", "O"], [1, 1]]
 
 
 def test_a_run_that_diverges_stops_at_its_first_non_finite_loss_and_keeps_only_finite_checkpoints(
