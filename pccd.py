@@ -200,8 +200,8 @@ def pick_device(name):
 # A checkpoint is a dict: `ema` (the weights sampling uses), `model_config`, `length_range`,
 # `sampling` (how to sample: prediction, T, condition_above, guidance), `settings` (how it was
 # trained), `train_ids` and `train_compositions` (for the count baseline and novelty), `losses`,
-# `step`; a run's own also `model`, `optimizer`, `rng`, `data_digest` and `val_digest`, so that
-# --resume continues exactly, on the same data and held-out set.
+# `step`; a run's own also `model`, `optimizer`, `rng`, `threads`, `data_digest` and `val_digest`, so
+# that --resume continues exactly (on the run's thread count), on the same data and held-out set.
 
 CHECKPOINT_KEYS = ("ema", "model_config", "length_range", "sampling", "settings", "train_ids",
                    "train_compositions", "losses", "step")
@@ -463,6 +463,10 @@ def train(args):
             ("--seed", args.seed, lambda v: v == own.get("seed", v)),   # the random state is the run's own
             ("--widths", args.widths, lambda v: list(v) == list(own["widths"])),
             ("--prediction", args.prediction, lambda v: v == own["prediction"]),
+            ("--condition-above", args.condition_above, lambda v: v == own.get("condition_above", v)),
+            ("--composition-given", args.composition_given, lambda v: v == own.get("composition_given", v)),
+            ("--property-drop", args.property_drop, lambda v: v == own.get("property_drop", v)),
+            ("--translate", args.translate, lambda v: v == own.get("translate", v)),
             ("--preset", args.preset, lambda v: v == own.get("preset")),
             ("--val", args.val, lambda v: portable_val(v) == own.get("val", portable_val(v))   # older runs: any
              or v != "none" and resumed.get("val_digest") is not None))   # moved: its crystals checked below
@@ -527,14 +531,27 @@ def train(args):
         optimizer.load_state_dict(resumed["optimizer"])
         step, losses, val_losses = resumed["step"], resumed["losses"], resumed.get("val_losses", [])
         torch.set_rng_state(resumed["rng"]["torch"]), batches.set_state(resumed["rng"]["batches"])
+        if device.type == "cuda" and resumed["rng"].get("cuda") is not None:     # the noise drawn on the GPU
+            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+        run_threads = resumed.get("threads")                       # other counts add in another order
+        if run_threads and args.threads is None and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(run_threads)
+        elif run_threads and torch.get_num_threads() != run_threads:
+            print(f"warning: the run trained on {run_threads} threads, this goes on with {torch.get_num_threads()}: "
+                  f"its sums, and so its weights, differ from one run on {run_threads}", file=sys.stderr)
     print(f"training a {unet.count_parameters(model) / 1e6:.2f} M-parameter U-Net on {len(crystals)} "
           f"crystals, device {device}, steps {step} -> {s['steps']}, batch {s['batch_size']}, lr "
           f"{s['lr']:g} ({s['schedule']}), predicting {s['prediction']}, no condition below step "
-          f"{s['condition_above']}{', random translations' if s['translate'] else ''}", flush=True)
+          f"{s['condition_above']}, property dropout {s['property_drop']:g}"
+          f"{', composition given to ' + format(s['composition_given'], 'g') if s['composition_given'] else ''}"
+          f"{', random translations' if s['translate'] else ''}, widths {'/'.join(map(str, s['widths']))}, "
+          f"seed {s['seed']}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}", flush=True)
 
     def state():
         return dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                    rng=dict(torch=torch.get_rng_state(), batches=batches.get_state()),
+                    rng=dict(torch=torch.get_rng_state(), batches=batches.get_state(),
+                             cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else None),
+                    threads=torch.get_num_threads(),
                     step=step, losses=losses, val_losses=val_losses, model_config=config.to_dict(),
                     length_range=length_range,
                     settings=s, sampling=sampling_entry(s), train_ids=[c.material_id for c in crystals],
@@ -609,9 +626,10 @@ def train(args):
 
 
 def cmd_export(args):
-    """A run's checkpoint -> a small file for sampling only: the EMA weights in half precision and
-    what sampling needs (model configuration, length range, `sampling`, `settings`, the training
-    set's identities); no optimizer state, so it cannot be resumed. Golden tensors beside it."""
+    """A run's checkpoint -> a small file for sampling only: the EMA weights in half precision (so
+    its samples differ a little from the run's own: other crystals for some seeds) and what
+    sampling needs (model configuration, length range, `sampling`, `settings`, the training set's
+    identities); no optimizer state, so it cannot be resumed. Golden tensors beside it."""
     golden = os.path.splitext(args.out)[0] + "_golden.npz"
     if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
         raise UserError(f"--out {args.out} names a folder: name the file to write, e.g. {os.path.join(args.out, 'model.pt')}")
@@ -805,6 +823,9 @@ def cmd_reconstruct(args):
     device, model, ckpt, ddpm = load_for_sampling(args)
     t, length_range = ddpm.T if args.t is None else args.t, ckpt["length_range"]
     args.refine = refine_run(args, t - 1)
+    if ckpt["settings"].get("composition_given", 0) >= 1:
+        print("warning: this model was trained with the composition always given (--composition-given 1): it "
+              "never learned to denoise channel 1, which reconstruction asks of it", file=sys.stderr)
     own = args.data is None                         # the model's own training data, where it still is
     if own:
         args.data = resolve_path(ckpt["settings"]["data"])
@@ -906,11 +927,13 @@ def trained_on(crystals, ckpt):
 
 def untrained_conditions(args, crystals, ckpt):
     """The asked-for band-gap class and magnetic ordering that no training crystal had: their
-    embeddings are where training left them, random ('unknown' is trained by property dropout)."""
-    dropped = {"unknown"} if ckpt["settings"].get("property_drop", 0) > 0 else set()
+    embeddings are where training left them, random ('unknown' is trained by property dropout,
+    and with a dropout of 1 it is all that is)."""
+    p = ckpt["settings"].get("property_drop", 0)
+    trained = lambda classes: (set() if p >= 1 else classes) | ({"unknown"} if p > 0 else set())  # noqa: E731
     return [f"{what} {value}" for what, value, seen in (
         ("band gap", args.band_gap, {c.band_gap_class for c in crystals}),
-        ("magnetic ordering", args.magnetic, {c.ordering for c in crystals})) if value not in seen | dropped]
+        ("magnetic ordering", args.magnetic, {c.ordering for c in crystals})) if value not in trained(seen)]
 
 
 def cmd_generate(args):
@@ -937,6 +960,12 @@ def cmd_generate(args):
     if reference and args.reference is None and (untrained := untrained_conditions(args, training, ckpt)):
         print(f"warning: no training crystal had {' or '.join(untrained)}: that condition is untrained "
               f"(random) in this model", file=sys.stderr)
+    if not counts and ckpt["settings"].get("composition_given", 0) >= 1:
+        print("warning: this model was trained with the composition always given (--composition-given 1): it "
+              "never learned to make channel 1; name one with --formula", file=sys.stderr)
+    if not counts and args.condition_above >= ddpm.T:
+        print(f"warning: --condition-above {args.condition_above}: no step is conditioned, so the elements asked "
+              f"for are not used (--formula holds a composition)", file=sys.stderr)
     unseen = sorted({e for s in element_sets for e in s}
                     - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
     if unseen:
@@ -1339,6 +1368,7 @@ def build_parser():
     parser = Parser(
         prog="pccd.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="command")
+    parser.commands = sub.choices                     # name -> its parser, for errors in its name
 
     p = sub.add_parser("train", help="train the diffusion model (Table S1; ~11 min on a 2-core CPU)",
                        description=f"Train PCCD's U-Net (L1 loss, Eq. S4). Writes OUT/checkpoint.pt (every "
@@ -1363,7 +1393,9 @@ def build_parser():
     p.add_argument("--translate", action="store_true", default=None, help="augment every batch by "
                    "random periodic translations of each crystal (presets: off)")
     p.add_argument("--composition-given", type=PROBABILITY, metavar="P", help="share of crystals trained "
-                   "with channel 1 (the composition) shown clean, as structure prediction holds it (presets: 0)")
+                   "with channel 1 (the composition) shown clean, as structure prediction holds it (presets: 0); "
+                   "their channel 1 counts as 0 in the training loss, and the held-out loss scores the whole "
+                   "cloud, as generation needs it")
     p.add_argument("--val", type=given_path, metavar="DATA",
                    help="crystals whose loss is reported at every checkpoint and "
                    "never trained on (default: the bundled MP-20 val split, or the resumed run's; none: skip)")
@@ -1485,7 +1517,9 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:                                         # said by the command's parser: "pccd.py train: error"
+        parser.commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)          # recorded with the results
     if not getattr(args, "run", None):
         parser.print_help()

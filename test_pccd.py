@@ -476,12 +476,14 @@ def test_the_checkpoint_holds_what_sampling_needs_and_reloads_identically(tiny_r
     assert not list(tiny_run.glob("*.tmp"))                           # atomic writes leave no temp file
 
 
-def test_same_seed_same_loss_curve_and_resume_continues_it_exactly(small_csv, tiny_run, tmp_path):
-    assert train(small_csv, tmp_path / "a", 30, "--schedule", "constant") == 0
-    assert train(small_csv, tmp_path / "a", 60, "--resume") == 0
+def test_same_seed_same_loss_curve_and_resume_continues_it_exactly(small_csv, tiny_run, tmp_path, monkeypatch):
+    assert train(small_csv, tmp_path / "a", 30, "--schedule", "constant") == 0       # on one thread
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert pccd.main(["train", "--data", small_csv, "--steps", "60", "--batch-size", "16", "--out",
+                      str(tmp_path / "a"), "--device", "cpu", "--resume"]) == 0      # the run's one, not the idle cores
     resumed = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     straight = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
-    assert resumed["step"] == 60
+    assert resumed["step"] == 60 and resumed["threads"] == 1
     assert resumed["losses"] == straight["losses"]
 
 
@@ -1445,6 +1447,9 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["train", "--resume", "--out", "{run}", "--widths", "64", "64", "64"], 1, "leave out --widths"),
     (["train", "--resume", "--out", "{run}", "--prediction", "eps"], 1, "leave out --prediction"),
     (["train", "--resume", "--out", "{run}", "--preset", "long"], 1, "preset (quick): leave out --preset"),
+    (["train", "--resume", "--out", "{run}", "--condition-above", "0", "--property-drop", "0.5", "--translate",
+      "--composition-given", "1"], 1, "leave out --condition-above, --composition-given, --property-drop, --translate"),
+    (["train", "--translate", "1"], 2, "unrecognized arguments: 1"),
     (["export", "{run}", "--out", "{r}/mixed/good.pt"], 1, "good_golden.npz exists"),
     (["reconstruct", "--n", "-1"], 2, "--n: '-1' is not a number from 1 to 100000"),
     (["reconstruct", "--t", "0"], 2, "--t: '0' is not a step from 1 to 1000"),
@@ -2285,3 +2290,18 @@ def test_tables_over_nothing_say_so_rather_than_nan():
                crowded_1=0.0, train_crystals=5)
     said = evaluate.format_csp(csp)
     assert "nan" not in said and "first samples: 0.00% decoded" in said
+
+
+def test_generate_warns_of_what_the_model_never_learned(small_csv, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(small_csv, run, 2, "--val", "none", "--widths", "8", "8", "8", "--property-drop", "1",
+                 "--composition-given", "1") == 0
+    code, err, _ = run_pccd(["generate", "--elements", "Mg", "O", "--n", "1", "--sampler", "ddim", "--steps", "2",
+                             "--checkpoint", str(run), "--band-gap", "metal", "--condition-above", "1000",
+                             "--out", str(tmp_path / "g")], capsys)
+    assert code == 0 and "warning: no training crystal had band gap metal: that condition is untrained (random) " \
+        "in this model" in err                        # every band gap was trained as 'unknown'
+    assert "warning: this model was trained with the composition always given (--composition-given 1): it never " \
+        "learned to make channel 1; name one with --formula" in err
+    assert "warning: --condition-above 1000: no step is conditioned, so the elements asked for are not used " \
+        "(--formula holds a composition)" in err
