@@ -532,25 +532,26 @@ def train(args):
         step, losses, val_losses = resumed["step"], resumed["losses"], resumed.get("val_losses", [])
         torch.set_rng_state(resumed["rng"]["torch"]), batches.set_state(resumed["rng"]["batches"])
         if device.type == "cuda" and resumed["rng"].get("cuda") is not None:     # the noise drawn on the GPU
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-        run_threads = resumed.get("threads")                       # other counts add in another order
-        if run_threads and args.threads is None and "OMP_NUM_THREADS" not in os.environ:
+            torch.cuda.set_rng_state(resumed["rng"]["cuda"], device)
+        run_threads = resumed.get("threads") if device.type == "cpu" else None   # other counts add in another order
+        if run_threads and args.threads is None and "OMP_NUM_THREADS" not in os.environ \
+                and run_threads <= torch.get_num_threads():           # never more than the idle cores
             torch.set_num_threads(run_threads)
-        elif run_threads and torch.get_num_threads() != run_threads:
+        if run_threads and torch.get_num_threads() != run_threads:
             print(f"warning: the run trained on {run_threads} threads, this goes on with {torch.get_num_threads()}: "
                   f"its sums, and so its weights, differ from one run on {run_threads}", file=sys.stderr)
     print(f"training a {unet.count_parameters(model) / 1e6:.2f} M-parameter U-Net on {len(crystals)} "
           f"crystals, device {device}, steps {step} -> {s['steps']}, batch {s['batch_size']}, lr "
           f"{s['lr']:g} ({s['schedule']}), predicting {s['prediction']}, no condition below step "
           f"{s['condition_above']}, property dropout {s['property_drop']:g}"
-          f"{', composition given to ' + format(s['composition_given'], 'g') if s['composition_given'] else ''}"
+          f"{', composition given for ' + format(100 * s['composition_given'], 'g') + '%' if s['composition_given'] else ''}"
           f"{', random translations' if s['translate'] else ''}, widths {'/'.join(map(str, s['widths']))}, "
           f"seed {s['seed']}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}", flush=True)
 
     def state():
         return dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                     rng=dict(torch=torch.get_rng_state(), batches=batches.get_state(),
-                             cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else None),
+                             cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
                     threads=torch.get_num_threads(),
                     step=step, losses=losses, val_losses=val_losses, model_config=config.to_dict(),
                     length_range=length_range,
@@ -926,14 +927,15 @@ def trained_on(crystals, ckpt):
 
 
 def untrained_conditions(args, crystals, ckpt):
-    """The asked-for band-gap class and magnetic ordering that no training crystal had: their
-    embeddings are where training left them, random ('unknown' is trained by property dropout,
-    and with a dropout of 1 it is all that is)."""
+    """The asked-for band-gap class and magnetic ordering the model never trained on: no training
+    crystal had it (crystals None: not known), or property dropout 1 hid it ('unknown' is trained
+    by property dropout, and with a dropout of 1 it is all that is). Their embeddings are random."""
     p = ckpt["settings"].get("property_drop", 0)
     trained = lambda classes: (set() if p >= 1 else classes) | ({"unknown"} if p > 0 else set())  # noqa: E731
     return [f"{what} {value}" for what, value, seen in (
-        ("band gap", args.band_gap, {c.band_gap_class for c in crystals}),
-        ("magnetic ordering", args.magnetic, {c.ordering for c in crystals})) if value not in trained(seen)]
+        ("band gap", args.band_gap, data.BAND_GAP_CLASSES if crystals is None else {c.band_gap_class for c in crystals}),
+        ("magnetic ordering", args.magnetic, data.MAGNETIC_ORDERINGS if crystals is None else
+         {c.ordering for c in crystals})) if value not in trained(set(seen))]
 
 
 def cmd_generate(args):
@@ -957,15 +959,18 @@ def cmd_generate(args):
         print(f"warning: {reference_file} has changed since the model was trained on it: novelty not checked "
               f"(name the training data with --reference)", file=sys.stderr)
         reference, reference_file = [], None
-    if reference and args.reference is None and (untrained := untrained_conditions(args, training, ckpt)):
-        print(f"warning: no training crystal had {' or '.join(untrained)}: that condition is untrained "
+    if untrained := untrained_conditions(args, training if reference and args.reference is None else None, ckpt):
+        print(f"warning: the model never trained on {' or '.join(untrained)}: that condition is untrained "
               f"(random) in this model", file=sys.stderr)
     if not counts and ckpt["settings"].get("composition_given", 0) >= 1:
         print("warning: this model was trained with the composition always given (--composition-given 1): it "
               "never learned to make channel 1; name one with --formula", file=sys.stderr)
     if not counts and args.condition_above >= ddpm.T:
-        print(f"warning: --condition-above {args.condition_above}: no step is conditioned, so the elements asked "
-              f"for are not used (--formula holds a composition)", file=sys.stderr)
+        print(f"warning: the condition acts at steps >= {args.condition_above} only, and none is: the network is "
+              f"not told the elements, band gap or ordering asked for (--formula holds a composition)", file=sys.stderr)
+    elif ckpt["settings"].get("condition_above", 0) >= ddpm.T:
+        print(f"warning: this model was trained without its condition (--condition-above "
+              f"{ckpt['settings']['condition_above']}): the condition's embeddings are untrained", file=sys.stderr)
     unseen = sorted({e for s in element_sets for e in s}
                     - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
     if unseen:
@@ -1315,7 +1320,8 @@ def add_run_arguments(p, seed=0):
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu, cuda "
                    "or cuda:N")
     p.add_argument("--threads", type=THREADS, help="CPU threads for torch (default: "
-                   "$OMP_NUM_THREADS if set, else one per core that is idle when the command starts)")
+                   "$OMP_NUM_THREADS if set, else one per core that is idle when the command starts; train "
+                   "--resume: the run's count, if as many are idle)")
     p.add_argument("--seed", type=SEED, default=seed, help=f"random seed (default {seed})" if seed is not None
                    else "random seed (default: the preset's, 0)")
 
