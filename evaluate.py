@@ -361,11 +361,12 @@ CHARGE_BALANCE_LIMIT = 10**7   # assignments; pymatgen takes ~0.15 s for 3.7e5, 
 
 def compositionally_valid(composition):
     """A charge-balanced assignment of common oxidation states exists (pymatgen's
-    oxi_state_guesses), or the compound is one element or all metals (an alloy). None (not
-    judged) where the guess would try more than CHARGE_BALANCE_LIMIT assignments: per element,
-    the multisets of its states over its atoms (many atoms of many-valent elements; never a
-    crystal of <= 16 sites)."""
-    composition = Composition(composition)
+    oxi_state_guesses), or the compound is one element or all metals (an alloy). Judged on the
+    reduced formula, as CDVAE's check is: a crystal and its supercell alike (mixed valence in a
+    doubled cell does not count). None (not judged) where the guess would try more than
+    CHARGE_BALANCE_LIMIT assignments: per element, the multisets of its states over its atoms
+    (many atoms of many-valent elements; never a crystal of <= 16 sites)."""
+    composition = Composition(composition).reduced_composition
     elements = composition.elements
     if len(elements) == 1 or all(e.is_metal for e in elements):
         return True
@@ -512,13 +513,14 @@ def screen(structures, reference):
         structural = structurally_valid(s)
         judged = compositionally_valid(s.composition)
         compositional = bool(judged)
-        ratio = s.volume / predicted_volume(s.composition, volumes) if volumes else float("nan")
-        closeness = crowding(s)
+        fitted = volumes and all(e.symbol in volumes for e in s.composition)    # Ar, Po: no volume to judge by
+        ratio = round(s.volume / predicted_volume(s.composition, volumes), 4) if fitted else float("nan")
+        closeness = round(crowding(s), 4)                      # the flags follow the numbers written
         crowded = closeness < CROWDED_BELOW
-        plausible = not volumes or VOLUME_BAND[0] <= ratio <= VOLUME_BAND[1]
+        plausible = not fitted or VOLUME_BAND[0] <= ratio <= VOLUME_BAND[1]
         row.update(decoded=True, structural=structural, compositional=compositional if judged is not None else "",
                    valid=structural and compositional, unique=next(unique), novel=next(novel),
-                   crowding=round(closeness, 4), crowded=crowded, volume_ratio=round(ratio, 4),
+                   crowding=closeness, crowded=crowded, volume_ratio=ratio,
                    physical=structural and compositional and not crowded and plausible)
         rows.append(row)
     summary = summarise_screening(rows)
@@ -540,7 +542,9 @@ def summarise_screening(rows):
     ok = [r for r in rows if r["decoded"]]
     valid = [r for r in ok if r["valid"]]
     count = lambda rs, key: sum(bool(r[key]) for r in rs)  # noqa: E731
-    median = lambda key: float(np.median([r[key] for r in ok])) if ok else float("nan")  # noqa: E731
+    def median(key):                      # over the judged: a volume ratio is NaN where not judged
+        judged = [r[key] for r in ok if r[key] == r[key]]
+        return float(np.median(judged)) if judged else float("nan")
     return dict(generated=n, decoded=len(ok), structural=count(ok, "structural"),
                 compositional=count(ok, "compositional"), valid=len(valid),
                 unique=count(ok, "unique"), novel=count(ok, "novel"),

@@ -2306,3 +2306,17 @@ def test_generate_warns_of_what_the_model_never_learned(small_csv, tmp_path, cap
         "learned to make channel 1; name one with --formula" in err
     assert "warning: the condition acts at steps >= 1000 only, and none is: the network is not told the elements, " \
         "band gap or ordering asked for (--formula holds a composition)" in err
+
+
+def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_is_not_judged(mp20):
+    fluorite = Structure.from_spacegroup("Fm-3m", Lattice.cubic(6.6), ["Tl", "Cl"],
+                                         [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure()
+    doubled = fluorite.copy()
+    doubled.make_supercell([2, 1, 1])                    # Tl2Cl4 balances as Tl(I) Tl(III); TlCl2 does not
+    assert evaluate.compositionally_valid(fluorite.composition) is False
+    assert evaluate.compositionally_valid(doubled.composition) is False
+    argon = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.26), ["Ar"], [[0, 0, 0]])   # solid Ar
+    reference = [c.structure for c in mp20[:200]]
+    assert "Ar" not in evaluate.atomic_volumes(reference)
+    rows, summary = evaluate.screen([argon], reference)
+    assert np.isnan(rows[0]["volume_ratio"]) and rows[0]["physical"]      # not judged by a guessed volume
