@@ -617,12 +617,12 @@ NOT_STRUCTURE_SUFFIXES = (".csv", ".json", ".npz", ".png", ".pdf", ".svg", ".jpg
 
 def _is_structure_file(name):
     """A CIF or POSCAR by its name, compressed or not (a compressed one is skipped, and said):
-    *.cif, *.vasp, *.poscar, and POSCAR* or CONTCAR* (POSCAR_1, poscar_2, CONTCAR.relaxed) unless the name
-    ends like another kind of file (POSCAR_screening.csv, POSCAR_cloud.png)."""
+    *.cif, *.vasp, *.poscar, and a name holding POSCAR or CONTCAR, as pymatgen reads them (POSCAR_1,
+    poscar_2, MgO_POSCAR, CONTCAR.relaxed) unless it ends like another kind of file (POSCAR_screening.csv)."""
     base = os.path.basename(name)
     stem = base[: -len(base.rsplit(".", 1)[1]) - 1] if base.lower().endswith(COMPRESSED) else base
     return stem.lower().endswith(STRUCTURE_SUFFIXES) or (
-        stem.upper().startswith(("POSCAR", "CONTCAR")) and not stem.lower().endswith(NOT_STRUCTURE_SUFFIXES))
+        any(word in stem.upper() for word in ("POSCAR", "CONTCAR")) and not stem.lower().endswith(NOT_STRUCTURE_SUFFIXES))
 
 
 class Misread(ValueError):
@@ -743,7 +743,8 @@ def is_csv(path):
 
 
 # skipped, but no crystal is lost: not counted as a failed crystal where files are screened
-NOT_A_CRYSTAL = ("not a regular file", "a POSCAR beside its CIF", "hidden (a name starting with '.')")
+NOT_A_CRYSTAL = ("not a regular file", "a POSCAR beside its CIF", "hidden (a name starting with '.')",
+                 "named unlike a CIF or POSCAR (.cif, .vasp, .poscar, POSCAR, CONTCAR)")
 
 
 def _shown(name):
@@ -758,9 +759,13 @@ def _read_rows(path):
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         cif_stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".cif")}
-        for name in filter(_is_structure_file, names):
+        for name in names:
             full = os.path.join(path, name)
-            if os.path.isdir(full):           # a subfolder, or a link to one: never entered
+            if not _is_structure_file(name):  # said, unless plainly another kind: an output, a CSV, a folder
+                if not (name.startswith(".") or name.lower().endswith(NOT_STRUCTURE_SUFFIXES) or is_csv(name)
+                        or os.path.isdir(full)):
+                    yield _shown(name), None, None, {}, NOT_A_CRYSTAL[3]       # e.mcif, x.vasp.bak, notes
+            elif os.path.isdir(full):         # a subfolder, or a link to one: never entered
                 yield _shown(name), None, None, {}, NOT_A_CRYSTAL[0]
             elif name.startswith("."):        # macOS's ._x.cif beside x.cif, an editor's backup
                 yield _shown(name), None, None, {}, NOT_A_CRYSTAL[2]
@@ -957,20 +962,22 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
 
 
 def describe_load(path, kept, skipped):
-    """'PATH: kept 3 of 5 structures (skipped: 1 unreadable, 1 with > 16 sites; not structures: 3 a
-    POSCAR beside its CIF)', and what else a user should know: an empty folder's subfolders and
+    """'PATH: kept 3 of 5 structures (skipped: 1 unreadable, 1 with > 16 sites; not read: 3 a POSCAR
+    beside its CIF)', and what else a user should know: an empty folder's subfolders and
     CSV files go unread, a band gap or ordering was not understood."""
     why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()) if r not in NOT_A_CRYSTAL) or "none"
     unused = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()) if r in NOT_A_CRYSTAL)
-    why += f"; not structures: {unused}" if unused else ""
+    why += f"; not read: {unused}" if unused else ""
     total = len(kept) + sum(n for r, n in skipped.items() if r not in NOT_A_CRYSTAL)
     names = os.listdir(path) if total == 0 and os.path.isdir(path) else []
     unread = " and ".join(what for what, there in (
         ("subfolders", any(os.path.isdir(os.path.join(path, n)) for n in names)),
         ("CSV files", any(is_csv(n) for n in names))) if there)
     unclear = sum(c.condition_unread for c in kept)
+    others = not unread and any(os.path.isfile(os.path.join(path, n)) for n in names)   # outputs, figures
     return f"{path}: kept {len(kept)} of {total} structure{'s' * (total != 1)} (skipped: {why})" + \
         (f"; its {unread} are not read: name one" if unread else "") + \
+        ("; none of its files is a CIF or POSCAR" if others else "") + \
         (f"; {unclear} with a band gap or ordering not understood, taken as unknown" if unclear else "")
 
 

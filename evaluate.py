@@ -26,8 +26,8 @@ def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANG
     for crystal in crystals:
         try:
             cloud, elements = data.encode(crystal.structure, length_range=length_range)
-        except ValueError:               # e.g. a lattice vector outside the length range
-            failures.append(f"{crystal.material_id} (cannot be encoded)")
+        except ValueError as error:      # e.g. a lattice vector outside the length range: say which
+            failures.append(f"{crystal.material_id} ({error})")
             continue
         if noise:
             cloud = cloud + rng.normal(0.0, noise, cloud.shape).astype(np.float32)
@@ -165,7 +165,8 @@ def format_csp(summary):
         return f"{value:>9.4f}" if value == value else f"{'-':>9}"
     best = [f"{'best of k = ' + str(summary['k']):<28}{100 * summary['match_rate_k']:>8.2f}%{rmse(summary['rmse_k'])}"]
     return "\n".join([
-        f"\nStructure prediction of {summary['n']} compositions, {summary['k']} sample{'s' if summary['k'] > 1 else ''} each "
+        f"\nStructure prediction of {summary['n']} composition{'s' * (summary['n'] != 1)}, "
+        f"{summary['k']} sample{'s' * (summary['k'] > 1)} each "
         f"({describe_sampler(**summary)}; {summary['seconds']:.0f} s; "
         f"StructureMatcher stol 0.5, ltol 0.3, angle_tol 10, volumes scaled)",
         f"{'':<28}{'match':>9}{'RMSE':>9}",
@@ -525,8 +526,8 @@ def screen(structures, reference):
         rows.append(row)
     summary = summarise_screening(rows)
     if not reference:                    # no number that would read as "all novel"
-        for key in ("novel", "valid_novel", "valid_unique_novel", "physical_unique_novel"):
-            del summary[key]
+        for key in ("novel", "valid_novel", "valid_unique_novel", "physical_unique_novel", "volume_not_judged"):
+            summary.pop(key, None)                                   # volume: said as not judged, below
         summary["no_reference"] = True
     valid = [s for s, r in zip(structures, rows) if r.get("valid")]
     summary.update(
@@ -554,6 +555,7 @@ def summarise_screening(rows):
                 p1=sum(r["spacegroup"] == "P1" for r in ok), physical=count(ok, "physical"),
                 physical_unique_novel=sum(bool(r["physical"] and r["unique"] and r["novel"]) for r in ok),
                 median_shortest_distance=median("shortest_distance"), median_volume_ratio=median("volume_ratio"),
+                **({"volume_not_judged": n} if (n := sum(r["volume_ratio"] != r["volume_ratio"] for r in ok)) else {}),
                 **({"charge_balance_not_judged": n} if (n := sum(r["compositional"] == "" for r in ok)) else {}))
 
 
@@ -577,15 +579,18 @@ def format_screening(summary):
                        ("closer_than_1A", "a pair closer than 1.0 A"),
                        ("crowded", f"crowded (d < {CROWDED_BELOW} (r_i + r_j))"), ("p1", "P1 (symprec 0.1)"),
                        ("p1_before_symmetrising", "  before symmetrising"),
+                       ("volume_not_judged", "(V not judged: an element unfitted)"),
                        ("physical", f"physical (valid, uncrowded, V ok)"),
                        ("physical_unique_novel", "physical, unique and novel")):
         if key in summary:     # crystals_with_merges: generate only (decoded by this project)
             lines.append(f"{label:<38}{summary[key]:>6}  {100 * summary[key] / n:6.2f}%")
     if summary.get("no_reference"):
         lines.append("(novelty and volume not judged: no reference structures)")
-    lines.append(f"{'median shortest distance':<38}{summary['median_shortest_distance']:>6.2f} A")
-    lines.append(f"{'median V / V_pred':<38}{summary['median_volume_ratio']:>6.2f}")
-    number = lambda x: "     -" if x is None or x != x else f"{x:>6.3f}"       # noqa: E731  (NaN: no valid crystal)
+    number = lambda x, f=".3f": "     -" if x is None or x != x else f"{x:>6{f}}"   # noqa: E731  (NaN: none to judge)
+    lines.append(f"{'median shortest distance':<38}{number(summary['median_shortest_distance'], '.2f')} A")
+    judged = summary["decoded"] - summary.get("volume_not_judged", 0)
+    lines.append(f"{'median V / V_pred':<38}{number(summary['median_volume_ratio'], '.2f')}"
+                 + (f"  (of the {judged} judged)" if judged and "volume_not_judged" in summary else ""))
     lines.append(f"{'Wasserstein to reference: density':<38}{number(summary['w_density'])} g/cm3")
     lines.append(f"{'  number of elements':<38}{number(summary['w_elements'])}")
     return "\n".join(lines)

@@ -314,16 +314,17 @@ def load_for_sampling(args):
 def run_record(args, ckpt):
     """What a results file records of its run, to repeat it: the command as typed, every option's
     value (defaults included) and the checkpoint sampled (its path, step and the SHA-256 of its bytes:
-    a run still training replaces the file)."""
+    a run still training replaces the file), and the CPU threads it ran on (they order the sums)."""
     options = {}
     for key, value in vars(args).items():
         try:
             options[key] = json.loads(json.dumps(value))       # --formula's (elements, counts) a list
         except TypeError:                                      # the command's function: not an option
             pass
-    for key in ("argv", "made", "kept"):
+    for key in ("argv", "made", "kept", "refine_default", "known_clean"):     # the program's own, not options
         options.pop(key, None)
-    return dict(command=shlex.join(["python", "pccd.py", *args.argv]), options=options) | ckpt["loaded_from"]
+    return dict(command=shlex.join(["python", "pccd.py", *args.argv]), options=options,
+                threads=torch.get_num_threads()) | ckpt["loaded_from"]
 
 
 def default_checkpoint():
@@ -1376,13 +1377,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="command")
     parser.commands = sub.choices                     # name -> its parser, for errors in its name
 
-    p = sub.add_parser("train", help="train the diffusion model (Table S1; ~11 min on a 2-core CPU)",
+    p = sub.add_parser("train", help="train the diffusion model (Table S1; 11-13 min on a 2-core CPU)",
                        description=f"Train PCCD's U-Net (L1 loss, Eq. S4). Writes OUT/checkpoint.pt (every "
                        f"{SAVE_EVERY} steps and at the end) and OUT/loss.png (Fig. S4). A setting not given "
                        "comes from the preset, or, with --resume, from the run itself.")
     p.add_argument("--data", type=given_path, help="training crystals: CDVAE CSV, folder or file (default: the "
                    "bundled MP-20 train split; the val split stays unseen)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 11 min on 2 cores) or long "
+    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 11-13 min on 2 cores) or long "
                    "(69 min; the shipped model): README, Training")
     p.add_argument("--steps", type=TRAINING_STEPS, help="total optimisation steps (presets: 3600, 24000)")
     p.add_argument("--batch-size", type=BATCH, help="crystals per step (presets: 64; Table S1: 128)")
@@ -1435,10 +1436,11 @@ def build_parser():
     p.set_defaults(run=cmd_reconstruct)
 
     p = sub.add_parser("generate", help="sample new crystals of chosen elements and screen them",
-                       description="Sample crystals for an element set (--elements) or for random "
-                       "sets from one of the paper's three batches (--pool), write one CIF and one "
-                       "POSCAR each and summary.csv, and screen them: structural and compositional "
-                       "validity, uniqueness, novelty (Table 2), crowding, volume, P1 share: physical?")
+                       description="Sample crystals for an element set (--elements), a composition "
+                       "(--formula) or random sets from the paper's three batches or the training data "
+                       "(--pool), write one CIF and one POSCAR (.vasp) each, summary.csv, summary.json and "
+                       "clouds.npz, and screen them: structural and compositional validity, uniqueness, "
+                       "novelty (Table 2), crowding, volume, P1 share: physical?")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--elements", nargs="+", metavar="EL", action=ElementsArgument,
                       help="1-3 element symbols, e.g. Mg Mn O")
@@ -1510,7 +1512,8 @@ def build_parser():
 
     p = sub.add_parser("roundtrip", help="encode -> decode every structure and match it back",
                        description="Encode each structure, add Gaussian noise to the cloud, decode, and "
-                       "count the crystals StructureMatcher() finds unchanged.")
+                       "count the crystals StructureMatcher() finds unchanged. Lengths are scaled over the fixed "
+                       "range 2-50 A (a trained model: the range fitted to its data, e.g. 1.95-51.13 A).")
     p.add_argument("--data", type=given_path, nargs="+", default=[BUNDLED_TRAIN, BUNDLED_VAL],
                    help="CSV files, folders or structure files (default: the bundled MP-20 train and val splits)")
     p.add_argument("--noise", nargs="+", type=number(float, 0, 1, what="a standard deviation from 0 to 1"),

@@ -303,6 +303,15 @@ import diffusion  # noqa: E402
 import pccd  # noqa: E402
 import unet  # noqa: E402
 
+IDLE_CORES = pccd.idle_cores
+
+
+@pytest.fixture(autouse=True)
+def steady_threads(monkeypatch):
+    """Commands run here get two threads however busy the machine is: the count orders the sums, and
+    runs a test compares must add alike (the choice itself is tested on IDLE_CORES below)."""
+    monkeypatch.setattr(pccd, "idle_cores", lambda *args, **kwargs: 2)
+
 
 @pytest.fixture(scope="module")
 def small_csv(tmp_path_factory):
@@ -914,7 +923,7 @@ def test_evaluate_on_a_generate_folder_counts_each_crystal_once(tiny_run, tmp_pa
                       "--sampler", "ddim", "--steps", "4", "--out", str(out)]) == 0
     written = len(list(out.glob("*.cif")))                 # a POSCAR beside each CIF: the same crystal
     code, err, printed = run_pccd(["evaluate", str(out), "--csv", str(tmp_path / "flags.csv")], capsys)
-    assert code == 0 and f"kept {written} of {written} structures (skipped: none; not structures: {written} a " \
+    assert code == 0 and f"kept {written} of {written} structures (skipped: none; not read: {written} a " \
         f"POSCAR beside its CIF)" in err[0], err
     assert re.search(rf"^generated +{written}$", printed, re.M) and re.search(rf"^decodable +{written} ", printed, re.M)
 
@@ -1058,7 +1067,7 @@ def test_torch_gets_one_thread_per_core_that_is_idle_when_a_command_starts(busy,
     snapshot([(1000, 5000), (2000, 5000)])
     monkeypatch.setattr(pccd.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(pccd.time, "sleep", lambda s: snapshot([(1000 + busy[0], 5100), (2000 + busy[1], 5100)]))
-    assert pccd.idle_cores(stat=str(stat), cgroup=str(tmp_path / "none")) == threads
+    assert IDLE_CORES(stat=str(stat), cgroup=str(tmp_path / "none")) == threads
 
 
 @pytest.mark.parametrize("files, cores", [({"cpu.max": "max 100000"}, 4), ({"cpu.max": "150000 100000"}, 2),
@@ -1071,7 +1080,7 @@ def test_a_containers_cpu_quota_caps_the_threads_and_no_load_figure_is_no_error(
     monkeypatch.setattr(pccd.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(pccd.os, "getloadavg", lambda: (_ for _ in ()).throw(OSError("no load average")))
     # no /proc/stat and no load average: every allowed core
-    assert pccd.idle_cores(seconds=0, stat=str(tmp_path / "no_stat"), cgroup=str(tmp_path)) == cores
+    assert IDLE_CORES(seconds=0, stat=str(tmp_path / "no_stat"), cgroup=str(tmp_path)) == cores
 
 
 def test_the_cosine_schedule_decays_the_learning_rate_from_lr_to_0():
@@ -1379,6 +1388,11 @@ def bad_inputs(tmp_path_factory, mp20):
     os.symlink(root / "nowhere.csv", root / "dangling.csv")
     shipped = torch.load(os.path.join(HERE, "checkpoints", "pccd_mp20.pt"), weights_only=False)
     torch.save({k: shipped[k] for k in ("ema", "model_config", "length_range", "sampling")}, root / "minimal.pt")
+    from pymatgen.core import DummySpecies
+    only_dummy = root / "only_dummy"                                            # "X": a placeholder, not an atom
+    only_dummy.mkdir()
+    Structure(Lattice.cubic(4.0), ["Na", DummySpecies("X")], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
+        filename=str(only_dummy / "dummy.cif"))
     long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     roundtrip = root / "roundtrip"
     roundtrip.mkdir()
@@ -1511,6 +1525,11 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/no_cif.csv"], 1,
      "--reference {r}/no_cif.csv: {r}/no_cif.csv has no 'cif' column"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}/loss.png"], 1, "{run}/loss.png is not a PCCD checkpoint"),
+    (["train", "--data", "{r}/only_dummy", "--out", "{r}/run"], 1,
+     "{r}/only_dummy: kept 0 of 1 structure (skipped: 1 with a dummy species (not an element))"),
+    (["csp", "--checkpoint", "{run}", "--data", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species (not an element)"),
+    (["reconstruct", "--checkpoint", "{run}", "--data", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species"),
+    (["evaluate", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species"),
 ]
 
 
@@ -1563,7 +1582,7 @@ def test_roundtrip_counts_a_crystal_it_cannot_encode_and_goes_on(bad_inputs, cap
     crystals = data.load_structures(str(bad_inputs / "roundtrip"), verbose=False)
     result = evaluate.roundtrip(crystals)
     assert result["n"] == 2 and result["matched"] == 1
-    assert result["failures"] == ["long.cif (cannot be encoded)"]
+    assert result["failures"] == ["long.cif (lattice lengths [3.0, 3.0, 60.0] A fall outside the model's range 2-50 A)"]
     code, err, out = run_pccd(["roundtrip", "--data", str(bad_inputs / "roundtrip"), "--noise", "0"], capsys)
     assert code == 0 and "1/1" in out                     # the 60 A cell is skipped where it is loaded,
     assert "kept 1 of 2 structures (skipped: 1 with a lattice length outside 2-50 A)" in err[0]   # with why
@@ -1950,12 +1969,15 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "poscar2cif.py").write_text("print('a script, not a structure')\n")
     (folder / "POSCAR_screening.csv").write_text("name,formula\n")                 # what evaluate POSCAR writes
     (folder / "POSCAR_cloud.png").write_bytes(b"\x89PNG")                          # what show POSCAR writes
+    (folder / "MgO_POSCAR").write_text((folder / "poscar_lower").read_text())       # read, as pymatgen would
+    (folder / "e.mcif").write_text(cif)                                            # counted, not guessed at
+    (folder / "x.vasp.bak").write_text((folder / "poscar_lower").read_text())
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
-    assert [c.material_id for c in kept] == ["POSCAR_comment", "journal.cif", "old_mac.cif", "poscar_lower",
+    assert [c.material_id for c in kept] == ["MgO_POSCAR", "POSCAR_comment", "journal.cif", "old_mac.cif", "poscar_lower",
                                              "rock_salt.cif", "two_blocks.cif#1", "two_blocks.cif#2", "water.cif",
                                              "x.cif", "\ufffd.cif"]
-    assert [c.structure.composition for c in kept] == [Composition(f) for f in ("NaCl", "NaCl", "NaCl", "NaCl",
+    assert [c.structure.composition for c in kept] == [Composition(f) for f in ("NaCl", "NaCl", "NaCl", "NaCl", "NaCl",
                                                        "Na4Cl4")] + [a.composition, b.composition,
                                                        Composition("O4H4"), a.composition, a.composition]
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
@@ -1972,7 +1994,8 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
                        "with a negative cell length": 2, "with coordinates or a cell that are not finite numbers": 1,
                        "hidden (a name starting with '.')": 1, "with occupancies above 1 (two atoms on one spot?)": 1,
                        "with a coordinate written as '.' (not a number)": 1,
-                       "whose atoms disagree with its formula (a truncated copy?)": 2}
+                       "whose atoms disagree with its formula (a truncated copy?)": 2,
+                       "named unlike a CIF or POSCAR (.cif, .vasp, .poscar, POSCAR, CONTCAR)": 2}
     for name in ("pipe.cif", "pipe.csv"):                          # a pipe named itself is not read either
         os.mkfifo(tmp_path / name)
         skipped = {}
@@ -2011,6 +2034,37 @@ def test_element_order_is_the_same_whichever_way_the_elements_are_given():
     assert data.canonical_order(["Ar", "F"]) == data.canonical_order(["F", "Ar"]) == ["F", "Ar"]
     assert data.canonical_order(["O", "He", "Ne", "Mg"]) == ["Mg", "O", "He", "Ne"]
     assert data.covalent_radius("Og") == data.covalent_radius("Cm")          # untabulated: Cm's
+
+
+def test_the_element_order_given_changes_no_sample(tiny_run, tmp_path):
+    clouds = []
+    for i, elements in enumerate((["Ar", "F"], ["F", "Ar"])):
+        assert pccd.main(["generate", "--elements", *elements, "--n", "2", "--sampler", "ddim", "--steps", "2",
+                          "--checkpoint", str(tiny_run), "--out", str(tmp_path / str(i)), "--threads", "1"]) == 0
+        clouds.append(np.load(tmp_path / str(i) / "clouds.npz"))
+    assert clouds[0].files == clouds[1].files and all(np.array_equal(clouds[0][k], clouds[1][k]) for k in clouds[0].files)
+
+
+def test_library_warnings_never_reach_the_user_and_a_rare_element_is_screened(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pymatgen.core import DummySpecies
+    folder = tmp_path / "crystals"
+    folder.mkdir()
+    Structure(Lattice.cubic(4.0), ["Na", DummySpecies("X")], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
+        filename=str(folder / "dummy.cif"))                                 # pymatgen warns "'X' is not ..."
+    Structure(Lattice.cubic(4.0), ["Es", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(folder / "es.cif"))
+    (folder / "disordered.cif").write_text(                                # and three warnings of its own
+        "data_x\n_cell_length_a 4\n_cell_length_b 4\n_cell_length_c 4\n_cell_angle_alpha 90\n"
+        "_cell_angle_beta 90\n_cell_angle_gamma 90\nloop_\n_atom_site_label\n_atom_site_fract_x\n"
+        "_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\nNa1 0 0 0 0.5\nCl1 0.5 0.5 0.5 1\n")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "evaluate", str(folder), "--csv",
+                        str(tmp_path / "s.csv")], capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="default"))
+    assert r.returncode == 0 and r.stderr.splitlines() == [f"{folder}: kept 1 of 3 structures (skipped: 1 disordered "
+                                                           "(partial occupancies), 1 with a dummy species (not an element))"]
+    rows = {row["name"]: row for row in csv.DictReader(open(tmp_path / "s.csv"))}
+    assert rows["es.cif"]["decoded"] == "True" and rows["dummy.cif"]["reason"] == "with a dummy species (not an element)"
 
 
 def test_a_charge_balance_too_large_to_guess_is_not_judged_rather_than_hanging():
@@ -2224,6 +2278,9 @@ def test_generate_records_its_run_and_judges_novelty_only_against_the_data_the_m
     summary = json.load(open(tmp_path / "g1" / "summary.json"))
     assert summary["command"] == "python pccd.py " + " ".join(sample + ["--out", str(tmp_path / "g1")])
     assert summary["options"]["magnetic"] == "FM" and summary["options"]["batch_size"] == 1
+    assert summary["threads"] == torch.get_num_threads()                 # the count it ran on, not "default"
+    options = {a.dest for a in pccd.build_parser().commands["generate"]._actions} - {"help"} | {"command"}
+    assert set(summary["options"]) == options                             # every option, and nothing else
     assert summary["checkpoint_step"] == 2 and summary["novelty_checked"] and summary["checkpoint_sha256"] == \
         hashlib.sha256(open(run / "checkpoint.pt", "rb").read()).hexdigest()
     write_rows(tmp_path / "data.csv", rows[6:])                       # the data file replaced since
@@ -2320,3 +2377,9 @@ def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_i
     assert "Ar" not in evaluate.atomic_volumes(reference)
     rows, summary = evaluate.screen([argon], reference)
     assert np.isnan(rows[0]["volume_ratio"]) and rows[0]["physical"]      # not judged by a guessed volume
+    assert summary["volume_not_judged"] == 1 and re.search(r"^\(V not judged: an element unfitted\) +1 +100.00%$",
+                                                           evaluate.format_screening(summary), re.M)
+    assert re.search(r"^median V / V_pred +-$", evaluate.format_screening(summary), re.M)   # none judged: no number
+    rows, summary = evaluate.screen([argon, mp20[0].structure], reference)
+    assert "median V / V_pred" in evaluate.format_screening(summary) and "(of the 1 judged)" in \
+        evaluate.format_screening(summary) and summary["volume_not_judged"] == 1
