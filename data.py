@@ -83,7 +83,7 @@ def encode(structure, elements=None, length_range=DEFAULT_LENGTH_RANGE):
     abc = np.array(structure.lattice.abc)
     lo, hi = length_range
     if abc.min() < lo or abc.max() > hi:
-        raise ValueError(f"lattice lengths {abc.round(2).tolist()} A fall outside the model's "
+        raise ValueError(f"lattice lengths {abc.round(2).tolist()} A fall outside the length "
                          f"range {lo:g}-{hi:g} A")
 
     # Atoms grouped by element slot, so each element's points are contiguous (easier to read).
@@ -610,19 +610,21 @@ STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
 COMPRESSED = (".gz", ".bz2", ".xz", ".zip")
 
 
-# Files the project (and most tools) write that are never a POSCAR, whatever their name begins with
-NOT_STRUCTURE_SUFFIXES = (".csv", ".json", ".npz", ".png", ".pdf", ".svg", ".jpg", ".txt", ".log", ".md", ".pt",
-                          ".tmp", ".py", ".sh", ".ipynb", ".xyz", ".xml", ".out", ".dat", ".h5", ".yaml", ".html")
+# Files the project (and most tools) write that are never a POSCAR, whatever their name holds
+NOT_STRUCTURE_SUFFIXES = (".csv", ".json", ".npz", ".png", ".pdf", ".svg", ".jpg", ".jpeg", ".gif", ".eps", ".tif",
+                          ".tiff", ".txt", ".log", ".md", ".pt", ".tmp", ".py", ".sh", ".pl", ".rb", ".c", ".f90",
+                          ".ipynb", ".xyz", ".xml", ".out", ".dat", ".h5", ".yaml", ".html", ".tar", ".vesta")
 
 
 def _is_structure_file(name):
     """A CIF or POSCAR by its name, compressed or not (a compressed one is skipped, and said):
-    *.cif, *.vasp, *.poscar, and a name holding POSCAR or CONTCAR, as pymatgen reads them (POSCAR_1,
-    poscar_2, MgO_POSCAR, CONTCAR.relaxed) unless it ends like another kind of file (POSCAR_screening.csv)."""
+    *.cif, *.vasp, *.poscar, a name that starts with POSCAR or CONTCAR in any case (poscar_2,
+    CONTCAR.relaxed), or holds them in capitals, as pymatgen reads them (MgO_POSCAR), unless it ends
+    like another kind of file (POSCAR_screening.csv, MgO_POSCAR.jpeg)."""
     base = os.path.basename(name)
     stem = base[: -len(base.rsplit(".", 1)[1]) - 1] if base.lower().endswith(COMPRESSED) else base
-    return stem.lower().endswith(STRUCTURE_SUFFIXES) or (
-        any(word in stem.upper() for word in ("POSCAR", "CONTCAR")) and not stem.lower().endswith(NOT_STRUCTURE_SUFFIXES))
+    named = stem.upper().startswith(("POSCAR", "CONTCAR")) or "POSCAR" in stem or "CONTCAR" in stem
+    return stem.lower().endswith(STRUCTURE_SUFFIXES) or (named and not stem.lower().endswith(NOT_STRUCTURE_SUFFIXES))
 
 
 class Misread(ValueError):
@@ -755,7 +757,8 @@ def _shown(name):
 
 def _read_rows(path):
     """Yield (name, fmt, text, properties, why it is skipped or '') for each structure in a CSV, a
-    folder (its structure files; not its subfolders) or a file."""
+    folder (its structure files, and a reason for each other file not plainly of another kind; not
+    its subfolders) or a file."""
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         cif_stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".cif")}
@@ -974,7 +977,7 @@ def describe_load(path, kept, skipped):
         ("subfolders", any(os.path.isdir(os.path.join(path, n)) for n in names)),
         ("CSV files", any(is_csv(n) for n in names))) if there)
     unclear = sum(c.condition_unread for c in kept)
-    others = not unread and any(os.path.isfile(os.path.join(path, n)) for n in names)   # outputs, figures
+    others = not unread and not skipped and any(os.path.isfile(os.path.join(path, n)) for n in names)   # figures
     return f"{path}: kept {len(kept)} of {total} structure{'s' * (total != 1)} (skipped: {why})" + \
         (f"; its {unread} are not read: name one" if unread else "") + \
         ("; none of its files is a CIF or POSCAR" if others else "") + \

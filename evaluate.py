@@ -18,16 +18,17 @@ def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANG
     """Encode each crystal, add Gaussian noise of std `noise` to the whole cloud (in its [0, 1]
     units), decode, and compare with the original under StructureMatcher() defaults.
 
-    Returns dict(n, matched, match_rate, ms_per_decode, failures=[material ids]).
+    Returns dict(n, matched, match_rate, ms_per_decode, failures=[material ids not matched],
+    unencoded=['material id (why it cannot be encoded)']).
     """
     rng = np.random.default_rng(seed)
     matcher = StructureMatcher()
-    matched, decode_seconds, failures = 0, 0.0, []
+    matched, decode_seconds, failures, unencoded = 0, 0.0, [], []
     for crystal in crystals:
         try:
             cloud, elements = data.encode(crystal.structure, length_range=length_range)
         except ValueError as error:      # e.g. a lattice vector outside the length range: say which
-            failures.append(f"{crystal.material_id} ({error})")
+            unencoded.append(f"{crystal.material_id} ({error})")
             continue
         if noise:
             cloud = cloud + rng.normal(0.0, noise, cloud.shape).astype(np.float32)
@@ -43,7 +44,7 @@ def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANG
             failures.append(crystal.material_id)
     n = len(crystals)
     return dict(n=n, matched=matched, match_rate=matched / max(n, 1),
-                ms_per_decode=1000 * decode_seconds / max(n, 1), failures=failures)
+                ms_per_decode=1000 * decode_seconds / max(n, 1), failures=failures, unencoded=unencoded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +56,9 @@ def format_roundtrip(name, noise, r):
     line = (f"{name:<40} {noise:>6g} {r['matched']:>6}/{r['n']:<6} {100 * r['match_rate']:>7.2f}% "
             f"{r['ms_per_decode']:>10.1f}")
     more = " ..." if len(r["failures"]) > 8 else ""
-    return line + (f"\n    not matched: {' '.join(r['failures'][:8])}{more}" if r["failures"] else "")
+    line += f"\n    not matched: {' '.join(r['failures'][:8])}{more}" if r["failures"] else ""
+    more = "; ..." if len(r["unencoded"]) > 3 else ""
+    return line + (f"\n    not encoded: {'; '.join(r['unencoded'][:3])}{more}" if r["unencoded"] else "")
 
 
 def greedy_match(frac_coords_a, frac_coords_b, lattice=None):
@@ -81,15 +84,16 @@ def greedy_match(frac_coords_a, frac_coords_b, lattice=None):
 
 
 def box_statistics(values):
-    """Table 1's box-plot numbers: whisker limits Q3 + 1.5 IQR and Q1 - 1.5 IQR, and the
-    'efficiency', the share of values inside them."""
+    """Table 1's box-plot numbers: the upper and lower limits, the whisker ends a box plot draws
+    (the furthest values inside the fences Q3 + 1.5 IQR and Q1 - 1.5 IQR), and the 'efficiency',
+    the share of values inside them (the rest are the plot's outliers)."""
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return dict(n=0, q1=np.nan, median=np.nan, q3=np.nan, upper=np.nan, lower=np.nan, efficiency=np.nan)
     q1, median, q3 = np.percentile(v, [25, 50, 75])
-    upper, lower = q3 + 1.5 * (q3 - q1), q1 - 1.5 * (q3 - q1)
-    return dict(n=int(v.size), q1=q1, median=median, q3=q3, upper=upper, lower=lower,
-                efficiency=float(np.mean((v >= lower) & (v <= upper))))
+    inside = (v >= q1 - 1.5 * (q3 - q1)) & (v <= q3 + 1.5 * (q3 - q1))      # the median is always inside
+    return dict(n=int(v.size), q1=q1, median=median, q3=q3, upper=float(v[inside].max()),
+                lower=float(v[inside].min()), efficiency=float(np.mean(inside)))
 
 
 def compare_reconstruction(original, reconstructed, fig2=False):
@@ -175,7 +179,7 @@ def format_csp(summary):
         f"first samples: {100 * summary['decoded_1']:.2f}% decoded; with a pair closer than 1.0 A: "
         f"{100 * summary['closer_than_1A_1']:.2f}%, crowded (d < {CROWDED_BELOW} (r_i + r_j)): "
         f"{100 * summary['crowded_1']:.2f}% (of all {summary['n']})",
-        f"published on MP-20's test split, 27,136 training crystals (this model: {summary['train_crystals']}):",
+        f"published on MP-20's test split, 27,136 training crystals (this model: {summary['train_crystals']:,}):",
         "  CDVAE   k = 1: 33.90% RMSE 0.1045   k = 20: 66.95% RMSE 0.1026",
         "  DiffCSP k = 1: 51.49% RMSE 0.0631   k = 20: 77.93% RMSE 0.0492"])
 
@@ -201,7 +205,7 @@ def summarise_reconstruction(pairs, train_compositions):
     )
     for key in ("rms_anonymous", "crystalnn"):
         values = [p[key] for p in pairs if p.get(key) is not None]
-        summary[f"mean_{key}"] = float(np.mean(values)) if values else None
+        summary[f"mean_{key}"], summary[f"n_{key}"] = (float(np.mean(values)) if values else None), len(values)
     return summary
 
 
@@ -225,26 +229,25 @@ def format_reconstruction(summary):
     lines = [f"\nReconstruction from t = {summary['t']} of {n} structures ({describe_sampler(**summary)}, "
              f"{summary['seconds']:.0f} s; {summary['checkpoint']})",
              f"  decoded                       {summary['decoded']:>5}/{n}",
-             f"  atom count right              {100 * summary['atom_count_accuracy']:6.2f}%   (paper: 67.81%; "
+             f"  atom count right              {100 * summary['atom_count_accuracy']:6.2f}%   (paper, t = T: 67.81%; "
              f"most-common-count baseline: {100 * summary['count_baseline_accuracy']:.2f}%)",
              f"  StructureMatcher match        {100 * summary['match_rate']:6.2f}%   mean RMS "
              f"{'-' if rms is None else f'{rms:.4f}'}  (stol 0.5, ltol 0.3, angle_tol 10)",
              f"  StructureMatcher() match      {100 * summary['match_rate_default']:6.2f}%   "
              f"(pymatgen's default tolerances: stol 0.3, ltol 0.2, angle_tol 5)"]
-    for key, name in (("mean_rms_anonymous", "RMS anonymous distance"),
-                      ("mean_crystalnn", "CrystalNN fingerprint distance")):
-        if summary.get(key) is not None:
-            lines.append(f"  mean {name:<25}{summary[key]:8.4f}")
-    lines.append("\n  Table 1 (for equal atom counts; errors in %)     a        b        c        x        y        z")
+    for key, name in (("rms_anonymous", "RMS anonymous distance"), ("crystalnn", "CrystalNN fingerprint distance")):
+        if summary.get(f"mean_{key}") is not None:       # over the pairs pymatgen could compare
+            lines.append(f"  mean {name:<31}{summary[f'mean_{key}']:8.4f}   ({summary[f'n_{key}']} of {n} pairs)")
+    lines.append(f"\n{'  Table 1 (for equal atom counts; errors in %)':<50}" + "".join(f"{c:>9}" for c in "abcxyz"))
     def cell(value):                       # NaN where no pair has the right atom count
         return f"{value:9.2f}" if value == value else f"{'-':>9}"
     for key, label in (("efficiency", "Efficiency"), ("upper", "Upper limit"), ("lower", "Lower limit")):
         scale = 100 if key == "efficiency" else 1
         ours = "".join(cell(row[key] * scale) for row in summary["table1"].values())
         lines.append(f"  {label:<13} ours                              {ours}")
-        lines.append(f"  {'':<13} paper                             {''.join(f'{v:9.2f}' for v in PAPER_TABLE1[key])}")
+        lines.append(f"  {'':<13} paper, t = T                      {''.join(f'{v:9.2f}' for v in PAPER_TABLE1[key])}")
     ours = "".join(cell(row["efficiency"] * 100) for row in summary["table1_periodic_coords"].values())
-    lines.append(f"  Efficiency, minimum-image coordinate error (ours)                        {ours}")
+    lines.append(f"{'  Efficiency, minimum-image coordinate error (ours)':<77}{ours}")
     return "\n".join(lines)
 
 
@@ -563,7 +566,8 @@ def format_screening(summary):
     """The summary in the layout of Table 2's first rows, then how physical the crystals are
     (and how they were sampled, for generate's own)."""
     n = max(summary["generated"], 1)
-    lines = [f"\nGenerated {n} crystal{'s' * (n != 1)} in {summary['seconds']:.0f} s "
+    seconds = summary.get("seconds", 0)
+    lines = [f"\nGenerated {n} crystal{'s' * (n != 1)}, sampled in {seconds:.{1 if seconds < 10 else 0}f} s "
              f"({describe_sampler(**summary)}; {summary['checkpoint']})"] if "sampler" in summary else []
     lines.append(f"{'generated':<38}{summary['generated']:>6}")
     lo, hi = VOLUME_BAND
@@ -579,7 +583,7 @@ def format_screening(summary):
                        ("closer_than_1A", "a pair closer than 1.0 A"),
                        ("crowded", f"crowded (d < {CROWDED_BELOW} (r_i + r_j))"), ("p1", "P1 (symprec 0.1)"),
                        ("p1_before_symmetrising", "  before symmetrising"),
-                       ("volume_not_judged", "(V not judged: an element unfitted)"),
+                       ("volume_not_judged", "(V not judged: element volume unknown)"),
                        ("physical", f"physical (valid, uncrowded, V ok)"),
                        ("physical_unique_novel", "physical, unique and novel")):
         if key in summary:     # crystals_with_merges: generate only (decoded by this project)
@@ -619,25 +623,27 @@ def save_figure(fig, path, dpi, new=True):
 
 
 def plot_cloud(cloud, elements, formula, path):
-    """Fig. S1: the three channels of one crystal's (3, 128, 3) cloud."""
+    """Fig. S1: the three channels of one crystal's (3, 128, 3) cloud; `formula` as its title."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 5.6), sharey=True)
     titles = ["channel 0\nfractional x, y, z", "channel 1\nelement slot",
               "channel 2\nangles (rows 0-63), lengths (64-127)"]
     for ax, channel, title in zip(axes, cloud, titles):
         im = ax.imshow(channel, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        ax.set(title=title, xticks=[0, 1, 2], xlabel="column")
-    axes[1].set_xticks([0, 1, 2], [*elements, "", ""][:3])
+        ax.set(title=title, xlabel="column")
+    for ax, names in zip(axes, (["x", "y", "z"], [*elements, "", ""][:3], ["α | a", "β | b", "γ | c"])):
+        ax.set_xticks([0, 1, 2], names)
     axes[0].set_ylabel("point (atom i fills 128 // n consecutive rows)")
     fig.subplots_adjust(top=0.84, right=0.88)
-    fig.colorbar(im, cax=fig.add_axes([0.9, 0.15, 0.015, 0.65]))
+    fig.colorbar(im, cax=fig.add_axes([0.9, 0.15, 0.015, 0.65]), label="value (every channel in [0, 1])")
     fig.suptitle(f"{formula}: the (3, 128, 3) PCCD cloud (paper Fig. S1)")
     save_figure(fig, path, dpi=110)
 
 
-def plot_prediction(true, predicted, path):
+def plot_prediction(true, predicted, path, title):
     """A predicted structure beside the true one (Fig. 1 style): each atom's fractional x, y, z
-    and the lattice lengths, predicted against true, atoms paired by the greedy matcher."""
+    (the image nearest the true one, no origin shift) and the lattice lengths, predicted against
+    true, atoms paired by the greedy matcher; `title` names the crystal and how it scored."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     pairs = greedy_match(true.frac_coords, predicted.frac_coords, true.lattice.matrix)
@@ -645,29 +651,35 @@ def plot_prediction(true, predicted, path):
         x = np.array([true.frac_coords[a, j] for a, _, _ in pairs])
         y = x + data.periodic_difference([predicted.frac_coords[b, j] for _, b, _ in pairs], x)
         axes[0].scatter(x, y, label=axis, s=25)
-    axes[1].scatter(true.lattice.abc, predicted.lattice.abc, c=["C0", "C1", "C2"], s=40)
+    for length, marker, true_length, predicted_length in zip("abc", "os^", true.lattice.abc, predicted.lattice.abc):
+        axes[1].scatter([true_length], [predicted_length], marker=marker, color="k", s=40, label=length)
     longest = 1.1 * max(*true.lattice.abc, *predicted.lattice.abc)
-    for ax, title, lim in ((axes[0], "fractional coordinates", (-0.2, 1.2)),
-                           (axes[1], "lattice lengths a, b, c (Å)", (0, longest))):
+    for ax, name, lim in ((axes[0], "fractional coordinates (nearest image)", (-0.5, 1.5)),
+                          (axes[1], "lattice lengths (Å)", (0, longest))):
         ax.plot(lim, lim, "k--", lw=0.8)
-        ax.set(title=title, xlabel="true", ylabel="predicted", xlim=lim, ylim=lim)
-    axes[0].legend()
-    fig.suptitle(f"{true.composition.formula}: predicted from its composition alone")
+        ax.set(title=name, xlabel="true", ylabel="predicted", xlim=lim, ylim=lim)
+        ax.legend()
+    fig.suptitle(f"{true.composition.formula}: predicted from its composition alone\n{title}")
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     save_figure(fig, path, dpi=110)
 
 
-def plot_loss(losses, path):
-    """Fig. S4: the training loss (L1, Eq. S4) per step and its running mean."""
+def plot_loss(losses, held_out, path):
+    """Fig. S4: the training loss (L1, Eq. S4) per step, its running mean (over 10 steps or a
+    50th of the run, whichever is more) and the held-out loss at each checkpoint ((step, loss))."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(losses, lw=0.5, alpha=0.4, label="batch loss")
-    window = max(1, len(losses) // 50)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=f"mean of {window} steps")
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.5, alpha=0.4, label="batch loss")
+    window = max(10, len(losses) // 50)
+    if len(losses) >= 2 * window:                           # a mean over most of the run says nothing
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + window, smooth, label=f"mean of {window} steps")
+    if held_out:
+        ax.plot(*zip(*held_out), "o", ms=4, label="held-out loss (EMA weights)")
     ax.set(xlabel="step", ylabel="L1 loss (Eq. S4)", yscale="log", title="PCCD training loss")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, path, dpi=120, new=False)              # redrawn as a run goes on
+    save_figure(fig, path, dpi=120, new=False)              # a resumed run draws its whole curve again
 
 
 def plot_reconstruction(pairs, summary, path):
@@ -689,24 +701,38 @@ def plot_reconstruction(pairs, summary, path):
         ax[1].plot([0, 1], [0, 1], "k--", lw=0.8)
     ax[0].set(title="a. lattice lengths (equal counts)", xlabel="original (Å)", ylabel="reconstructed (Å)")
     ax[1].set(title="b. fractional coordinates (matched atoms)", xlabel="original", ylabel="reconstructed")
-    counts = np.zeros((17, 17))
+    counts = np.zeros((18, 18))                           # 17: more than 16 atoms decoded
     for p in pairs:
-        counts[min(p["n_reconstructed"], 16), p["n_original"]] += 1
+        counts[min(p["n_reconstructed"], 17), p["n_original"]] += 1
     im = ax[2].imshow(counts, origin="lower", cmap="viridis")
-    fig.colorbar(im, ax=ax[2])
+    fig.colorbar(im, ax=ax[2], label="structures").ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax[2].plot([0, 16], [0, 16], "w--", lw=0.6)
+    ticks = [0, 4, 8, 12, 16]
+    ax[2].set_xticks(ticks)
+    ax[2].set_yticks(ticks + [17], [*map(str, ticks), ">16"])
     ax[2].set(title=f"c. atom counts: {100 * summary['atom_count_accuracy']:.1f}% on the diagonal",
               xlabel="original", ylabel="reconstructed (0 = not decoded)")
-    ax[3].boxplot([100 * np.array([p["lattice_rel_error"][k] for p in same]) for k in range(3)])
+    errors = [100 * np.array([p["lattice_rel_error"][k] for p in same]) for k in range(3)]
+    ax[3].boxplot(errors)
     ax[3].set_xticks([1, 2, 3], ["a", "b", "c"])
-    ax[3].set(title="d. lattice length relative error (%)", ylim=(-30, 30))
-    errors = [100 * np.concatenate([np.array(p[key])[:, k] for p in same]) if same else []
-              for key in ("coord_error_paper", "coord_error_periodic") for k in range(3)]
-    ax[4].boxplot(errors)
+    ax[3].set(title="d. lattice length relative error (%)")
+    errors_xyz = [100 * np.concatenate([np.array(p[key])[:, k] for p in same]) if same else []
+                  for key in ("coord_error_paper", "coord_error_periodic") for k in range(3)]
+    ax[4].boxplot(errors_xyz)
     ax[4].set_xticks(range(1, 7), ["x", "y", "z", "x*", "y*", "z*"])
-    ax[4].set(title="e. coordinate error (% of the cell; * minimum-image)", ylim=(-30, 30))
-    ax[5].hist([p["rms"] for p in pairs if p["rms"] is not None], bins=20)
-    ax[5].set(title=f"RMS distance of matched pairs ({100 * summary['match_rate']:.1f}% matched)",
-              xlabel="get_rms_dist (normalised)")
+    ax[4].set(title="e. coordinate error (% of cell; * minimum image)")
+    for panel, values in ((ax[3], errors), (ax[4], errors_xyz)):   # the boxes readable, the outliers counted
+        beyond = sum(int(np.sum(np.abs(v) > 30)) for v in values)
+        panel.set_ylim(-30, 30)
+        if beyond:
+            panel.text(0.02, 0.02, f"{beyond} beyond ±30% not shown", transform=panel.transAxes, fontsize=8,
+                       bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
+    rms = [p["rms"] for p in pairs if p["rms"] is not None]
+    ax[5].hist(rms, bins=20)
+    if not rms:
+        ax[5].text(0.5, 0.5, "no matched pairs", ha="center", transform=ax[5].transAxes)
+    ax[5].set(title=f"f. matched pairs ({100 * summary['match_rate']:.1f}%, CDVAE tolerances)",
+              xlabel="get_rms_dist (normalised)", ylabel="structures")
     fig.suptitle(f"PCCD reconstruction from t = {summary['t']}, {summary['n']} structures")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
@@ -714,7 +740,8 @@ def plot_reconstruction(pairs, summary, path):
 
 def plot_trajectory(trajectory, elements, path):
     """Fig. S2: one sample's points, coloured by element, as the noise is removed: six of the
-    steps in `trajectory` ({t: cloud}), from the first to the last."""
+    steps in `trajectory` ({t: cloud}), from the first to the last, which holds the final cloud
+    (after any refinement). Coordinates are drawn modulo 1, as the decoder reads them."""
     plt = pyplot()
     times = sorted(trajectory, reverse=True)
     times = sorted(set(times[:: max(1, len(times) // 5)] + [times[-1]]), reverse=True)
@@ -724,9 +751,10 @@ def plot_trajectory(trajectory, elements, path):
         ax = fig.add_subplot(1, len(times), k + 1, projection="3d")
         slot = cloud[1, :, : len(elements)].argmax(1)
         for j, symbol in enumerate(elements):
-            p = cloud[0][slot == j]
+            p = cloud[0][slot == j] % 1.0
             ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=6, label=symbol)
-        ax.set(title=f"after step {t}", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1), xticks=[], yticks=[], zticks=[])
-    fig.axes[0].legend(loc="upper left", fontsize=8)
+        ax.set(title="final" if k == len(times) - 1 else f"after step {t}", xlim=(0, 1), ylim=(0, 1), zlim=(0, 1),
+               xticks=[], yticks=[], zticks=[])
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(elements), fontsize=8)
     fig.suptitle("Generation of one crystal: points coloured by element (paper Fig. S2)")
     save_figure(fig, path, dpi=110)

@@ -324,7 +324,7 @@ def run_record(args, ckpt):
     for key in ("argv", "made", "kept", "refine_default", "known_clean"):     # the program's own, not options
         options.pop(key, None)
     return dict(command=shlex.join(["python", "pccd.py", *args.argv]), options=options,
-                threads=torch.get_num_threads()) | ckpt["loaded_from"]
+                threads_used=torch.get_num_threads()) | ckpt["loaded_from"]
 
 
 def default_checkpoint():
@@ -504,6 +504,7 @@ def train(args):
     clouds, elements, band_gap, magnetic = map(torch.from_numpy, encoded)
     x0_all = diffusion.to_model(clouds)                                  # (N, 3, 128, 3) in [-1, 1]
     held_out = val_digest = None
+    loss_name = "held-out loss"
     if s["val"] != "none":
         val = load_or_fail(resolve_path(s["val"]), length_range=length_range)
         val = [val[i] for i in np.random.default_rng(0).permutation(len(val))[:HELD_OUT]]
@@ -511,6 +512,7 @@ def train(args):
         if {same(c) for c in val} & {same(c) for c in crystals}:       # by structure: names may be "row 0"
             print(f"warning: {s['val']} shares crystals with the training data: its loss is not a held-out "
                   f"loss", file=sys.stderr)
+            loss_name = "--val loss (not held out)"
         val_digest = data_digest(val)
         if resumed and resumed.get("val_digest") not in (None, val_digest):             # older runs: any
             raise UserError(f"{shown_path(resolve_path(s['val']))} is not the run's held-out set (it has changed "
@@ -587,7 +589,7 @@ def train(args):
                 if os.path.exists(path):
                     print(f"{path} holds step {step}: continue with --resume", file=sys.stderr)
                     try:
-                        evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))    # the curve so far
+                        evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"))   # so far
                     except Exception as e:            # a full disk: the steps are saved, the figure is not
                         print(f"warning: loss.png not drawn ({e})", file=sys.stderr)
                 raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated(stop.signum)
@@ -617,11 +619,11 @@ def train(args):
             if step % SAVE_EVERY == 0 or step == s["steps"]:
                 if held_out:
                     val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
-                    print(f"step {step}: held-out loss {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
+                    print(f"step {step}: {loss_name} {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
                           f"crystals of {shown_path(resolve_path(s['val']))})", flush=True)
                 save()
     args.kept = args.out                        # the checkpoint is saved: an error drawing the curve says so
-    evaluate.plot_loss(losses, os.path.join(args.out, "loss.png"))
+    evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"))
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
           f"of last {min(50, len(losses))} steps: {np.mean(losses[-50:]):.4f}; {progress.done - progress.first} steps in "
           f"{progress.elapsed() / 60:.1f} min)")
@@ -1096,7 +1098,10 @@ def cmd_csp(args):
     write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
     args.made, args.kept = None, out            # finished: kept, whatever happens to what follows
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
-        evaluate.plot_prediction(crystals[i % n].structure, predicted[i], os.path.join(out, "predicted.png"))
+        row, which = rows[i % n], "its first sample" if i < n else f"sample {i // n + 1}"
+        scored = ("matched, RMS %.3f" % row["rms_1"]) if row["match_1"] else "not matched"
+        evaluate.plot_prediction(crystals[i % n].structure, predicted[i], os.path.join(out, "predicted.png"),
+                                 f"{crystals[i % n].material_id}, {which}" + (f": {scored}" if i < n else ""))
     written = ["results.json"] + ["predicted.png"] * any(predicted) + ["first samples as CIF"] * any(predicted[:n])
     print(evaluate.format_csp(summary) + f"\nresults: {out}/ ({', '.join(written)})")
 
@@ -1150,7 +1155,8 @@ def cmd_show(args):
     except ValueError as e:
         raise UserError(str(e))
     make_parents(out, args)
-    evaluate.plot_cloud(cloud, elements, data.formula(first.structure.composition), out)
+    evaluate.plot_cloud(cloud, elements, f"{first.structure.composition.formula.replace(' ', '')} "
+                        f"({len(first.structure)} atoms)", out)
     print(f"wrote {out} (the cloud of {first.material_id})")
 
 

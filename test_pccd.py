@@ -161,7 +161,7 @@ def test_encode_refuses_17_sites_with_a_clear_message():
 
 def test_encode_refuses_lengths_outside_the_models_range():
     s = Structure(Lattice.tetragonal(4.0, 80.0), ["Si"], [[0, 0, 0]])
-    with pytest.raises(ValueError, match="outside the model's range"):
+    with pytest.raises(ValueError, match="outside the length range"):
         data.encode(s)
 
 
@@ -308,9 +308,11 @@ IDLE_CORES = pccd.idle_cores
 
 @pytest.fixture(autouse=True)
 def steady_threads(monkeypatch):
-    """Commands run here get two threads however busy the machine is: the count orders the sums, and
-    runs a test compares must add alike (the choice itself is tested on IDLE_CORES below)."""
-    monkeypatch.setattr(pccd, "idle_cores", lambda *args, **kwargs: 2)
+    """Commands run here get two threads however busy the machine is (and whatever OMP_NUM_THREADS
+    says): the count orders the sums, and runs a test compares must add alike. The choice itself is
+    tested on IDLE_CORES below."""
+    monkeypatch.setattr(pccd, "idle_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)                   # else main() leaves torch's count
 
 
 @pytest.fixture(scope="module")
@@ -563,15 +565,14 @@ def test_greedy_match_takes_the_closest_pair_first():
     assert [(i, j) for i, j, _ in pairs] == [(0, 0), (1, 1)]
 
 
-def test_box_statistics_match_numpys_percentiles():
+def test_box_statistics_are_the_whiskers_matplotlib_draws_and_the_share_inside_them():
+    from matplotlib.cbook import boxplot_stats
     v = np.random.default_rng(0).normal(size=1001)
     v[:20] = 50                                                     # outliers
-    stats = evaluate.box_statistics(v)
-    q1, q3 = np.percentile(v, [25, 75])
-    assert stats["upper"] == pytest.approx(q3 + 1.5 * (q3 - q1))
-    assert stats["lower"] == pytest.approx(q1 - 1.5 * (q3 - q1))
-    inside = np.mean((v >= stats["lower"]) & (v <= stats["upper"]))
-    assert stats["efficiency"] == pytest.approx(inside) and stats["efficiency"] < 0.99
+    stats, drawn = evaluate.box_statistics(v), boxplot_stats(v)[0]
+    assert (stats["upper"], stats["lower"], stats["q1"], stats["q3"]) == pytest.approx(
+        (drawn["whishi"], drawn["whislo"], drawn["q1"], drawn["q3"]))
+    assert stats["efficiency"] == pytest.approx(1 - len(drawn["fliers"]) / v.size) and stats["efficiency"] < 0.99
 
 
 def test_the_count_baseline_predicts_the_most_common_count_of_each_element_set():
@@ -1388,6 +1389,10 @@ def bad_inputs(tmp_path_factory, mp20):
     os.symlink(root / "nowhere.csv", root / "dangling.csv")
     shipped = torch.load(os.path.join(HERE, "checkpoints", "pccd_mp20.pt"), weights_only=False)
     torch.save({k: shipped[k] for k in ("ema", "model_config", "length_range", "sampling")}, root / "minimal.pt")
+    outputs_only = root / "outputs_only"                                        # what a command writes beside CIFs
+    outputs_only.mkdir()
+    (outputs_only / "summary.json").write_text("{}")
+    (outputs_only / "fig1.png").write_bytes(b"\x89PNG")
     from pymatgen.core import DummySpecies
     only_dummy = root / "only_dummy"                                            # "X": a placeholder, not an atom
     only_dummy.mkdir()
@@ -1530,6 +1535,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["csp", "--checkpoint", "{run}", "--data", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species (not an element)"),
     (["reconstruct", "--checkpoint", "{run}", "--data", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species"),
     (["evaluate", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species"),
+    (["evaluate", "{r}/outputs_only"], 1, "kept 0 of 0 structures (skipped: none); none of its files is a CIF or POSCAR"),
 ]
 
 
@@ -1582,7 +1588,9 @@ def test_roundtrip_counts_a_crystal_it_cannot_encode_and_goes_on(bad_inputs, cap
     crystals = data.load_structures(str(bad_inputs / "roundtrip"), verbose=False)
     result = evaluate.roundtrip(crystals)
     assert result["n"] == 2 and result["matched"] == 1
-    assert result["failures"] == ["long.cif (lattice lengths [3.0, 3.0, 60.0] A fall outside the model's range 2-50 A)"]
+    assert result["failures"] == [] and result["unencoded"] == [
+        "long.cif (lattice lengths [3.0, 3.0, 60.0] A fall outside the length range 2-50 A)"]
+    assert "\n    not encoded: long.cif (lattice lengths" in evaluate.format_roundtrip("x", 0, result)
     code, err, out = run_pccd(["roundtrip", "--data", str(bad_inputs / "roundtrip"), "--noise", "0"], capsys)
     assert code == 0 and "1/1" in out                     # the 60 A cell is skipped where it is loaded,
     assert "kept 1 of 2 structures (skipped: 1 with a lattice length outside 2-50 A)" in err[0]   # with why
@@ -1884,7 +1892,7 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
     del saved["data_digest"]                            # a run saved before the digest: the names match
     torch.save(saved, out / "checkpoint.pt")
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
-    assert code == 1 and len(err) == 2 and "fall outside the model's range" in err[-1], err   # the load line, then it
+    assert code == 1 and len(err) == 2 and "fall outside the length range" in err[-1], err   # the load line, then it
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
@@ -1972,6 +1980,8 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "MgO_POSCAR").write_text((folder / "poscar_lower").read_text())       # read, as pymatgen would
     (folder / "e.mcif").write_text(cif)                                            # counted, not guessed at
     (folder / "x.vasp.bak").write_text((folder / "poscar_lower").read_text())
+    (folder / "MgO_POSCAR.jpeg").write_bytes(b"\xff\xd8\xff\xe0JFIF")                # plainly other kinds: not said
+    (folder / "vasp2poscar.pl").write_text("#!/usr/bin/perl\n")
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
     assert [c.material_id for c in kept] == ["MgO_POSCAR", "POSCAR_comment", "journal.cif", "old_mac.cif", "poscar_lower",
@@ -2278,7 +2288,7 @@ def test_generate_records_its_run_and_judges_novelty_only_against_the_data_the_m
     summary = json.load(open(tmp_path / "g1" / "summary.json"))
     assert summary["command"] == "python pccd.py " + " ".join(sample + ["--out", str(tmp_path / "g1")])
     assert summary["options"]["magnetic"] == "FM" and summary["options"]["batch_size"] == 1
-    assert summary["threads"] == torch.get_num_threads()                 # the count it ran on, not "default"
+    assert summary["threads_used"] == 2 and summary["options"]["threads"] is None    # the count, not "default"
     options = {a.dest for a in pccd.build_parser().commands["generate"]._actions} - {"help"} | {"command"}
     assert set(summary["options"]) == options                             # every option, and nothing else
     assert summary["checkpoint_step"] == 2 and summary["novelty_checked"] and summary["checkpoint_sha256"] == \
@@ -2377,9 +2387,11 @@ def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_i
     assert "Ar" not in evaluate.atomic_volumes(reference)
     rows, summary = evaluate.screen([argon], reference)
     assert np.isnan(rows[0]["volume_ratio"]) and rows[0]["physical"]      # not judged by a guessed volume
-    assert summary["volume_not_judged"] == 1 and re.search(r"^\(V not judged: an element unfitted\) +1 +100.00%$",
+    assert summary["volume_not_judged"] == 1 and re.search(r"^\(V not judged: element volume unknown\) +1 +100.00%$",
                                                            evaluate.format_screening(summary), re.M)
     assert re.search(r"^median V / V_pred +-$", evaluate.format_screening(summary), re.M)   # none judged: no number
     rows, summary = evaluate.screen([argon, mp20[0].structure], reference)
-    assert "median V / V_pred" in evaluate.format_screening(summary) and "(of the 1 judged)" in \
-        evaluate.format_screening(summary) and summary["volume_not_judged"] == 1
+    median = evaluate.atomic_volumes(reference) and mp20[0].structure.volume / evaluate.predicted_volume(
+        mp20[0].structure.composition, evaluate.atomic_volumes(reference))
+    assert re.search(rf"^median V / V_pred +{median:.2f}  \(of the 1 judged\)$", evaluate.format_screening(summary),
+                     re.M) and summary["volume_not_judged"] == 1
