@@ -28,6 +28,7 @@ Where this differs from the paper, and why
 
 numpy and pymatgen only: porting PCCD to another framework never touches this file.
 """
+import collections
 import contextlib
 import csv
 import errno
@@ -967,7 +968,7 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
 def describe_load(path, kept, skipped):
     """'PATH: kept 3 of 5 structures (skipped: 1 unreadable, 1 with > 16 sites; not read: 3 a POSCAR
     beside its CIF)', and what else a user should know: an empty folder's subfolders and
-    CSV files go unread, a band gap or ordering was not understood."""
+    CSV files go unread, a band gap or ordering was not understood, a material id names two rows."""
     why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()) if r not in NOT_A_CRYSTAL) or "none"
     unused = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()) if r in NOT_A_CRYSTAL)
     why += f"; not read: {unused}" if unused else ""
@@ -977,11 +978,14 @@ def describe_load(path, kept, skipped):
         ("subfolders", any(os.path.isdir(os.path.join(path, n)) for n in names)),
         ("CSV files", any(is_csv(n) for n in names))) if there)
     unclear = sum(c.condition_unread for c in kept)
+    twice = sorted(n for n, k in collections.Counter(c.material_id for c in kept).items() if k > 1)
     others = not unread and not skipped and any(os.path.isfile(os.path.join(path, n)) for n in names)   # figures
     return f"{path}: kept {len(kept)} of {total} structure{'s' * (total != 1)} (skipped: {why})" + \
         (f"; its {unread} are not read: name one" if unread else "") + \
         ("; none of its files is a CIF or POSCAR" if others else "") + \
-        (f"; {unclear} with a band gap or ordering not understood, taken as unknown" if unclear else "")
+        (f"; {unclear} with a band gap or ordering not understood, taken as unknown" if unclear else "") + \
+        (f"; {len(twice)} material id{'s' * (len(twice) != 1)} naming more than one crystal ({', '.join(twice[:3])}"
+         f"{', ...' if len(twice) > 3 else ''})" if twice else "")
 
 
 def _to_float(value):

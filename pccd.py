@@ -199,8 +199,8 @@ def pick_device(name):
 # ----------------------------------------------------------------------------------------------
 # A checkpoint is a dict: `ema` (the weights sampling uses), `model_config`, `length_range`,
 # `sampling` (how to sample: prediction, T, condition_above, guidance), `settings` (how it was
-# trained), `train_ids` and `train_compositions` (for the count baseline and novelty), `losses`,
-# `step`; a run's own also `model`, `optimizer`, `rng`, `threads`, `data_digest` and `val_digest`, so
+# trained), `train_ids` and `train_compositions` (for the count baseline and novelty), the band-gap
+# classes and orderings it saw (`trained_conditions`; older runs lack it), `losses`, `step`; a run's own also `model`, `optimizer`, `rng`, `threads`, `data_digest` and `val_digest`, so
 # that --resume continues exactly (on the run's thread count), on the same data and held-out set.
 
 CHECKPOINT_KEYS = ("ema", "model_config", "length_range", "sampling", "settings", "train_ids",
@@ -469,12 +469,15 @@ def train(args):
             ("--property-drop", args.property_drop, lambda v: v == own.get("property_drop", v)),
             ("--translate", args.translate, lambda v: v == own.get("translate", v)),
             ("--preset", args.preset, lambda v: v == own.get("preset")),
+            ("--batch-size", args.batch_size, lambda v: v == own["batch_size"]),
+            ("--lr", args.lr, lambda v: v == own["lr"]),
+            ("--schedule", args.schedule, lambda v: v == own["schedule"]),
             ("--val", args.val, lambda v: portable_val(v) == own.get("val", portable_val(v))   # older runs: any
              or v != "none" and resumed.get("val_digest") is not None))   # moved: its crystals checked below
             if given is not None and not same(given)]
         if changed:
-            raise UserError(f"--resume continues the run's own held-out set, random state, network, objective "
-                            f"and preset ({own.get('preset')}): leave out {', '.join(changed)}")
+            raise UserError(f"--resume continues the run's own held-out set, random state, network, objective, "
+                            f"optimiser and preset ({own.get('preset')}): leave out {', '.join(changed)}")
         for flag, given, what, where in (("--data", args.data, "data", own["data"]),
                                          ("--val", args.val, "held-out set", own.get("val", "none"))):
             if given is None and where != "none" and not os.path.exists(resolve_path(where)):
@@ -482,6 +485,13 @@ def train(args):
     s = resolve_settings(args, resumed)
     if resumed and s["steps"] <= resumed["step"]:
         raise UserError(f"{path} is at step {resumed['step']} already, of {s['steps']}: give --steps above it")
+    if resumed and s["steps"] != resumed["settings"]["steps"]:            # a longer run than the one begun
+        s["extended"] = resumed["settings"].get("extended", []) + [[resumed["step"], resumed["settings"]["steps"]]]
+        if s["schedule"] == "cosine":
+            before, now = learning_rate(resumed["settings"], resumed["step"] - 1), learning_rate(s, resumed["step"])
+            print(f"warning: the cosine decay was planned for {resumed['settings']['steps']} steps; stretched to "
+                  f"{s['steps']}, the learning rate goes from {before:.2g} at step {resumed['step']} to {now:.2g} at "
+                  f"step {resumed['step'] + 1} (recorded in the run's settings as 'extended')", file=sys.stderr)
     s["val"] = portable_val(args.val) if args.val is not None else \
         resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
     device = pick_device(args.device)
@@ -544,12 +554,13 @@ def train(args):
             print(f"warning: the run trained on {run_threads} threads, this goes on with {torch.get_num_threads()}: "
                   f"its sums, and so its weights, differ from one run on {run_threads}", file=sys.stderr)
     print(f"training a {unet.count_parameters(model) / 1e6:.2f} M-parameter U-Net on {len(crystals)} "
-          f"crystals, device {device}, steps {step} -> {s['steps']}, batch {s['batch_size']}, lr "
+          f"crystal{'s' * (len(crystals) != 1)}, device {device}, steps {step} -> {s['steps']}, batch {s['batch_size']}, lr "
           f"{s['lr']:g} ({s['schedule']}), predicting {s['prediction']}, no condition below step "
           f"{s['condition_above']}, property dropout {s['property_drop']:g}"
           f"{', composition given for ' + format(100 * s['composition_given'], 'g') + '%' if s['composition_given'] else ''}"
           f"{', random translations' if s['translate'] else ''}, widths {'/'.join(map(str, s['widths']))}, "
-          f"seed {s['seed']}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}", flush=True)
+          f"seed {s['seed']}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, lattice "
+          f"lengths {length_range[0]:.2f}-{length_range[1]:.2f} A (the cells it can make)", flush=True)
 
     def state():
         return dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
@@ -560,8 +571,11 @@ def train(args):
                     length_range=length_range,
                     settings=s, sampling=sampling_entry(s), train_ids=[c.material_id for c in crystals],
                     data_digest=digest, val_digest=val_digest,
-                    train_compositions=[c.structure.composition.formula for c in crystals])
+                    train_compositions=[c.structure.composition.formula for c in crystals],
+                    trained_conditions=trained_conditions)
 
+    trained_conditions = dict(band_gap=sorted({c.band_gap_class for c in crystals}),
+                              ordering=sorted({c.ordering for c in crystals}))
     progress = Progress(s["steps"], "step", done=step)
 
     saved = [step] if resumed else []     # the step the run's checkpoint holds
@@ -620,10 +634,14 @@ def train(args):
                 if held_out:
                     val_losses.append((step, held_out_loss(ema, ddpm, held_out, s["condition_above"])))
                     print(f"step {step}: {loss_name} {val_losses[-1][1]:.4f} (EMA weights, {len(held_out[0])} "
-                          f"crystals of {shown_path(resolve_path(s['val']))})", flush=True)
+                          f"crystal{'s' * (len(held_out[0]) != 1)} of {shown_path(resolve_path(s['val']))})", flush=True)
                 save()
     args.kept = args.out                        # the checkpoint is saved: an error drawing the curve says so
-    evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"))
+    try:
+        evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"))
+    except (KeyboardInterrupt, Terminated):
+        print(f"{path} holds the finished run (step {step}); its loss.png was not drawn", file=sys.stderr)
+        raise
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
           f"of last {min(50, len(losses))} steps: {np.mean(losses[-50:]):.4f}; {progress.done - progress.first} steps in "
           f"{progress.elapsed() / 60:.1f} min)")
@@ -641,7 +659,7 @@ def cmd_export(args):
         if os.path.lexists(path):
             raise UserError(f"{path} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
-    small = {k: ckpt[k] for k in CHECKPOINT_KEYS + ("data_digest",) if k in ckpt}    # what sampling needs
+    small = {k: ckpt[k] for k in CHECKPOINT_KEYS + ("data_digest", "trained_conditions") if k in ckpt}  # sampling's
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     make_parents(args.out, args)
     save_checkpoint(args.out, small, new=True)
@@ -837,7 +855,8 @@ def cmd_reconstruct(args):
             raise UserError(f"the model's training data, {ckpt['settings']['data']}, is gone: name structures "
                             f"with --data")
     crystals = load_or_fail(args.data, length_range=length_range)
-    if own and not trained_on(data.load_structures(args.data, verbose=False), ckpt):
+    learned = own and trained_on(data.load_structures(args.data, verbose=False), ckpt)
+    if own and not learned:
         print(f"warning: {args.data} has changed since the model was trained on it: these are not the "
               f"crystals it learned", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
@@ -852,6 +871,7 @@ def cmd_reconstruct(args):
     write_npz(os.path.join(out, "noised.npz"), x_t=x_t.numpy(), t=t,
               material_id=[c.material_id for c, _, _ in usable])
     conditions = [(elements, c.band_gap_class, c.ordering) for c, _, elements in usable]
+    warn_never_learned(conditions, crystals if learned else None, ckpt, args, ddpm)
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, x_T=x_t, t_start=t - 1)
     write_npz(os.path.join(out, "denoised.npz"), clouds=clouds,
               elements=np.array([" ".join(e) for e, _, _ in conditions]))
@@ -924,21 +944,57 @@ def trained_on(crystals, ckpt):
     """Whether these crystals (the encodable ones of a file, as train keeps them) are the ones the
     checkpoint was trained on: not if the file has changed since (other names, compositions or,
     where the run recorded it, structures)."""
-    return [c.material_id for c in crystals] == ckpt["train_ids"] and \
-        [c.structure.composition.formula for c in crystals] == ckpt["train_compositions"] and \
+    if sorted(c.material_id for c in crystals) != sorted(ckpt["train_ids"]):
+        return False
+    order = {name: i for i, name in reversed(list(enumerate(ckpt["train_ids"])))}   # rows reordered: the same
+    crystals = sorted(crystals, key=lambda c: order[c.material_id])                     # crystals, learned alike
+    return [c.structure.composition.formula for c in crystals] == ckpt["train_compositions"] and \
         ckpt.get("data_digest") in (None, data_digest(crystals))          # exported checkpoints hold none
 
 
-def untrained_conditions(args, crystals, ckpt):
-    """The asked-for band-gap class and magnetic ordering the model never trained on: no training
-    crystal had it (crystals None: not known), or property dropout 1 hid it ('unknown' is trained
-    by property dropout, and with a dropout of 1 it is all that is). Their embeddings are random."""
+def untrained_conditions(band_gaps, orderings, crystals, ckpt):
+    """The asked-for band-gap classes and magnetic orderings the model never trained on: none of its
+    training crystals had it (the checkpoint's record, else `crystals`, else not known), or property
+    dropout 1 hid it ('unknown' is trained by property dropout, and with a dropout of 1 it is all
+    that is). Their embeddings are random."""
     p = ckpt["settings"].get("property_drop", 0)
     trained = lambda classes: (set() if p >= 1 else classes) | ({"unknown"} if p > 0 else set())  # noqa: E731
-    return [f"{what} {value}" for what, value, seen in (
-        ("band gap", args.band_gap, data.BAND_GAP_CLASSES if crystals is None else {c.band_gap_class for c in crystals}),
-        ("magnetic ordering", args.magnetic, data.MAGNETIC_ORDERINGS if crystals is None else
-         {c.ordering for c in crystals})) if value not in trained(set(seen))]
+    record = ckpt.get("trained_conditions")
+    return [f"{what} {value}" for what, asked, seen in (
+        ("band gap", band_gaps, record["band_gap"] if record else data.BAND_GAP_CLASSES if crystals is None
+         else {c.band_gap_class for c in crystals}),
+        ("magnetic ordering", orderings, record["ordering"] if record else data.MAGNETIC_ORDERINGS
+         if crystals is None else {c.ordering for c in crystals}))
+        for value in sorted(set(asked)) if value not in trained(set(seen))]
+
+
+def warn_never_learned(conditions, crystals, ckpt, args, ddpm):
+    """Say what sampling asks of the model that it never learned: a band-gap class or ordering
+    (untrained_conditions), any condition at all (trained with --condition-above T), an element."""
+    band_gaps, orderings = [b for _, b, _ in conditions], [m for _, _, m in conditions]
+    if untrained := untrained_conditions(band_gaps, orderings, crystals, ckpt):
+        print(f"warning: the model never trained on {' or '.join(untrained)}: that condition is untrained "
+              f"(random) in this model", file=sys.stderr)
+    if ckpt["settings"].get("condition_above", 0) >= ddpm.T:
+        print(f"warning: this model was trained without its condition (--condition-above "
+              f"{ckpt['settings']['condition_above']}): the condition's embeddings are untrained", file=sys.stderr)
+    unseen = sorted({e for s, _, _ in conditions for e in s}
+                    - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
+    if unseen:
+        print(f"warning: the model never saw {' '.join(unseen)} in training; expect poor structures",
+              file=sys.stderr)
+
+
+def warn_at_length_limit(structures, length_range):
+    """Say how many cells have a lattice length at an end of the model's range: sampling clips the
+    network's output there, so a cell that wants to be larger (or smaller) stops at it."""
+    ends = np.array(length_range)
+    n = sum(s is not None and bool(np.isclose(np.array(s.lattice.abc)[:, None], ends, rtol=1e-4).any())
+            for s in structures)
+    if n:
+        print(f"warning: {n} of {len(structures)} cells have a lattice length at an end of the model's range "
+              f"({ends[0]:.2f}-{ends[1]:.2f} A, fitted to its training data): it cannot make larger or smaller "
+              f"cells", file=sys.stderr)
 
 
 def cmd_generate(args):
@@ -962,24 +1018,14 @@ def cmd_generate(args):
         print(f"warning: {reference_file} has changed since the model was trained on it: novelty not checked "
               f"(name the training data with --reference)", file=sys.stderr)
         reference, reference_file = [], None
-    if untrained := untrained_conditions(args, training if reference and args.reference is None else None, ckpt):
-        print(f"warning: the model never trained on {' or '.join(untrained)}: that condition is untrained "
-              f"(random) in this model", file=sys.stderr)
     if not counts and ckpt["settings"].get("composition_given", 0) >= 1:
         print("warning: this model was trained with the composition always given (--composition-given 1): it "
               "never learned to make channel 1; name one with --formula", file=sys.stderr)
-    if not counts and args.condition_above >= ddpm.T:
+    if not counts and args.condition_above >= ddpm.T > ckpt["settings"].get("condition_above", 0):   # asked so
         print(f"warning: the condition acts at steps >= {args.condition_above} only, and none is: the network is "
               f"not told the elements, band gap or ordering asked for (--formula holds a composition)", file=sys.stderr)
-    elif ckpt["settings"].get("condition_above", 0) >= ddpm.T:
-        print(f"warning: this model was trained without its condition (--condition-above "
-              f"{ckpt['settings']['condition_above']}): the condition's embeddings are untrained", file=sys.stderr)
-    unseen = sorted({e for s in element_sets for e in s}
-                    - {e.symbol for comp in ckpt["train_compositions"] for e in Composition(comp).elements})
-    if unseen:
-        print(f"warning: the model never saw {' '.join(unseen)} in training; expect poor structures",
-              file=sys.stderr)
     conditions = [(s, args.band_gap, args.magnetic) for s in element_sets]
+    warn_never_learned(conditions, training if reference and args.reference is None else None, ckpt, args, ddpm)
     trajectory = {} if args.trajectory else None
     lay = data.element_layout(elements, counts) if counts else None      # --formula: channel 1 held
     known = diffusion.known_channels(np.stack([[0 * lay, lay, 0 * lay]] * args.n), [1]) if counts else None
@@ -995,6 +1041,7 @@ def cmd_generate(args):
               elements=np.array([" ".join(e) for e in element_sets]))
     count_lists = [counts or c for c in committed]            # decoded by blocks where the counts are known
     structures, reasons = data.decode_all(clouds, element_sets, ckpt["length_range"], count_lists)
+    warn_at_length_limit(structures, ckpt["length_range"])
     unsymmetrised = structures
     structures, symmetrised = symmetrise_all(structures, args)
     names = []
@@ -1080,8 +1127,10 @@ def cmd_csp(args):
     training = load_reference(training, "the training data") if os.path.exists(training) and not args.no_physics else []
     physics = None if args.no_physics else (count_lists, length_range,
                                             evaluate.atomic_volumes([c.structure for c in training]))
+    warn_never_learned(conditions[:n], None, ckpt, args, ddpm)
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
     predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
+    warn_at_length_limit(predicted, length_range)
     predicted, symmetrised = symmetrise_all(predicted, args)
     print(f"matching {len(predicted)} structures ...", file=sys.stderr, flush=True)
     rows = evaluate.csp_scores([c.structure for c in crystals], [predicted[i::n] for i in range(n)])

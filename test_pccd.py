@@ -1266,14 +1266,22 @@ def test_export_writes_golden_tensors_beside_the_checkpoint(tiny_run, tmp_path):
     np.testing.assert_allclose(diffusion.golden_tensors(model, ckpt["sampling"])["output"], golden["output"], atol=1e-5)
 
 
-def test_resume_keeps_the_runs_own_preset_and_settings(small_csv, tmp_path):
+def test_resume_keeps_the_runs_own_preset_and_settings_and_records_a_longer_run(small_csv, tmp_path, capsys):
     import torch
     out = tmp_path / "r"
     common = ["--data", small_csv, "--out", str(out), "--device", "cpu"]
     assert pccd.main(["train", *common, "--preset", "long", "--steps", "4", "--batch-size", "8"]) == 0
+    capsys.readouterr()
     assert pccd.main(["train", *common, "--steps", "6", "--resume"]) == 0      # no preset, no batch size
-    settings = torch.load(out / "checkpoint.pt", weights_only=False)["settings"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    settings = ckpt["settings"]
     assert (settings["preset"], settings["batch_size"], settings["schedule"], settings["steps"]) == ("long", 8, "cosine", 6)
+    assert settings["extended"] == [[4, 4]]                        # at step 4, a run planned for 4 went on
+    assert "warning: the cosine decay was planned for 4 steps; stretched to 6, the learning rate goes from 0.00029 " \
+        "at step 4 to 0.0005 at step 5" in capsys.readouterr().err    # 2e-3 (1 + cos(3/4 pi)) / 2, then cos(4/6 pi)
+    crystals = data.load_structures(small_csv, verbose=False)
+    assert ckpt["trained_conditions"] == dict(band_gap=sorted({c.band_gap_class for c in crystals}),
+                                              ordering=sorted({c.ordering for c in crystals}))
 
 
 def test_translation_augmentation_moves_the_atoms_but_keeps_the_crystal(mp20):
@@ -1514,8 +1522,10 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structure (skipped: 1 unreadable)"),
     (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at {r}/nowhere/checkpoint.pt: --resume continues the run in --out"),
     (["export", "{r}/nowhere", "--out", "{r}/x.pt"], 1, "no checkpoint at {r}/nowhere: name a run folder"),
-    (["train", "--resume", "--out", "{run}", "--seed", "7"], 1, "random state, network, objective and preset "
-     "(quick): leave out --seed"),                         # other --data: test_resume_refuses_data_that_changed...
+    (["train", "--resume", "--out", "{run}", "--seed", "7"], 1, "random state, network, objective, optimiser and "
+     "preset (quick): leave out --seed"),
+    (["train", "--resume", "--out", "{run}", "--steps", "80", "--batch-size", "4", "--lr", "1e-4", "--schedule",
+      "cosine"], 1, "leave out --batch-size, --lr, --schedule"),      # the run's record would say they always were                         # other --data: test_resume_refuses_data_that_changed...
     (["generate", "--elements", "mg", "o"], 2, "'mg' is not a chemical element symbol"),
     (["generate", "--elements", "na"], 2, "'na' is not a chemical element symbol"),
     (["export", "{run}", "--out", "{r}/a_file"], 1, "exists"),
@@ -1892,7 +1902,8 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
     del saved["data_digest"]                            # a run saved before the digest: the names match
     torch.save(saved, out / "checkpoint.pt")
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
-    assert code == 1 and len(err) == 2 and "fall outside the length range" in err[-1], err   # the load line, then it
+    assert code == 1 and len(err) == 3 and "fall outside the length range" in err[-1], err   # the stretched decay,
+    assert err[0].startswith("warning: the cosine decay was planned for 2 steps")           # the load line, then it
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
@@ -2075,6 +2086,29 @@ def test_library_warnings_never_reach_the_user_and_a_rare_element_is_screened(tm
                                                            "(partial occupancies), 1 with a dummy species (not an element))"]
     rows = {row["name"]: row for row in csv.DictReader(open(tmp_path / "s.csv"))}
     assert rows["es.cif"]["decoded"] == "True" and rows["dummy.cif"]["reason"] == "with a dummy species (not an element)"
+
+
+def test_a_material_id_on_two_rows_and_a_cell_at_the_models_length_limit_are_said(tmp_path, capsys):
+    rows = bundled_rows(3)
+    write_rows(tmp_path / "twice.csv", [rows[0], rows[1], dict(rows[2], material_id=rows[0]["material_id"])])
+    assert len(data.load_structures(str(tmp_path / "twice.csv"))) == 3           # kept: they may be two crystals
+    assert f"; 1 material id naming more than one crystal ({rows[0]['material_id']})" in capsys.readouterr().err
+    at_limit = Structure(Lattice.orthorhombic(3.0, 4.0, 8.5123295), ["K"], [[0, 0, 0]])
+    pccd.warn_at_length_limit([at_limit, None, Structure(Lattice.cubic(5.0), ["K"], [[0, 0, 0]])], (5.45, 8.5123295))
+    assert capsys.readouterr().err == "warning: 1 of 3 cells have a lattice length at an end of the model's range " \
+        "(5.45-8.51 A, fitted to its training data): it cannot make larger or smaller cells\n"
+
+
+def test_ctrl_c_while_the_finished_run_draws_its_loss_curve_says_the_run_is_whole(small_csv, tmp_path, capsys,
+                                                                                 monkeypatch):
+    def stopped(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "plot_loss", stopped)
+    code, err, _ = run_pccd(["train", "--data", small_csv, "--steps", "2", "--batch-size", "4", "--val", "none",
+                             "--widths", "8", "8", "8", "--out", str(tmp_path / "run")], capsys)
+    assert code == 130 and err[-2:] == [f"{tmp_path / 'run' / 'checkpoint.pt'} holds the finished run (step 2); its "
+                                        "loss.png was not drawn", "interrupted"]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
 def test_a_charge_balance_too_large_to_guess_is_not_judged_rather_than_hanging():
@@ -2293,6 +2327,10 @@ def test_generate_records_its_run_and_judges_novelty_only_against_the_data_the_m
     assert set(summary["options"]) == options                             # every option, and nothing else
     assert summary["checkpoint_step"] == 2 and summary["novelty_checked"] and summary["checkpoint_sha256"] == \
         hashlib.sha256(open(run / "checkpoint.pt", "rb").read()).hexdigest()
+    write_rows(tmp_path / "data.csv", rows[:6][::-1])                 # its rows reordered: the same crystals
+    code, err, _ = run_pccd(sample + ["--out", str(tmp_path / "g0")], capsys)
+    assert code == 0 and not any("has changed" in e for e in err) and \
+        json.load(open(tmp_path / "g0" / "summary.json"))["novelty_checked"]
     write_rows(tmp_path / "data.csv", rows[6:])                       # the data file replaced since
     code, err, _ = run_pccd(sample + ["--out", str(tmp_path / "g2")], capsys)
     assert code == 0 and f"warning: {tmp_path / 'data.csv'} has changed since the model was trained on it: " \
@@ -2360,7 +2398,7 @@ def test_tables_over_nothing_say_so_rather_than_nan():
     assert "nan" not in said and "first samples: 0.00% decoded" in said
 
 
-def test_generate_warns_of_what_the_model_never_learned(small_csv, tmp_path, capsys):
+def test_sampling_warns_of_what_the_model_never_learned(small_csv, tmp_path, capsys):
     run = tmp_path / "run"
     assert train(small_csv, run, 2, "--val", "none", "--widths", "8", "8", "8", "--property-drop", "1",
                  "--composition-given", "1") == 0
@@ -2373,6 +2411,18 @@ def test_generate_warns_of_what_the_model_never_learned(small_csv, tmp_path, cap
         "learned to make channel 1; name one with --formula" in err
     assert "warning: the condition acts at steps >= 1000 only, and none is: the network is not told the elements, " \
         "band gap or ordering asked for (--formula holds a composition)" in err
+    run = tmp_path / "metals"                         # every training crystal a metal, its condition never dropped
+    rows = [dict(r, band_gap="0") for r in bundled_rows(6)]
+    write_rows(tmp_path / "metals.csv", rows)
+    assert train(str(tmp_path / "metals.csv"), run, 2, "--val", "none", "--widths", "8", "8", "8",
+                 "--property-drop", "0", "--condition-above", "1000") == 0
+    for command in (["generate", "--elements", "Mg", "O", "--band-gap", "large", "--reference", str(tmp_path / "metals.csv")],
+                    ["csp", "--data", small_csv], ["reconstruct", "--data", small_csv]):   # the checkpoint's record
+        code, err, _ = run_pccd(command + ["--n", "2", "--sampler", "ddim", "--steps", "2", "--checkpoint", str(run),
+                                           "--out", str(tmp_path / command[0])], capsys)
+        assert code == 0 and any(e.startswith("warning: the model never trained on band gap ") for e in err), err
+        assert "warning: this model was trained without its condition (--condition-above 1000): the condition's " \
+            "embeddings are untrained" in err
 
 
 def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_is_not_judged(mp20):
