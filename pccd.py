@@ -1464,8 +1464,9 @@ def build_parser():
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 up to 512 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", type=given_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps, on the "
-                   "same crystals and held-out set (--data, --val: where they are now, if they moved)")
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps (more than "
+                   "the run planned: recorded, and a cosine decay stretched), on the same crystals and held-out set "
+                   "(--data, --val: where they are now, if they moved) with the run's own other settings")
     add_run_arguments(p, seed=None)
     p.set_defaults(run=cmd_train)
 
