@@ -85,7 +85,7 @@ def encode(structure, elements=None, length_range=DEFAULT_LENGTH_RANGE):
     lo, hi = length_range
     if abc.min() < lo or abc.max() > hi:
         raise ValueError(f"lattice lengths {abc.round(2).tolist()} A fall outside the length "
-                         f"range {lo:g}-{hi:g} A")
+                         f"range {lo:.3g}-{hi:.3g} A")
 
     # Atoms grouped by element slot, so each element's points are contiguous (easier to read).
     order = sorted(range(len(structure)), key=lambda i: elements.index(species[i]))
@@ -984,7 +984,7 @@ def describe_load(path, kept, skipped):
         (f"; its {unread} are not read: name one" if unread else "") + \
         ("; none of its files is a CIF or POSCAR" if others else "") + \
         (f"; {unclear} with a band gap or ordering not understood, taken as unknown" if unclear else "") + \
-        (f"; {len(twice)} material id{'s' * (len(twice) != 1)} naming more than one crystal ({', '.join(twice[:3])}"
+        (f"; {len(twice)} material id{'s' * (len(twice) != 1)} on more than one row ({', '.join(twice[:3])}"
          f"{', ...' if len(twice) > 3 else ''})" if twice else "")
 
 

@@ -92,8 +92,8 @@ def box_statistics(values):
         return dict(n=0, q1=np.nan, median=np.nan, q3=np.nan, upper=np.nan, lower=np.nan, efficiency=np.nan)
     q1, median, q3 = np.percentile(v, [25, 50, 75])
     inside = (v >= q1 - 1.5 * (q3 - q1)) & (v <= q3 + 1.5 * (q3 - q1))      # the median is always inside
-    return dict(n=int(v.size), q1=q1, median=median, q3=q3, upper=float(v[inside].max()),
-                lower=float(v[inside].min()), efficiency=float(np.mean(inside)))
+    return dict(n=int(v.size), q1=q1, median=median, q3=q3, upper=float(max(v[inside].max(), q3)),  # never
+                lower=float(min(v[inside].min(), q1)), efficiency=float(np.mean(inside)))       # inside the box
 
 
 def compare_reconstruction(original, reconstructed, fig2=False):
@@ -556,6 +556,7 @@ def summarise_screening(rows):
                 valid_unique_novel=sum(bool(r["unique"] and r["novel"]) for r in valid),
                 crowded=count(ok, "crowded"), closer_than_1A=sum(r["shortest_distance"] < 1.0 for r in ok),
                 p1=sum(r["spacegroup"] == "P1" for r in ok), physical=count(ok, "physical"),
+                **({"no_spacegroup": n} if (n := sum(r["spacegroup"] == "?" for r in ok)) else {}),
                 physical_unique_novel=sum(bool(r["physical"] and r["unique"] and r["novel"]) for r in ok),
                 median_shortest_distance=median("shortest_distance"), median_volume_ratio=median("volume_ratio"),
                 **({"volume_not_judged": n} if (n := sum(r["volume_ratio"] != r["volume_ratio"] for r in ok)) else {}),
@@ -583,6 +584,7 @@ def format_screening(summary):
                        ("closer_than_1A", "a pair closer than 1.0 A"),
                        ("crowded", f"crowded (d < {CROWDED_BELOW} (r_i + r_j))"), ("p1", "P1 (symprec 0.1)"),
                        ("p1_before_symmetrising", "  before symmetrising"),
+                       ("no_spacegroup", "(no space group: atoms on one spot?)"),
                        ("volume_not_judged", "(V not judged: element volume unknown)"),
                        ("physical", f"physical (valid, uncrowded, V ok)"),
                        ("physical_unique_novel", "physical, unique and novel")):
@@ -647,24 +649,25 @@ def plot_prediction(true, predicted, path, title):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     pairs = greedy_match(true.frac_coords, predicted.frac_coords, true.lattice.matrix)
-    for j, axis in enumerate("xyz"):          # minimum image: the predicted coordinate nearest the true
+    for j, (axis, marker) in enumerate(zip("xyz", "os^")):   # minimum image: the predicted value nearest the true
         x = np.array([true.frac_coords[a, j] for a, _, _ in pairs])
         y = x + data.periodic_difference([predicted.frac_coords[b, j] for _, b, _ in pairs], x)
-        axes[0].scatter(x, y, label=axis, s=25)
-    for length, marker, true_length, predicted_length in zip("abc", "os^", true.lattice.abc, predicted.lattice.abc):
-        axes[1].scatter([true_length], [predicted_length], marker=marker, color="k", s=40, label=length)
+        axes[0].scatter(x, y, label=axis, s=[60, 35, 15][j], marker=marker, alpha=0.7)   # equal values stay visible
+    for j, (length, marker, true_length, predicted_length) in enumerate(zip("abc", "os^", true.lattice.abc,
+                                                                         predicted.lattice.abc)):
+        axes[1].scatter([true_length], [predicted_length], marker=marker, s=[90, 50, 20][j], alpha=0.7, label=length)
     longest = 1.1 * max(*true.lattice.abc, *predicted.lattice.abc)
     for ax, name, lim in ((axes[0], "fractional coordinates (nearest image)", (-0.5, 1.5)),
                           (axes[1], "lattice lengths (Å)", (0, longest))):
         ax.plot(lim, lim, "k--", lw=0.8)
         ax.set(title=name, xlabel="true", ylabel="predicted", xlim=lim, ylim=lim)
         ax.legend()
-    fig.suptitle(f"{true.composition.formula}: predicted from its composition alone\n{title}")
+    fig.suptitle(f"{true.composition.formula.replace(' ', '')}: predicted from its composition alone\n{title}")
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     save_figure(fig, path, dpi=110)
 
 
-def plot_loss(losses, held_out, path):
+def plot_loss(losses, held_out, path, held_out_name="held-out loss"):
     """Fig. S4: the training loss (L1, Eq. S4) per step, its running mean (over 10 steps or a
     50th of the run, whichever is more) and the held-out loss at each checkpoint ((step, loss))."""
     plt = pyplot()
@@ -675,7 +678,7 @@ def plot_loss(losses, held_out, path):
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(np.arange(len(smooth)) + window, smooth, label=f"mean of {window} steps")
     if held_out:
-        ax.plot(*zip(*held_out), "o", ms=4, label="held-out loss (EMA weights)")
+        ax.plot(*zip(*held_out), "o", ms=4, label=f"{held_out_name} (EMA weights)")
     ax.set(xlabel="step", ylabel="L1 loss (Eq. S4)", yscale="log", title="PCCD training loss")
     ax.legend()
     fig.tight_layout()
@@ -709,7 +712,7 @@ def plot_reconstruction(pairs, summary, path):
     ax[2].plot([0, 16], [0, 16], "w--", lw=0.6)
     ticks = [0, 4, 8, 12, 16]
     ax[2].set_xticks(ticks)
-    ax[2].set_yticks(ticks + [17], [*map(str, ticks), ">16"])
+    ax[2].set_yticks(ticks[:-1] + [17], [*map(str, ticks[:-1]), ">16"])
     ax[2].set(title=f"c. atom counts: {100 * summary['atom_count_accuracy']:.1f}% on the diagonal",
               xlabel="original", ylabel="reconstructed (0 = not decoded)")
     errors = [100 * np.array([p["lattice_rel_error"][k] for p in same]) for k in range(3)]
@@ -725,8 +728,7 @@ def plot_reconstruction(pairs, summary, path):
         beyond = sum(int(np.sum(np.abs(v) > 30)) for v in values)
         panel.set_ylim(-30, 30)
         if beyond:
-            panel.text(0.02, 0.02, f"{beyond} beyond ±30% not shown", transform=panel.transAxes, fontsize=8,
-                       bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
+            panel.set_xlabel(f"{beyond} plotted value{'s' * (beyond != 1)} beyond ±30% not shown (whiskers cut)")
     rms = [p["rms"] for p in pairs if p["rms"] is not None]
     ax[5].hist(rms, bins=20)
     if not rms:

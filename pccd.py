@@ -4,6 +4,7 @@ Read in order: presets, checkpoints, train, sampling, reconstruct, generate and 
 smaller commands, the command line. Threads: see idle_cores.
 """
 import argparse
+import collections
 import copy
 import functools
 import hashlib
@@ -200,8 +201,9 @@ def pick_device(name):
 # A checkpoint is a dict: `ema` (the weights sampling uses), `model_config`, `length_range`,
 # `sampling` (how to sample: prediction, T, condition_above, guidance), `settings` (how it was
 # trained), `train_ids` and `train_compositions` (for the count baseline and novelty), the band-gap
-# classes and orderings it saw (`trained_conditions`; older runs lack it), `losses`, `step`; a run's own also `model`, `optimizer`, `rng`, `threads`, `data_digest` and `val_digest`, so
-# that --resume continues exactly (on the run's thread count), on the same data and held-out set.
+# classes and orderings it saw (`trained_conditions`; older runs lack it), `losses`, `step`; a run's
+# own also `model`, `optimizer`, `rng`, `threads`, `data_digest` and `val_digest`, so that --resume
+# continues exactly (on the run's thread count), on the same data and held-out set.
 
 CHECKPOINT_KEYS = ("ema", "model_config", "length_range", "sampling", "settings", "train_ids",
                    "train_compositions", "losses", "step")
@@ -485,18 +487,15 @@ def train(args):
     s = resolve_settings(args, resumed)
     if resumed and s["steps"] <= resumed["step"]:
         raise UserError(f"{path} is at step {resumed['step']} already, of {s['steps']}: give --steps above it")
-    if resumed and s["steps"] != resumed["settings"]["steps"]:            # a longer run than the one begun
-        s["extended"] = resumed["settings"].get("extended", []) + [[resumed["step"], resumed["settings"]["steps"]]]
-        if s["schedule"] == "cosine":
-            before, now = learning_rate(resumed["settings"], resumed["step"] - 1), learning_rate(s, resumed["step"])
-            print(f"warning: the cosine decay was planned for {resumed['settings']['steps']} steps; stretched to "
-                  f"{s['steps']}, the learning rate goes from {before:.2g} at step {resumed['step']} to {now:.2g} at "
-                  f"step {resumed['step'] + 1} (recorded in the run's settings as 'extended')", file=sys.stderr)
     s["val"] = portable_val(args.val) if args.val is not None else \
         resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
     device = pick_device(args.device)
     crystals = load_or_fail(resolve_path(s["data"]))
     digest, where = data_digest(crystals), shown_path(resolve_path(s["data"]))
+    if resumed and sorted(c.material_id for c in crystals) == sorted(resumed["train_ids"]) and \
+            [c.material_id for c in crystals] != resumed["train_ids"]:
+        raise UserError(f"{where} holds the run's crystals in another order than when this run began: --resume "
+                        f"would draw other batches; put the rows back in their order, or start a new run")
     if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
         raise UserError(f"{where} is not the run's data: it has changed since this run began "
                         f"({len(resumed['train_ids'])} crystals "
@@ -531,6 +530,13 @@ def train(args):
         v_clouds, *v_condition = map(torch.from_numpy, data.encode_dataset(val, length_range))
         held_out = [diffusion.to_model(v_clouds).to(device)] + [c.to(device) for c in v_condition]
 
+    if resumed and s["steps"] != resumed["settings"]["steps"]:      # more (or fewer) steps than the run planned
+        s["replanned"] = resumed["settings"].get("replanned", []) + [[resumed["step"], resumed["settings"]["steps"]]]
+        before, now = learning_rate(resumed["settings"], resumed["step"] - 1), learning_rate(s, resumed["step"])
+        if f"{before:.2g}" != f"{now:.2g}":
+            print(f"warning: the cosine decay was planned for {resumed['settings']['steps']} steps; spread over "
+                  f"{s['steps']}, the learning rate goes from {before:.2g} at step {resumed['step']} to {now:.2g} at "
+                  f"step {resumed['step'] + 1} (recorded in the run's settings as 'replanned')", file=sys.stderr)
     torch.manual_seed(s["seed"])
     config = unet.UNetConfig(widths=tuple(s["widths"]))
     model = unet.UNet(config).to(device)
@@ -560,7 +566,7 @@ def train(args):
           f"{', composition given for ' + format(100 * s['composition_given'], 'g') + '%' if s['composition_given'] else ''}"
           f"{', random translations' if s['translate'] else ''}, widths {'/'.join(map(str, s['widths']))}, "
           f"seed {s['seed']}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, lattice "
-          f"lengths {length_range[0]:.2f}-{length_range[1]:.2f} A (the cells it can make)", flush=True)
+          f"lengths {length_range[0]:.3g}-{length_range[1]:.3g} A (the cells it can make)", flush=True)
 
     def state():
         return dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
@@ -603,7 +609,7 @@ def train(args):
                 if os.path.exists(path):
                     print(f"{path} holds step {step}: continue with --resume", file=sys.stderr)
                     try:
-                        evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"))   # so far
+                        evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"), loss_name)
                     except Exception as e:            # a full disk: the steps are saved, the figure is not
                         print(f"warning: loss.png not drawn ({e})", file=sys.stderr)
                 raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated(stop.signum)
@@ -638,7 +644,7 @@ def train(args):
                 save()
     args.kept = args.out                        # the checkpoint is saved: an error drawing the curve says so
     try:
-        evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"))
+        evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"), loss_name)
     except (KeyboardInterrupt, Terminated):
         print(f"{path} holds the finished run (step {step}); its loss.png was not drawn", file=sys.stderr)
         raise
@@ -860,7 +866,7 @@ def cmd_reconstruct(args):
         print(f"warning: {args.data} has changed since the model was trained on it: these are not the "
               f"crystals it learned", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
-    crystals = [crystals[i] for i in rng.permutation(len(crystals))[: args.n]]
+    everything, crystals = crystals, [crystals[i] for i in rng.permutation(len(crystals))[: args.n]]
     usable = [(c, *data.encode(c.structure, length_range=length_range)) for c in crystals]
     out = fresh_dir(args)
 
@@ -871,11 +877,12 @@ def cmd_reconstruct(args):
     write_npz(os.path.join(out, "noised.npz"), x_t=x_t.numpy(), t=t,
               material_id=[c.material_id for c, _, _ in usable])
     conditions = [(elements, c.band_gap_class, c.ordering) for c, _, elements in usable]
-    warn_never_learned(conditions, crystals if learned else None, ckpt, args, ddpm)
+    warn_never_learned(conditions, everything if learned else None, ckpt, args, ddpm)
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, x_T=x_t, t_start=t - 1)
     write_npz(os.path.join(out, "denoised.npz"), clouds=clouds,
               elements=np.array([" ".join(e) for e, _, _ in conditions]))
     recon, reasons = data.decode_all(clouds, [e for e, _, _ in conditions], length_range)
+    warn_at_length_limit(recon, length_range)
 
     print(f"measuring {len(recon)} pairs (StructureMatcher{', CrystalNN' if args.fig2 else ''}) ...",
           file=sys.stderr, flush=True)
@@ -943,11 +950,16 @@ def load_reference(path, named="--reference"):
 def trained_on(crystals, ckpt):
     """Whether these crystals (the encodable ones of a file, as train keeps them) are the ones the
     checkpoint was trained on: not if the file has changed since (other names, compositions or,
-    where the run recorded it, structures)."""
+    where the run recorded it, structures). Rows reordered are the same data (rows of one name
+    paired in their order)."""
     if sorted(c.material_id for c in crystals) != sorted(ckpt["train_ids"]):
         return False
-    order = {name: i for i, name in reversed(list(enumerate(ckpt["train_ids"])))}   # rows reordered: the same
-    crystals = sorted(crystals, key=lambda c: order[c.material_id])                     # crystals, learned alike
+    def occurrences(names):                  # (name, k): the k-th row of that name, so a repeated id pairs up
+        seen = collections.Counter()
+        return [(name, seen.update([name]) or seen[name]) for name in names]
+    position = {key: i for i, key in enumerate(occurrences(ckpt["train_ids"]))}     # rows reordered: the same
+    keys = occurrences(c.material_id for c in crystals)                                 # crystals, learned alike
+    crystals = [c for _, c in sorted(zip(keys, crystals), key=lambda kc: position[kc[0]])]
     return [c.structure.composition.formula for c in crystals] == ckpt["train_compositions"] and \
         ckpt.get("data_digest") in (None, data_digest(crystals))          # exported checkpoints hold none
 
@@ -986,15 +998,15 @@ def warn_never_learned(conditions, crystals, ckpt, args, ddpm):
 
 
 def warn_at_length_limit(structures, length_range):
-    """Say how many cells have a lattice length at an end of the model's range: sampling clips the
-    network's output there, so a cell that wants to be larger (or smaller) stops at it."""
-    ends = np.array(length_range)
-    n = sum(s is not None and bool(np.isclose(np.array(s.lattice.abc)[:, None], ends, rtol=1e-4).any())
-            for s in structures)
+    """Say how many cells have a lattice length at (within 1% of) an end of the model's range:
+    sampling clips the network's output there, so a cell that wants to be larger (or smaller) stops
+    at it (a one-atom cell, whose atom meets its own images, most often)."""
+    ends, decoded = np.array(length_range), [s for s in structures if s is not None]
+    n = sum(bool(np.isclose(np.array(s.lattice.abc)[:, None], ends, rtol=1e-2).any()) for s in decoded)
     if n:
-        print(f"warning: {n} of {len(structures)} cells have a lattice length at an end of the model's range "
-              f"({ends[0]:.2f}-{ends[1]:.2f} A, fitted to its training data): it cannot make larger or smaller "
-              f"cells", file=sys.stderr)
+        print(f"warning: {n} of {len(decoded)} cell{'s' * (len(decoded) != 1)} {'has' if n == 1 else 'have'} a "
+              f"lattice length at an end of the model's range ({ends[0]:.3g}-{ends[1]:.3g} A, fitted to its "
+              f"training data): it cannot make larger or smaller cells", file=sys.stderr)
 
 
 def cmd_generate(args):
@@ -1464,8 +1476,8 @@ def build_parser():
     p.add_argument("--widths", type=WIDTH, nargs=3, metavar="W", help="U-Net channels at 128, 64 "
                    f"and 32 points, multiples of 8 up to 512 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", type=given_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps (more than "
-                   "the run planned: recorded, and a cosine decay stretched), on the same crystals and held-out set "
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps (other than "
+                   "the run planned: recorded, and a cosine decay spread over it), on the same crystals and held-out set "
                    "(--data, --val: where they are now, if they moved) with the run's own other settings")
     add_run_arguments(p, seed=None)
     p.set_defaults(run=cmd_train)

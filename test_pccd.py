@@ -569,10 +569,12 @@ def test_box_statistics_are_the_whiskers_matplotlib_draws_and_the_share_inside_t
     from matplotlib.cbook import boxplot_stats
     v = np.random.default_rng(0).normal(size=1001)
     v[:20] = 50                                                     # outliers
-    stats, drawn = evaluate.box_statistics(v), boxplot_stats(v)[0]
-    assert (stats["upper"], stats["lower"], stats["q1"], stats["q3"]) == pytest.approx(
-        (drawn["whishi"], drawn["whislo"], drawn["q1"], drawn["q3"]))
-    assert stats["efficiency"] == pytest.approx(1 - len(drawn["fliers"]) / v.size) and stats["efficiency"] < 0.99
+    for values in (v, [0, 0, 0, 10], [-7, 0, 0, 0, 1]):          # no value between a box's edge and its fence
+        stats, drawn = evaluate.box_statistics(values), boxplot_stats(values)[0]
+        assert (stats["upper"], stats["lower"], stats["q1"], stats["q3"]) == pytest.approx(
+            (drawn["whishi"], drawn["whislo"], drawn["q1"], drawn["q3"]))
+        assert stats["efficiency"] == pytest.approx(1 - len(drawn["fliers"]) / len(values))
+    assert evaluate.box_statistics(v)["efficiency"] < 0.99
 
 
 def test_the_count_baseline_predicts_the_most_common_count_of_each_element_set():
@@ -1276,8 +1278,8 @@ def test_resume_keeps_the_runs_own_preset_and_settings_and_records_a_longer_run(
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     settings = ckpt["settings"]
     assert (settings["preset"], settings["batch_size"], settings["schedule"], settings["steps"]) == ("long", 8, "cosine", 6)
-    assert settings["extended"] == [[4, 4]]                        # at step 4, a run planned for 4 went on
-    assert "warning: the cosine decay was planned for 4 steps; stretched to 6, the learning rate goes from 0.00029 " \
+    assert settings["replanned"] == [[4, 4]]                       # at step 4, a run planned for 4 went on
+    assert "warning: the cosine decay was planned for 4 steps; spread over 6, the learning rate goes from 0.00029 " \
         "at step 4 to 0.0005 at step 5" in capsys.readouterr().err    # 2e-3 (1 + cos(3/4 pi)) / 2, then cos(4/6 pi)
     crystals = data.load_structures(small_csv, verbose=False)
     assert ckpt["trained_conditions"] == dict(band_gap=sorted({c.band_gap_class for c in crystals}),
@@ -1523,9 +1525,9 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at {r}/nowhere/checkpoint.pt: --resume continues the run in --out"),
     (["export", "{r}/nowhere", "--out", "{r}/x.pt"], 1, "no checkpoint at {r}/nowhere: name a run folder"),
     (["train", "--resume", "--out", "{run}", "--seed", "7"], 1, "random state, network, objective, optimiser and "
-     "preset (quick): leave out --seed"),
+     "preset (quick): leave out --seed"),                  # other --data: test_resume_refuses_data_that_changed...
     (["train", "--resume", "--out", "{run}", "--steps", "80", "--batch-size", "4", "--lr", "1e-4", "--schedule",
-      "cosine"], 1, "leave out --batch-size, --lr, --schedule"),      # the run's record would say they always were                         # other --data: test_resume_refuses_data_that_changed...
+      "cosine"], 1, "leave out --batch-size, --lr, --schedule"),      # the run's record would say they always were
     (["generate", "--elements", "mg", "o"], 2, "'mg' is not a chemical element symbol"),
     (["generate", "--elements", "na"], 2, "'na' is not a chemical element symbol"),
     (["export", "{run}", "--out", "{r}/a_file"], 1, "exists"),
@@ -1902,8 +1904,7 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
     del saved["data_digest"]                            # a run saved before the digest: the names match
     torch.save(saved, out / "checkpoint.pt")
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
-    assert code == 1 and len(err) == 3 and "fall outside the length range" in err[-1], err   # the stretched decay,
-    assert err[0].startswith("warning: the cosine decay was planned for 2 steps")           # the load line, then it
+    assert code == 1 and len(err) == 2 and "fall outside the length range" in err[-1], err   # the load line, then it
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
@@ -2092,11 +2093,17 @@ def test_a_material_id_on_two_rows_and_a_cell_at_the_models_length_limit_are_sai
     rows = bundled_rows(3)
     write_rows(tmp_path / "twice.csv", [rows[0], rows[1], dict(rows[2], material_id=rows[0]["material_id"])])
     assert len(data.load_structures(str(tmp_path / "twice.csv"))) == 3           # kept: they may be two crystals
-    assert f"; 1 material id naming more than one crystal ({rows[0]['material_id']})" in capsys.readouterr().err
+    assert f"; 1 material id on more than one row ({rows[0]['material_id']})" in capsys.readouterr().err
+    assert train(str(tmp_path / "twice.csv"), tmp_path / "run", 2, "--val", "none", "--widths", "8", "8", "8") == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    crystals = data.load_structures(str(tmp_path / "twice.csv"), verbose=False)
+    assert pccd.trained_on(crystals, ckpt) and pccd.trained_on([crystals[1], crystals[0], crystals[2]], ckpt)
+    assert not pccd.trained_on([crystals[1], crystals[0], crystals[0]], ckpt)             # one id, another crystal
+    capsys.readouterr()
     at_limit = Structure(Lattice.orthorhombic(3.0, 4.0, 8.5123295), ["K"], [[0, 0, 0]])
     pccd.warn_at_length_limit([at_limit, None, Structure(Lattice.cubic(5.0), ["K"], [[0, 0, 0]])], (5.45, 8.5123295))
-    assert capsys.readouterr().err == "warning: 1 of 3 cells have a lattice length at an end of the model's range " \
-        "(5.45-8.51 A, fitted to its training data): it cannot make larger or smaller cells\n"
+    assert capsys.readouterr().err == "warning: 1 of 2 cells has a lattice length at an end of the model's range " \
+        "(5.45-8.51 A, fitted to its training data): it cannot make larger or smaller cells\n"   # of those decoded
 
 
 def test_ctrl_c_while_the_finished_run_draws_its_loss_curve_says_the_run_is_whole(small_csv, tmp_path, capsys,
@@ -2328,6 +2335,8 @@ def test_generate_records_its_run_and_judges_novelty_only_against_the_data_the_m
     assert summary["checkpoint_step"] == 2 and summary["novelty_checked"] and summary["checkpoint_sha256"] == \
         hashlib.sha256(open(run / "checkpoint.pt", "rb").read()).hexdigest()
     write_rows(tmp_path / "data.csv", rows[:6][::-1])                 # its rows reordered: the same crystals
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(run), "--steps", "4"], capsys)   # not the same batches
+    assert code == 1 and "holds the run's crystals in another order than when this run began" in err[-1]
     code, err, _ = run_pccd(sample + ["--out", str(tmp_path / "g0")], capsys)
     assert code == 0 and not any("has changed" in e for e in err) and \
         json.load(open(tmp_path / "g0" / "summary.json"))["novelty_checked"]
@@ -2440,6 +2449,10 @@ def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_i
     assert summary["volume_not_judged"] == 1 and re.search(r"^\(V not judged: element volume unknown\) +1 +100.00%$",
                                                            evaluate.format_screening(summary), re.M)
     assert re.search(r"^median V / V_pred +-$", evaluate.format_screening(summary), re.M)   # none judged: no number
+    collapsed = Structure(Lattice.cubic(3.0), ["Fe", "Fe"], [[0, 0, 0], [0.0005, 0, 0]])   # spglib finds no group
+    rows, summary = evaluate.screen([collapsed], reference)
+    assert rows[0]["spacegroup"] == "?" and summary["p1"] == 0 and summary["no_spacegroup"] == 1 and \
+        re.search(r"^\(no space group: atoms on one spot\?\) +1 +100.00%$", evaluate.format_screening(summary), re.M)
     rows, summary = evaluate.screen([argon, mp20[0].structure], reference)
     median = evaluate.atomic_volumes(reference) and mp20[0].structure.volume / evaluate.predicted_volume(
         mp20[0].structure.composition, evaluate.atomic_volumes(reference))
