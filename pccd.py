@@ -560,13 +560,16 @@ def train(args):
             print(f"warning: the run trained on {run_threads} threads, this goes on with {torch.get_num_threads()}: "
                   f"its sums, and so its weights, differ from one run on {run_threads}", file=sys.stderr)
     print(f"training a {unet.count_parameters(model) / 1e6:.2f} M-parameter U-Net on {len(crystals)} "
-          f"crystal{'s' * (len(crystals) != 1)}, device {device}, steps {step} -> {s['steps']}, batch {s['batch_size']}, lr "
-          f"{s['lr']:g} ({s['schedule']}), predicting {s['prediction']}, no condition below step "
+          f"crystal{'s' * (len(crystals) != 1)}, device {device}, steps {step} -> {s['steps']}, batch "
+          f"{s['batch_size']}, lr {s['lr']:g} ({s['schedule']}), predicting {s['prediction']}, no condition below step "
           f"{s['condition_above']}, property dropout {s['property_drop']:g}"
           f"{', composition given for ' + format(100 * s['composition_given'], 'g') + '%' if s['composition_given'] else ''}"
           f"{', random translations' if s['translate'] else ''}, widths {'/'.join(map(str, s['widths']))}, "
           f"seed {s['seed']}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, lattice "
           f"lengths {length_range[0]:.3g}-{length_range[1]:.3g} A (the cells it can make)", flush=True)
+
+    trained_conditions = dict(band_gap=sorted({c.band_gap_class for c in crystals}),   # what sampling may ask
+                              ordering=sorted({c.ordering for c in crystals}))
 
     def state():
         return dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
@@ -580,8 +583,6 @@ def train(args):
                     train_compositions=[c.structure.composition.formula for c in crystals],
                     trained_conditions=trained_conditions)
 
-    trained_conditions = dict(band_gap=sorted({c.band_gap_class for c in crystals}),
-                              ordering=sorted({c.ordering for c in crystals}))
     progress = Progress(s["steps"], "step", done=step)
 
     saved = [step] if resumed else []     # the step the run's checkpoint holds
@@ -955,8 +956,11 @@ def trained_on(crystals, ckpt):
     if sorted(c.material_id for c in crystals) != sorted(ckpt["train_ids"]):
         return False
     def occurrences(names):                  # (name, k): the k-th row of that name, so a repeated id pairs up
-        seen = collections.Counter()
-        return [(name, seen.update([name]) or seen[name]) for name in names]
+        seen, keys = collections.Counter(), []
+        for name in names:
+            seen[name] += 1
+            keys.append((name, seen[name]))
+        return keys
     position = {key: i for i, key in enumerate(occurrences(ckpt["train_ids"]))}     # rows reordered: the same
     keys = occurrences(c.material_id for c in crystals)                                 # crystals, learned alike
     crystals = [c for _, c in sorted(zip(keys, crystals), key=lambda kc: position[kc[0]])]
@@ -1477,8 +1481,8 @@ def build_parser():
                    f"and 32 points, multiples of 8 up to 512 (presets: {' '.join(map(str, unet.UNetConfig.widths))})")
     p.add_argument("--out", type=given_path, default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps (other than "
-                   "the run planned: recorded, and a cosine decay spread over it), on the same crystals and held-out set "
-                   "(--data, --val: where they are now, if they moved) with the run's own other settings")
+                   "the run planned: recorded, and a cosine decay spread over it), on the same crystals and "
+                   "held-out set (--data, --val: where they are now, if they moved) with the run's own other settings")
     add_run_arguments(p, seed=None)
     p.set_defaults(run=cmd_train)
 
