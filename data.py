@@ -372,13 +372,14 @@ def check_elements(elements):
 
 def canonical_order(symbols):
     """Element symbols in the slot order the model is trained with: by electronegativity
-    (Mg Mn O), so that `generate --elements O Mg Mn` asks for what training saw as Mg Mn O. The
+    (Mg Mn O), so that `generate --elements O Mg Mn` asks for what training saw as Mg Mn O; equal
+    ones alphabetically (Cu Si, both 1.90: as in every training crystal holding such a pair). The
     elements without one (He, Ne, Ar, Og, ...) come last, by atomic number: Ar F and F Ar are F Ar."""
     def key(symbol):
         with warnings.catch_warnings():               # pymatgen warns, and says NaN, for He, Ne, Ar
             warnings.simplefilter("ignore")
             x = Element(symbol).X
-        return (x, 0) if np.isfinite(x) else (np.inf, Element(symbol).Z)
+        return (x, 0, symbol) if np.isfinite(x) else (np.inf, Element(symbol).Z, "")
     return sorted((str(s) for s in symbols), key=key)
 
 

@@ -1387,13 +1387,13 @@ def idle_cores(seconds=0.1, stat="/proc/stat", cgroup="/sys/fs/cgroup"):
     return max(1, min(allowed, round(idle)))
 
 
-def add_run_arguments(p, seed=0):
+def add_run_arguments(p, seed=0, resumable=False):
     """--device, --threads and --seed, for every command that runs the network."""
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu, cuda "
                    "or cuda:N")
     p.add_argument("--threads", type=THREADS, help="CPU threads for torch (default: "
-                   "$OMP_NUM_THREADS if set, else one per core that is idle when the command starts; train "
-                   "--resume: the run's count, if as many are idle)")
+                   "$OMP_NUM_THREADS if set, else one per core that is idle when the command starts"
+                   + ("; --resume: the run's count, if as many are idle)" if resumable else ")"))
     p.add_argument("--seed", type=SEED, default=seed, help=f"random seed (default {seed})" if seed is not None
                    else "random seed (default: the preset's, 0)")
 
@@ -1409,8 +1409,9 @@ def add_sampling_arguments(p, out, refine):
                    help="DDIM steps (default 100; with --sampler ddim only: ddpm runs every step)")
     p.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance w: eps = eps_uncond + "
                    "w (eps_cond - eps_uncond), 0 to 100; 1 or 0: one pass (default: the checkpoint's, 3)")
-    p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
-                   "STEP, one unconditional pass below (default: the checkpoint's, 250)")
+    p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at the network's "
+                   "steps >= STEP (counted from 0: pure noise is 999), one unconditional pass below (default: "
+                   "the checkpoint's, 250)")
     p.set_defaults(refine_default=refine)
     p.add_argument("--refine", type=number(int, 0, 100, what="a number of passes from 0 to 100"),
                    help=f"noise the positions back to the first visited step <= {diffusion.REFINE_FROM} and denoise them again, "
@@ -1421,7 +1422,7 @@ def add_sampling_arguments(p, out, refine):
     add_run_arguments(p)
 
 
-def add_physics_arguments(p):
+def add_physics_arguments(p, p1_told=False):
     p.add_argument("--no-physics", action="store_true", help="the network's own samples: no projection of "
                    f"its x0 prediction onto a crystal, no pushing of atoms closer than {diffusion.SEPARATION} "
                    f"(r_i + r_j) apart at steps <= {diffusion.PHYSICS_FROM} (diffusion.Physics), and no "
@@ -1429,7 +1430,7 @@ def add_physics_arguments(p):
     p.add_argument("--symmetrise", type=number(float, 0, 1, what="a tolerance in A from 0 (off) to 1"),
                    metavar="A", help="make each decoded crystal exactly symmetric under the space group spglib "
                    f"finds at this tolerance (data.symmetrise; default {data.SYMMETRY_TOLERANCE}, 0 with "
-                   "--no-physics; 0: off); generate's summary gives P1 before and after")
+                   "--no-physics; 0: off)" + ("; the summary gives P1 before and after" if p1_told else ""))
 
 
 def symmetrise_all(structures, args):
@@ -1464,8 +1465,9 @@ def build_parser():
                    "constant, or cosine-decayed to 0 at --steps (presets: cosine)")
     p.add_argument("--prediction", choices=["eps", "v"], help="what the network predicts: eps, the "
                    "noise (the paper's), or v = sqrt(abar) eps - sqrt(1 - abar) x0 (presets: v)")
-    p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at steps >= "
-                   "STEP, in training and sampling (presets: 250; 0: every step, the paper's)")
+    p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at the network's "
+                   "steps >= STEP (counted from 0: pure noise is 999), in training and sampling (presets: 250; "
+                   "0: every step, the paper's)")
     p.add_argument("--property-drop", type=PROBABILITY, help="share of crystals whose band gap, and "
                    "separately ordering, is trained as 'unknown', which then means 'any' (presets: 0.3)")
     p.add_argument("--translate", action="store_true", default=None, help="augment every batch by "
@@ -1483,25 +1485,27 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --steps (other than "
                    "the run planned: recorded, and a cosine decay spread over it), on the same crystals and "
                    "held-out set (--data, --val: where they are now, if they moved) with the run's own other settings")
-    add_run_arguments(p, seed=None)
+    add_run_arguments(p, seed=None, resumable=True)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("export", help="a small sampling-only copy of a run's checkpoint (how the "
                        "shipped one was made)", description=cmd_export.__doc__)
-    p.add_argument("source", type=given_path, metavar="RUN", help="run folder or checkpoint.pt (e.g. runs/hour)")
+    p.add_argument("source", type=given_path, metavar="RUN", help="run folder or checkpoint.pt (e.g. runs/long)")
     p.add_argument("--out", type=given_path, required=True, help="file to write (never overwritten)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("reconstruct", help="the paper's reconstruction experiment (Fig. 1, Table 1)",
                        description="Noise N structures to step t with the forward process (stored in "
-                       "noised.npz), denoise them with the model conditioned on their own elements, "
+                       "noised.npz), denoise them with the model conditioned on their own elements (at steps >= "
+                       "--condition-above), "
                        "decode, and compare with the originals: atom counts, Table 1's box-plot "
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
     p.add_argument("--data", type=given_path, help="structures to reconstruct (default: the model's training "
                    "data, as the paper; datasets/mp20_val.csv.gz for unseen ones)")
     p.add_argument("--n", type=COUNT, default=256, help="how many structures (default 256)")
     p.add_argument("--t", type=number(int, 1, diffusion.T, what=f"a step from 1 to {diffusion.T}"),
-                   help=f"noise to step t, 1..{diffusion.T} (default {diffusion.T} = T)")
+                   help=f"noise to step t, 1..{diffusion.T} (default {diffusion.T} = T), the network's step t - 1 "
+                   f"(so --t 250 runs wholly below --condition-above 250: unconditioned)")
     add_sampling_arguments(p, "reconstruct", refine=0)
     p.add_argument("--no-fig2", dest="fig2", action="store_false",
                    help="skip the slower Fig. 2 distances (RMS anonymous, CrystalNN)")
@@ -1530,7 +1534,7 @@ def build_parser():
                    "and the per-element volumes physics-aware sampling scales cells to (default: the checkpoint's "
                    "training data)")
     add_sampling_arguments(p, "generate", refine=5)   # EXPERIMENTS.md, Crowded atoms
-    add_physics_arguments(p)
+    add_physics_arguments(p, p1_told=True)
     p.add_argument("--trajectory", action="store_true", help="also draw the first sample's points "
                    "at several timesteps into trajectory.png (Fig. S2)")
     p.set_defaults(run=cmd_generate)

@@ -24,6 +24,13 @@ sampling for the unconditional pass. (The original code computed the dropped emb
 used the undropped one, so its guidance did nothing.)
 
 Porting notes (every framework default this file relies on, written out)
+- Wiring. UNet.forward, line by line with the shapes: the time MLP (Linear, SiLU, Linear) plus
+  the condition embedding c is `emb`; the stem plus `position` plus the pattern of c; down1,
+  pool, down2 + attn2, pool, down3 + attn3; mid1, mid_attn, mid2; each decoder level takes
+  torch.cat([upsampled path, encoder skip]) (that channel order), its attention, then the
+  upsampling; the head. ResidualBlock.forward and SelfAttention.forward show the order inside a
+  block (a GroupNorm before the attention, the residual added after). The golden file's act_X
+  is the output of module X here (act_time: after the MLP; act_condition: c).
 - Layout. x (B, 3, 128, 3) becomes (B, 9, 128) by x.permute(0, 1, 3, 2).reshape(B, 9, 128):
   feature k = 3 * channel + column, so features 0-2 are x, y, z of channel 0, 3-5 the element
   slots, 6-8 the lattice columns. The head's (B, 9, 128) goes back by the inverse reshape.
@@ -43,8 +50,9 @@ Porting notes (every framework default this file relies on, written out)
   (channel-major), are added to the stem's output.
 - The condition embedding: per-slot element embeddings (B, 3, E) flattened slot by slot into
   (B, 3E), then a Linear; the slots are in the order of channel 1 (data.canonical_order: by
-  electronegativity), atomic number 0 for an empty slot. Where drop is True, the whole embedding
-  is the learned `null` vector.
+  rising Pauling electronegativity, ties alphabetically, elements without one last by atomic
+  number), atomic number 0 for an empty slot. Where drop is True, the whole embedding is the
+  learned `null` vector -- so the condition pattern, made from it, is the null's too.
 - The shipped weights are stored in float16; load them into float32 and compute in float32.
 """
 import math
