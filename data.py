@@ -39,6 +39,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -185,7 +186,13 @@ def parse_formula(text):
         if number and int(number) < 1:
             raise ValueError(f"{compact}: atom counts must be whole numbers of at least 1 ({symbol}{number})")
         counts[symbol] = counts.get(symbol, 0) + int(number or 1)
-    elements = check_elements(canonical_order(check_elements(list(counts))))
+    try:
+        elements = check_elements(canonical_order(check_elements(list(counts))))
+    except ValueError as e:
+        pair = re.search(r"[A-Z]{2}", compact)                       # FE2O3: 'E' alone is no element
+        hint = f" in {compact}: a symbol is a capital and at most one small letter ({pair[0][0] + pair[0][1].lower()}" \
+            f", not {pair[0]})" if pair and "not a chemical element" in str(e) else ""
+        raise ValueError(f"{e}{hint}") from None
     if not 1 <= sum(counts.values()) <= MAX_SITES:
         raise ValueError(f"{compact} has {sum(counts.values())} atoms; PCCD makes 1 to {MAX_SITES}")
     return elements, [counts[e] for e in elements]
@@ -839,11 +846,13 @@ def _condition(props):
         (bool(ordering_text) and ordering_text.lower() not in map(str.lower, MAGNETIC_ORDERINGS))
 
 
-def _parse_rows(path):
+def _parse_rows(path, tick=None):
     """Yield (name, structure or None, why it is unusable or '', band_gap, ordering, whether a
     condition was not understood) for each structure in a CSV, a folder or a file: the slow part
-    of loading (a CIF takes ~3 ms)."""
-    for name, fmt, text, props, skip in _read_rows(path):
+    of loading (a CIF takes ~3 ms). tick(n), if given, is called with the rows read so far."""
+    for n, (name, fmt, text, props, skip) in enumerate(_read_rows(path)):
+        if tick:
+            tick(n)
         band_gap, ordering, unread = _condition(props)
         try:
             skip = skip or ("empty" if text is not None and not text.strip() else "")
@@ -883,9 +892,9 @@ def cache_path(path):
     return os.path.join(folder, f"{os.path.basename(path)}.{digest.hexdigest()[:16]}.v{CACHE_VERSION}.npz")
 
 
-def _cached_rows(path):
+def _cached_rows(path, tick=None):
     """The rows of `_parse_rows` for a CSV, from its cache when there is one; otherwise parsed
-    and cached (a folder that cannot be written to just goes without a cache)."""
+    (tick as there) and cached (a folder that cannot be written to just goes without a cache)."""
     cache = cache_path(path)
     c = None
     if os.path.exists(cache):
@@ -911,7 +920,7 @@ def _cached_rows(path):
                 Structure(Lattice(c["lattice"][i]), c["numbers"][sites].tolist(), c["frac_coords"][sites])
             yield name, structure, reason, band_gap, ordering, unread
         return
-    rows = list(_parse_rows(path))
+    rows = list(_parse_rows(path, tick))
     structures = [r[1] for r in rows if r[1] is not None]
     arrays = dict(
         name=np.array([r[0] for r in rows]), reason=np.array([r[2] for r in rows]),
@@ -950,8 +959,15 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
     kept, skipped = [], {} if skipped is None else skipped
-    rows = _cached_rows if is_csv(path) and os.path.isfile(path) else _parse_rows     # a pipe is not hashed
-    for name, structure, reason, band_gap, ordering, unread in rows(path):
+    cached = is_csv(path) and os.path.isfile(path)                                   # a pipe is not hashed
+    said = [time.monotonic()]
+
+    def tick(n):                                  # a progress line every 10 s of parsing
+        if verbose and time.monotonic() - said[0] >= 10:
+            later = " (the first time only: then from its cache)" if cached else ""
+            print(f"{path}: {n} row{'s' * (n != 1)} read so far{later} ...", file=sys.stderr, flush=True)
+            said[0] = time.monotonic()
+    for name, structure, reason, band_gap, ordering, unread in (_cached_rows if cached else _parse_rows)(path, tick):
         if not reason and only_encodable:
             reason = unencodable_reason(structure, length_range)
         if reason:

@@ -173,6 +173,7 @@ def format_csp(summary):
         f"{summary['k']} sample{'s' * (summary['k'] > 1)} each "
         f"({describe_sampler(**summary)}; {summary['seconds']:.0f} s; "
         f"StructureMatcher stol 0.5, ltol 0.3, angle_tol 10, volumes scaled)",
+        *([f"drawn from {summary['data_loaded']}"] if "data_loaded" in summary else []),
         f"{'':<28}{'match':>9}{'RMSE':>9}",
         f"{'first sample (k = 1)':<28}{100 * summary['match_rate_1']:>8.2f}%{rmse(summary['rmse_1'])}",
         *(best if summary["k"] > 1 else []),
@@ -228,6 +229,7 @@ def format_reconstruction(summary):
     n, rms = summary["n"], summary["mean_rms"]
     lines = [f"\nReconstruction from t = {summary['t']} of {n} structures ({describe_sampler(**summary)}, "
              f"{summary['seconds']:.0f} s; {summary['checkpoint']})",
+             *([f"  drawn from {summary['data_loaded']}"] if "data_loaded" in summary else []),
              f"  decoded                       {summary['decoded']:>5}/{n}",
              f"  atom count right              {100 * summary['atom_count_accuracy']:6.2f}%   (paper, t = T: 67.81%; "
              f"most-common-count baseline: {100 * summary['count_baseline_accuracy']:.2f}%)",

@@ -402,11 +402,18 @@ class RunLock:
     def __enter__(self):
         if os.path.exists(self.args.out) and not os.path.isdir(self.args.out):
             raise UserError(f"--out {self.args.out} is a file, not a folder")
+        if os.path.islink(self.args.out) and not os.path.exists(self.args.out):
+            raise UserError(f"--out {self.args.out} is a link to {os.readlink(self.args.out)}, which does not "
+                            f"exist: remove the link or choose another --out")
         if not os.path.isdir(self.args.out):
             parents = make_parents(self.args.out, self.args)
             os.mkdir(self.args.out)
             self.args.made = [self.args.out, *parents]
-        self.file = open(self.lock, "w")
+        try:
+            self.file = open(self.lock, "w")
+        except OSError as e:                              # a read-only run folder: nothing can be saved
+            raise UserError(f"cannot write in {self.args.out} ({e.strerror}): training could save nothing "
+                            f"there; choose another --out") from None
         try:
             import fcntl                                  # POSIX; elsewhere runs are not locked
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -496,13 +503,15 @@ def train(args):
             [c.material_id for c in crystals] != resumed["train_ids"]:
         raise UserError(f"{where} holds the run's crystals in another order than when this run began: --resume "
                         f"would draw other batches; put the rows back in their order, or start a new run")
+    own_data = resumed and shown_path(resolve_path(resumed["settings"]["data"]))
+    how = "it has changed since this run began" if not resumed or own_data == where else \
+        f"the run began on {own_data}"                               # --data named another file
     if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
-        raise UserError(f"{where} is not the run's data: it has changed since this run began "
-                        f"({len(resumed['train_ids'])} crystals "
+        raise UserError(f"{where} is not the run's data: {how} ({len(resumed['train_ids'])} crystals "
                         f"then, {len(crystals)} now): --resume would train on other data; start a new run")
     if resumed and resumed.get("data_digest", digest) != digest:     # runs saved before the digest: names only
-        raise UserError(f"{where} is not the run's data: it has changed since this run began (other structures "
-                        f"under the same names): --resume would train on other data; start a new run")
+        raise UserError(f"{where} is not the run's data: {how} (other structures under the same names): "
+                        f"--resume would train on other data; start a new run")
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
     try:
         encoded = data.encode_dataset(crystals, length_range)
@@ -660,12 +669,12 @@ def cmd_export(args):
     sampling needs (model configuration, length range, `sampling`, `settings`, the training set's
     identities); no optimizer state, so it cannot be resumed. Golden tensors beside it."""
     golden = os.path.splitext(args.out)[0] + "_golden.npz"
-    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} names a folder: name the file to write, e.g. {os.path.join(args.out, 'model.pt')}")
     for path in (args.out, golden):
         if os.path.lexists(path):
             raise UserError(f"{path} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
+    print(f"writing {args.out}, then its golden tensors (DDIM samples of 20 and 74 steps; ~10-30 s) ...",
+          file=sys.stderr, flush=True)
     small = {k: ckpt[k] for k in CHECKPOINT_KEYS + ("data_digest", "trained_conditions") if k in ckpt}  # sampling's
     small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     make_parents(args.out, args)
@@ -861,7 +870,9 @@ def cmd_reconstruct(args):
         if not os.path.exists(args.data):
             raise UserError(f"the model's training data, {ckpt['settings']['data']}, is gone: name structures "
                             f"with --data")
-    crystals = load_or_fail(args.data, length_range=length_range)
+    skipped = {}
+    crystals = load_or_fail(args.data, skipped=skipped, length_range=length_range)
+    loaded = data.describe_load(shown_path(args.data), crystals, skipped)       # kept with the results
     learned = own and trained_on(data.load_structures(args.data, verbose=False), ckpt)
     if own and not learned:
         print(f"warning: {args.data} has changed since the model was trained on it: these are not the "
@@ -893,7 +904,7 @@ def cmd_reconstruct(args):
                      | dict(material_id=c.material_id, decode_error=why))
         if s is not None:
             write_structure(s, os.path.join(out, f"{len(pairs) - 1:04d}_{file_name(c.material_id)}.cif"))
-    summary = dict(data=os.path.abspath(args.data), t=t,
+    summary = dict(data=os.path.abspath(args.data), data_loaded=loaded, t=t,
                    sampler=args.sampler, steps=steps_run(args, t - 1), guidance=args.guidance,
                    condition_above=args.condition_above, refine=args.refine, seed=args.seed, seconds=seconds)
     summary |= evaluate.summarise_reconstruction(pairs, ckpt["train_compositions"]) | run_record(args, ckpt)
@@ -1014,7 +1025,11 @@ def warn_at_length_limit(structures, length_range):
 
 
 def cmd_generate(args):
-    elements, counts = args.formula or (args.elements, None)      # both checked as they were parsed
+    elements, counts, given = args.formula or (args.elements, None, None)   # both checked as they were parsed
+    as_given = re.findall(r"([A-Z][a-z]?)([0-9]*)", given or "")
+    if counts and [(e, int(n or 1)) for e, n in as_given] != list(zip(elements, counts)):    # Fe2O3Fe, O3Fe2
+        read = "".join(e + str(n) * (n != 1) for e, n in zip(elements, counts))
+        print(f"--formula {given} read as {read} ({sum(counts)} atom{'s' * (sum(counts) != 1)})", file=sys.stderr)
     device, model, ckpt, ddpm = load_for_sampling(args)
     args.refine = refine_run(args)
     rng = np.random.default_rng(args.seed)
@@ -1037,9 +1052,12 @@ def cmd_generate(args):
     if not counts and ckpt["settings"].get("composition_given", 0) >= 1:
         print("warning: this model was trained with the composition always given (--composition-given 1): it "
               "never learned to make channel 1; name one with --formula", file=sys.stderr)
-    if not counts and args.condition_above >= ddpm.T > ckpt["settings"].get("condition_above", 0):   # asked so
-        print(f"warning: the condition acts at steps >= {args.condition_above} only, and none is: the network is "
-              f"not told the elements, band gap or ordering asked for (--formula holds a composition)", file=sys.stderr)
+    unused = "--guidance 0 takes the network's unconditional output alone" if args.guidance == 0 else \
+        f"the condition acts at steps >= {args.condition_above} only, and none is" \
+        if args.condition_above >= ddpm.T > ckpt["settings"].get("condition_above", 0) else ""     # asked so
+    if not counts and unused:
+        print(f"warning: {unused}: the network is not told the elements, band gap or ordering asked for "
+              f"(--formula holds a composition)", file=sys.stderr)
     conditions = [(s, args.band_gap, args.magnetic) for s in element_sets]
     warn_never_learned(conditions, training if reference and args.reference is None else None, ckpt, args, ddpm)
     trajectory = {} if args.trajectory else None
@@ -1108,6 +1126,8 @@ def cmd_evaluate(args):
     if os.path.lexists(path):                             # a link to nowhere too: it names a file
         raise UserError(f"{path} exists; name another with --csv")
     parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(parent):                      # made now (removed again if screening fails)
+        make_parents(path, args)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):         # found now, not after screening
         raise UserError(f"cannot write {path}: {parent} is not a folder, or is read-only")
     skipped, reference = {}, load_reference(reference_path(args.reference, named=True))   # a bad one: first
@@ -1115,6 +1135,15 @@ def cmd_evaluate(args):
     crystals = load_or_fail(folder, only_encodable=False, skipped=skipped, named=named)
     failed = [(name, why) for name, why in named if why not in data.NOT_A_CRYSTAL]
     structures = [c.structure for c in crystals] + [None] * len(failed)     # counted as failed samples
+    try:                                          # a generate folder: its undecoded samples left no file
+        made = json.load(open(os.path.join(folder, "summary.json")))
+        lost = int(made["generated"]) - int(made["decoded"])
+    except Exception:                             # not one, or not readable: nothing to say
+        lost = 0
+    if lost > 0:
+        print(f"note: {os.path.join(folder, 'summary.json')} says generate made {made['generated']} here, {lost} of "
+              f"which did not decode and left no file: the rates below are of the {len(structures)} files "
+              f"(generate's own summary counts all {made['generated']})", file=sys.stderr)
     rows, summary = evaluate.screen(structures, [c.structure for c in reference])
     for row, (name, why) in zip(rows, [(c.material_id, "") for c in crystals] + failed):
         row.update(name=name, reason=why)
@@ -1128,7 +1157,9 @@ def cmd_csp(args):
     held by inpainting), matched at CDVAE's tolerances: the first and the best of K, RMSE."""
     device, model, ckpt, ddpm = load_for_sampling(args)
     args.refine = refine_run(args)
-    crystals, length_range = load_or_fail(args.data, length_range=ckpt["length_range"]), ckpt["length_range"]
+    skipped, length_range = {}, ckpt["length_range"]
+    crystals = load_or_fail(args.data, skipped=skipped, length_range=length_range)
+    loaded = data.describe_load(shown_path(args.data), crystals, skipped)       # kept with the results
     crystals = [crystals[i] for i in np.random.default_rng(args.seed).permutation(len(crystals))[: args.n]]
     out, n = fresh_dir(args), len(crystals)
     compositions = [data.parse_formula(c.structure.composition.formula) for c in crystals]
@@ -1159,7 +1190,8 @@ def cmd_csp(args):
                                                           refine=args.refine, seed=args.seed,
                                                           physics=not args.no_physics, symmetrised=symmetrised,
                                                           train_crystals=len(ckpt["train_ids"]),
-                                                          data=os.path.abspath(args.data)) | run_record(args, ckpt)
+                                                          data=os.path.abspath(args.data),
+                                                          data_loaded=loaded) | run_record(args, ckpt)
     write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
     args.made, args.kept = None, out            # finished: kept, whatever happens to what follows
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded
@@ -1317,10 +1349,20 @@ def image_path(text):
     return text
 
 
+def checkpoint_path(text):
+    """An argparse type for a checkpoint to write: a .pt file (its golden tensors go beside it)."""
+    if given_path(text).endswith(("/", os.sep)) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} names a folder: name the file to write, e.g. "
+                                         f"{os.path.join(text, 'model.pt')}")
+    if os.path.splitext(text)[1].lower() != ".pt":
+        raise argparse.ArgumentTypeError(f"{text!r}: name a .pt file (NAME_golden.npz goes beside it)")
+    return text
+
+
 def formula(text):
-    """An argparse type: a formula PCCD can make -> (elements in slot order, counts)."""
+    """An argparse type: a formula PCCD can make -> (elements in slot order, counts, the text)."""
     try:
-        return data.parse_formula(text)
+        return (*data.parse_formula(text), text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
 
@@ -1408,7 +1450,8 @@ def add_sampling_arguments(p, out, refine):
     p.add_argument("--steps", type=number(int, 1, diffusion.T, what=f"a number of steps from 1 to {diffusion.T}"),
                    help="DDIM steps (default 100; with --sampler ddim only: ddpm runs every step)")
     p.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance w: eps = eps_uncond + "
-                   "w (eps_cond - eps_uncond), 0 to 100; 1 or 0: one pass (default: the checkpoint's, 3)")
+                   "w (eps_cond - eps_uncond), 0 to 100; 1 (conditional) or 0 (unconditional: the condition "
+                   "unused): one pass (default: the checkpoint's, 3)")
     p.add_argument("--condition-above", type=STEP, metavar="STEP", help="the condition only at the network's "
                    "steps >= STEP (counted from 0: pure noise is 999), one unconditional pass below (default: "
                    "the checkpoint's, 250)")
@@ -1491,7 +1534,8 @@ def build_parser():
     p = sub.add_parser("export", help="a small sampling-only copy of a run's checkpoint (how the "
                        "shipped one was made)", description=cmd_export.__doc__)
     p.add_argument("source", type=given_path, metavar="RUN", help="run folder or checkpoint.pt (e.g. runs/long)")
-    p.add_argument("--out", type=given_path, required=True, help="file to write (never overwritten)")
+    p.add_argument("--out", type=checkpoint_path, required=True, help="the .pt file to write, NAME_golden.npz "
+                   "beside it (never overwritten)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("reconstruct", help="the paper's reconstruction experiment (Fig. 1, Table 1)",

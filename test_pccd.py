@@ -267,7 +267,7 @@ def test_a_csv_is_parsed_once_then_read_from_its_cache_until_its_content_changes
     write_rows(path, rows)
     parsed = []
     real = data._parse_rows
-    monkeypatch.setattr(data, "_parse_rows", lambda p: (parsed.append(p), real(p))[1])
+    monkeypatch.setattr(data, "_parse_rows", lambda p, tick=None: (parsed.append(p), real(p, tick))[1])
     first = data.load_structures(str(path), verbose=False)
     second = data.load_structures(str(path), verbose=False)
     assert len(parsed) == 1                                       # the second load: from the cache
@@ -292,6 +292,18 @@ def test_a_csv_is_parsed_once_then_read_from_its_cache_until_its_content_changes
     assert len(data.load_structures(str(path), verbose=False)) == 5 and len(parsed) == 4
     assert len(data.load_structures(str(path), verbose=False)) == 5 and len(parsed) == 4   # and cached anew
 
+
+
+def test_parsing_a_large_file_says_how_far_it_has_come_every_10_seconds(tmp_path, monkeypatch, capsys):
+    write_rows(tmp_path / "c.csv", bundled_rows(3))
+    clock = iter(range(0, 1000, 6))                               # 6 s pass per row parsed
+    monkeypatch.setattr(data.time, "monotonic", lambda: next(clock))
+    data.load_structures(str(tmp_path / "c.csv"))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"{tmp_path / 'c.csv'}: 1 row read so far (the first time only: then from its cache) ..."
+    assert len(err) == 2 and "kept 3 of 3" in err[1]               # then what was kept
+    data.load_structures(str(tmp_path / "c.csv"), verbose=False)  # from the cache, or quiet: no line
+    assert capsys.readouterr().err == ""
 
 # ----------------------------------------------------------------------------------------------
 # The network, the DDPM and training (paper Methods, Eqs. 3-6, S4, Table S1)
@@ -591,6 +603,8 @@ def test_reconstruct_end_to_end_writes_the_table_the_json_and_fig1(tiny_run, sma
     result = json.load(open(out / "results.json"))
     summary = result["summary"]
     assert summary["n"] == len(result["pairs"]) == 6
+    assert summary["data_loaded"].endswith("small.csv: kept 40 of 40 structures (skipped: none)")   # drawn from
+    assert f"drawn from {summary['data_loaded']}" in printed
     assert 0 <= summary["atom_count_accuracy"] <= 1
     assert sum(p["same_count"] for p in result["pairs"]) == round(6 * summary["atom_count_accuracy"])
     assert (out / "fig1.png").stat().st_size > 10000
@@ -929,6 +943,14 @@ def test_evaluate_on_a_generate_folder_counts_each_crystal_once(tiny_run, tmp_pa
     assert code == 0 and f"kept {written} of {written} structures (skipped: none; not read: {written} a " \
         f"POSCAR beside its CIF)" in err[0], err
     assert re.search(rf"^generated +{written}$", printed, re.M) and re.search(rf"^decodable +{written} ", printed, re.M)
+    assert not any(line.startswith("note:") for line in err)
+    summary = json.load(open(out / "summary.json"))          # had two samples not decoded (no file): said so
+    summary["generated"] = summary["decoded"] + 2
+    (out / "summary.json").write_text(json.dumps(summary))
+    code, err, _ = run_pccd(["evaluate", str(out), "--csv", str(tmp_path / "new" / "flags2.csv")], capsys)
+    assert code == 0 and f"says generate made {written + 2} here, 2 of which did not decode and left no file: the " \
+        f"rates below are of the {written} files (generate's own summary counts all {written + 2})" in err[1], err
+    assert (tmp_path / "new" / "flags2.csv").exists()                # its folder made, as every --out's is
 
 
 def test_generate_for_an_element_without_a_covalent_radius_or_training_data_warns_and_samples(tiny_run, tmp_path,
@@ -1020,7 +1042,7 @@ def test_generate_trajectory_draws_the_denoising_of_one_sample(tiny_run, tmp_pat
     assert (out / "trajectory.png").stat().st_size > 10000
 
 
-def test_generate_formula_writes_only_structures_of_that_composition(tiny_run, tmp_path):
+def test_generate_formula_writes_only_structures_of_that_composition(tiny_run, tmp_path, capsys):
     import csv
     out = tmp_path / "csp"
     assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--formula", "Li2Co2O4", "--n", "3",
@@ -1029,14 +1051,22 @@ def test_generate_formula_writes_only_structures_of_that_composition(tiny_run, t
     assert len(rows) == 3 and all(r["decoded"] == "True" for r in rows)
     for row in rows:
         assert Structure.from_file(out / (row["name"] + ".cif")).composition == Composition("Li2Co2O4")
+    assert "read as" not in capsys.readouterr().err                     # as written: nothing to say
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--formula", "O2Co2Li2O2", "--n", "1",
+                             "--sampler", "ddim", "--steps", "2", "--out", str(tmp_path / "again")], capsys)
+    assert code == 0 and err[0] == "--formula O2Co2Li2O2 read as Li2Co2O4 (8 atoms)"   # a repeat summed, reordered
 
 
-def test_csp_predicts_from_compositions_and_scores_each_first_and_best_sample(tiny_run, small_csv, tmp_path):
-    out = tmp_path / "csp"
-    assert pccd.main(["csp", "--checkpoint", str(tiny_run), "--data", small_csv, "--n", "3", "--k", "2",
-                      "--sampler", "ddim", "--steps", "3", "--out", str(out)]) == 0
+def test_csp_predicts_from_compositions_and_scores_each_first_and_best_sample(tiny_run, tmp_path, capsys):
+    out, rows = tmp_path / "csp", bundled_rows(4)
+    write_rows(tmp_path / "four.csv", rows + [dict(rows[0], material_id="bad", cif="not a CIF")])
+    assert pccd.main(["csp", "--checkpoint", str(tiny_run), "--data", str(tmp_path / "four.csv"), "--n", "3",
+                      "--k", "2", "--sampler", "ddim", "--steps", "3", "--out", str(out)]) == 0
     results = json.load(open(out / "results.json"))
     assert results["summary"]["n"] == 3 and results["summary"]["k"] == 2
+    loaded = results["summary"]["data_loaded"]           # what the compositions were drawn from, and what not
+    assert loaded.endswith("four.csv: kept 4 of 5 structures (skipped: 1 unreadable)")
+    assert f"drawn from {loaded}" in capsys.readouterr().out
     assert all(r["match_k"] >= r["match_1"] for r in results["rows"])
     assert (out / "predicted.png").stat().st_size > 10000
     for row, cif in zip(results["rows"], sorted(out.glob("*_predicted.cif"))):
@@ -1385,6 +1415,7 @@ def bad_inputs(tmp_path_factory, mp20):
     (only_bad / "POSCAR_flat").write_text((mixed / "POSCAR_flat").read_text())
     (root / "binary.cif").write_bytes(bytes(range(256)) * 8)
     (root / "a_file").write_text("not a folder")
+    os.symlink(root / "nothing", root / "dangling")                       # a link to nothing
     (root / "latin1.csv").write_bytes("material_id,cif\nmp-1,caf\xe9\n".encode("latin-1"))
     (root / "no_cif.csv").write_text("material_id,formula\nmp-1,NaCl\n")
     (root / "cut.csv.gz").write_bytes(open(os.path.join(HERE, "datasets", "mp20_val.csv.gz"), "rb").read(30000))
@@ -1457,9 +1488,10 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["bench", "--batch-size", "4611686018427387904"], 2, "--batch-size: '4611686018427387904' is not a batch size"),
     (["generate", "--formula", "Li\u0662O"], 2, "cannot read the formula"),          # an Arabic-Indic 2
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "/"], 1, "--out / is an existing folder"),
-    (["export", "{run}", "--out", "{r}/newdir/"], 1, "names a folder: name the file to write"),
+    (["export", "{run}", "--out", "{r}/newdir/"], 2, "names a folder: name the file to write, e.g. {r}/newdir/model.pt"),
+    (["export", "{run}", "--out", "{r}/x_golden.npz"], 2, "name a .pt file (NAME_golden.npz goes beside it)"),
     (["evaluate", "{r}/mixed", "--csv", "{r}/a_file/x.csv"], 1, "cannot write {r}/a_file/x.csv: {r}/a_file is not a folder"),
-    (["evaluate", "{r}/mixed", "--csv", "{r}/nowhere/x.csv"], 1, "cannot write {r}/nowhere/x.csv: {r}/nowhere is not a folder"),
+    (["evaluate", "{r}/only_bad", "--csv", "{r}/nowhere/x.csv"], 1, "kept 0 of 2 structures"),   # nowhere/: made, removed
     (["evaluate", "{r}/cut.csv.gz"], 1, "{r}/cut.csv.gz is not a readable gzip file"),
     (["evaluate", "{r}/plain.csv.gz"], 1, "{r}/plain.csv.gz is not a readable gzip file"),
     (["evaluate", "{r}/stray_quote.csv"], 1, "{r}/stray_quote.csv is not a well-formed CSV (line 2"),
@@ -1507,6 +1539,8 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--formula", "NaCl", "--elements", "Na", "Cl"], 2, "not allowed with argument --formula"),
     (["generate"], 2, "one of the arguments --elements --formula --pool is required"),
     (["generate", "--formula", "LiQ2"], 2, "argument --formula: 'Q' is not a chemical element symbol"),
+    (["generate", "--formula", "FE2O3"], 2, "'E' is not a chemical element symbol in FE2O3: a symbol is a capital "
+     "and at most one small letter (Fe, not FE)"),
     (["generate", "--formula", "LiNaCoO2"], 2, "4 elements"),
     (["generate", "--formula", "Li10O7"], 2, "Li10O7 has 17 atoms; PCCD makes 1 to 16"),
     (["generate", "--formula", "Li0"], 2, "atom counts must be whole numbers of at least 1 (Li0)"),
@@ -1533,7 +1567,9 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
       "cosine"], 1, "leave out --batch-size, --lr, --schedule"),      # the run's record would say they always were
     (["generate", "--elements", "mg", "o"], 2, "'mg' is not a chemical element symbol"),
     (["generate", "--elements", "na"], 2, "'na' is not a chemical element symbol"),
-    (["export", "{run}", "--out", "{r}/a_file"], 1, "exists"),
+    (["export", "{run}", "--out", "{r}/a_file"], 2, "{r}/a_file': name a .pt file"),
+    (["train", "--data", "{r}/mixed", "--out", "{r}/dangling", "--val", "none"], 1,
+     "--out {r}/dangling is a link to {r}/nothing, which does not exist: remove the link or choose another --out"),
     (["show", "{r}/mixed/good.cif", "--out", "{r}/cloud.txt"], 2, "--out: '{r}/cloud.txt': name a .png, .pdf or .svg file"),
     (["bench", "--batch-size", "100000000"], 1, "--batch-size 100000000 does not fit in memory"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "."], 1, "--out . is an existing folder"),
@@ -1896,6 +1932,11 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
     write_rows(tmp_path / "six.csv", rows[:4])
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
     assert code == 1 and "has changed since this run began (6 crystals then, 4 now" in err[-1]
+    write_rows(tmp_path / "other.csv", rows[:1])                # another file named with --data: said so
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none", "--data",
+                             str(tmp_path / "other.csv")], capsys)
+    assert code == 1 and "other.csv is not the run's data: the run began on " in err[-1] and \
+        "six.csv (6 crystals then, 1 now)" in err[-1]
     edited = [dict(r) for r in rows]                    # one crystal's c axis 30 A under its own name
     s = Structure.from_str(edited[2]["cif"], fmt="cif")
     s.lattice = Lattice.from_parameters(*s.lattice.abc[:2], 30.0, *s.lattice.angles)
@@ -2359,7 +2400,7 @@ def test_generate_records_its_run_and_judges_novelty_only_against_the_data_the_m
         "crystals it learned" in err
     code, _, _ = run_pccd(["generate", "--formula", "MgO", "--n", "1", "--sampler", "ddim", "--steps", "2",
                            "--checkpoint", str(run), "--out", str(tmp_path / "g3")], capsys)
-    assert code == 0 and json.load(open(tmp_path / "g3" / "summary.json"))["options"]["formula"] == [["Mg", "O"], [1, 1]]
+    assert code == 0 and json.load(open(tmp_path / "g3" / "summary.json"))["options"]["formula"] == [["Mg", "O"], [1, 1], "MgO"]
 
 
 def test_a_run_that_diverges_stops_at_its_first_non_finite_loss_and_keeps_only_finite_checkpoints(
@@ -2426,6 +2467,10 @@ def test_sampling_warns_of_what_the_model_never_learned(small_csv, tmp_path, cap
         "learned to make channel 1; name one with --formula" in err
     assert "warning: the condition acts at steps >= 1000 only, and none is: the network is not told the elements, " \
         "band gap or ordering asked for (--formula holds a composition)" in err
+    code, err, _ = run_pccd(["generate", "--elements", "Mg", "O", "--n", "1", "--sampler", "ddim", "--steps", "2",
+                             "--checkpoint", str(run), "--guidance", "0", "--out", str(tmp_path / "g0")], capsys)
+    assert code == 0 and "warning: --guidance 0 takes the network's unconditional output alone: the network is " \
+        "not told the elements, band gap or ordering asked for (--formula holds a composition)" in err
     run = tmp_path / "metals"                         # every training crystal a metal, its condition never dropped
     rows = [dict(r, band_gap="0") for r in bundled_rows(6)]
     write_rows(tmp_path / "metals.csv", rows)
