@@ -189,9 +189,11 @@ def parse_formula(text):
     try:
         elements = check_elements(canonical_order(check_elements(list(counts))))
     except ValueError as e:
-        pair = re.search(r"[A-Z]{2}", compact)                       # FE2O3: 'E' alone is no element
-        hint = f" in {compact}: a symbol is a capital and at most one small letter ({pair[0][0] + pair[0][1].lower()}" \
-            f", not {pair[0]})" if pair and "not a chemical element" in str(e) else ""
+        refused = re.match(r"'([A-Z])' is not a chemical element", str(e))      # FE2O3: 'E' alone is none
+        pair = refused and re.search(rf"[A-Z]{refused[1]}(?![a-z])", compact)
+        meant = pair and pair[0][0] + pair[0][1].lower()
+        hint = f" in {compact}: a symbol is a capital and at most one small letter ({meant}, not {pair[0]})" \
+            if meant and Element.is_valid_symbol(meant) else ""
         raise ValueError(f"{e}{hint}") from None
     if not 1 <= sum(counts.values()) <= MAX_SITES:
         raise ValueError(f"{compact} has {sum(counts.values())} atoms; PCCD makes 1 to {MAX_SITES}")
@@ -849,7 +851,7 @@ def _condition(props):
 def _parse_rows(path, tick=None):
     """Yield (name, structure or None, why it is unusable or '', band_gap, ordering, whether a
     condition was not understood) for each structure in a CSV, a folder or a file: the slow part
-    of loading (a CIF takes ~3 ms). tick(n), if given, is called with the rows read so far."""
+    of loading (a CIF takes ~3 ms). tick(n), if given, is called with the rows parsed so far."""
     for n, (name, fmt, text, props, skip) in enumerate(_read_rows(path)):
         if tick:
             tick(n)
@@ -943,7 +945,8 @@ def _cached_rows(path, tick=None):
     yield from rows
 
 
-def load_structures(path, verbose=True, only_encodable=True, skipped=None, length_range=None, named=None):
+def load_structures(path, verbose=True, only_encodable=True, skipped=None, length_range=None, named=None,
+                    progress=None):
     """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
     `material_id`, `band_gap`, `ordering`; plain or .csv.gz; its parsed rows are cached, see
     CACHE_FOLDER), a folder of CIF/POSCAR files, or one such file.
@@ -953,19 +956,21 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
     row or file (unparsable, binary, empty, a degenerate cell, partial occupancies) is counted
     and skipped, never fatal. Prints one line saying what was kept and skipped (or, with
     verbose=False, fills the dict `skipped` with {reason: count}; a list `named` gets (name, reason)
-    for each).
+    for each). Parsing that takes long says how far it has come every 10 s (progress: default verbose).
     Returns a list of `Crystal`.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
     kept, skipped = [], {} if skipped is None else skipped
     cached = is_csv(path) and os.path.isfile(path)                                   # a pipe is not hashed
-    said = [time.monotonic()]
+    said, progress = [time.monotonic()], verbose if progress is None else progress
 
     def tick(n):                                  # a progress line every 10 s of parsing
-        if verbose and time.monotonic() - said[0] >= 10:
-            later = " (the first time only: then from its cache)" if cached else ""
-            print(f"{path}: {n} row{'s' * (n != 1)} read so far{later} ...", file=sys.stderr, flush=True)
+        if progress and time.monotonic() - said[0] >= 10:
+            unit = "row" if cached else "file" if os.path.isdir(path) else "structure"
+            later = " (then cached for the next time)" if cached and os.access(os.path.dirname(
+                os.path.abspath(path)), os.W_OK) else ""
+            print(f"{path}: {n} {unit}{'s' * (n != 1)} parsed so far{later} ...", file=sys.stderr, flush=True)
             said[0] = time.monotonic()
     for name, structure, reason, band_gap, ordering, unread in (_cached_rows if cached else _parse_rows)(path, tick):
         if not reason and only_encodable:

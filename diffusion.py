@@ -66,8 +66,9 @@ def cosine_beta_schedule(T, s=0.008):
 def ddim_timesteps(t_start, steps):
     """The steps DDIM visits: t_start (n - i) / n for i = 0 .. n-1, n = min(steps, t_start + 1),
     rounded to the nearest integer, halves to the even one -- in integer arithmetic, so every
-    language visits the same steps (the float t_start * (1 - i / n) rounds differently in C,
-    JavaScript or float32, at 175 counts n of 1..1000 from step 999, and in Python at 13)."""
+    language visits the same steps (the float t_start * (1 - i / n) rounds differently with C's
+    round(), JavaScript's Math.round or in float32, at 175 counts n of 1..1000 from step 999, and
+    with Python's round or C's rint, halves to even, at 13)."""
     n = min(steps, t_start + 1)
     visited = []
     for i in range(n):

@@ -158,7 +158,7 @@ def load_or_fail(path, only_encodable=True, skipped=None, length_range=None, nam
     `named` if given); the error if nothing is left."""
     skipped = {} if skipped is None else skipped
     try:
-        crystals = data.load_structures(path, False, only_encodable, skipped, length_range, named)
+        crystals = data.load_structures(path, False, only_encodable, skipped, length_range, named, progress=True)
     except (OSError, ValueError) as e:
         raise UserError(str(e))
     if not crystals:
@@ -320,7 +320,7 @@ def run_record(args, ckpt):
     options = {}
     for key, value in vars(args).items():
         try:
-            options[key] = json.loads(json.dumps(value))       # --formula's (elements, counts) a list
+            options[key] = json.loads(json.dumps(value))       # --formula's (elements, counts, text) a list
         except TypeError:                                      # the command's function: not an option
             pass
     for key in ("argv", "made", "kept", "refine_default", "known_clean"):     # the program's own, not options
@@ -402,8 +402,9 @@ class RunLock:
     def __enter__(self):
         if os.path.exists(self.args.out) and not os.path.isdir(self.args.out):
             raise UserError(f"--out {self.args.out} is a file, not a folder")
-        if os.path.islink(self.args.out) and not os.path.exists(self.args.out):
-            raise UserError(f"--out {self.args.out} is a link to {os.readlink(self.args.out)}, which does not "
+        link = os.path.normpath(self.args.out)              # dangling/ too
+        if os.path.islink(link) and not os.path.exists(link):
+            raise UserError(f"--out {self.args.out} is a link to {os.readlink(link)}, which does not "
                             f"exist: remove the link or choose another --out")
         if not os.path.isdir(self.args.out):
             parents = make_parents(self.args.out, self.args)
@@ -1136,7 +1137,11 @@ def cmd_evaluate(args):
     failed = [(name, why) for name, why in named if why not in data.NOT_A_CRYSTAL]
     structures = [c.structure for c in crystals] + [None] * len(failed)     # counted as failed samples
     try:                                          # a generate folder: its undecoded samples left no file
-        made = json.load(open(os.path.join(folder, "summary.json")))
+        summary_path = os.path.join(folder, "summary.json")
+        if not (os.path.isfile(summary_path) and os.path.getsize(summary_path) < 1e6):   # a pipe: not waited on
+            raise ValueError("not generate's summary")
+        with open(summary_path) as f:
+            made = json.load(f)
         lost = int(made["generated"]) - int(made["decoded"])
     except Exception:                             # not one, or not readable: nothing to say
         lost = 0

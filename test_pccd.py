@@ -298,12 +298,20 @@ def test_parsing_a_large_file_says_how_far_it_has_come_every_10_seconds(tmp_path
     write_rows(tmp_path / "c.csv", bundled_rows(3))
     clock = iter(range(0, 1000, 6))                               # 6 s pass per row parsed
     monkeypatch.setattr(data.time, "monotonic", lambda: next(clock))
-    data.load_structures(str(tmp_path / "c.csv"))
+    pccd.load_or_fail(str(tmp_path / "c.csv"))                    # as every command loads
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == f"{tmp_path / 'c.csv'}: 1 row read so far (the first time only: then from its cache) ..."
+    assert err[0] == f"{tmp_path / 'c.csv'}: 1 row parsed so far (then cached for the next time) ..."
     assert len(err) == 2 and "kept 3 of 3" in err[1]               # then what was kept
-    data.load_structures(str(tmp_path / "c.csv"), verbose=False)  # from the cache, or quiet: no line
+    pccd.load_or_fail(str(tmp_path / "c.csv"))                    # from the cache: nothing parsed, no line
+    assert capsys.readouterr().err.splitlines() == err[1:]
+    data.load_structures(str(tmp_path / "c.csv"), verbose=False)  # quiet: no line at all
     assert capsys.readouterr().err == ""
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for i, c in enumerate(bundled_rows(3)):
+        (folder / f"{i}.cif").write_text(c["cif"])
+    pccd.load_or_fail(str(folder))
+    assert capsys.readouterr().err.splitlines()[0] == f"{folder}: 1 file parsed so far ..."   # no cache promised
 
 # ----------------------------------------------------------------------------------------------
 # The network, the DDPM and training (paper Methods, Eqs. 3-6, S4, Table S1)
@@ -1570,6 +1578,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["export", "{run}", "--out", "{r}/a_file"], 2, "{r}/a_file': name a .pt file"),
     (["train", "--data", "{r}/mixed", "--out", "{r}/dangling", "--val", "none"], 1,
      "--out {r}/dangling is a link to {r}/nothing, which does not exist: remove the link or choose another --out"),
+    (["train", "--data", "{r}/mixed", "--out", "{r}/dangling/", "--val", "none"], 1, "is a link to {r}/nothing"),
     (["show", "{r}/mixed/good.cif", "--out", "{r}/cloud.txt"], 2, "--out: '{r}/cloud.txt': name a .png, .pdf or .svg file"),
     (["bench", "--batch-size", "100000000"], 1, "--batch-size 100000000 does not fit in memory"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "."], 1, "--out . is an existing folder"),
@@ -2094,6 +2103,18 @@ def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_referenc
     code, err, _ = run_pccd(["evaluate", str(candidates), "--reference", str(tmp_path / "header_only.csv"),
                              "--csv", str(tmp_path / "s.csv")], capsys)
     assert code == 1 and "holds no readable structure: novelty cannot be judged" in err[-1]
+
+
+@pytest.mark.parametrize("text, said", [
+    ("FE2O3", "'E' is not a chemical element symbol in FE2O3: a symbol is a capital and at most one small letter "
+              "(Fe, not FE)"),
+    ("CO2Xx", "'Xx' is not a chemical element symbol"),        # CO is C and O: no hint about it
+    ("XH2O", "'X' is not a chemical element symbol"),          # Xh is no element either
+])
+def test_a_formula_with_a_symbol_that_is_no_element_says_which_and_hints_only_at_a_real_one(text, said):
+    with pytest.raises(ValueError) as refused:
+        data.parse_formula(text)
+    assert str(refused.value) == said
 
 
 def test_element_order_is_the_same_whichever_way_the_elements_are_given():

@@ -25,12 +25,13 @@ used the undropped one, so its guidance did nothing.)
 
 Porting notes (every framework default this file relies on, written out)
 - Wiring. UNet.forward, line by line with the shapes: the time MLP (Linear, SiLU, Linear) plus
-  the condition embedding c is `emb`; the stem plus `position` plus the pattern of c; down1,
-  pool, down2 + attn2, pool, down3 + attn3; mid1, mid_attn, mid2; each decoder level takes
-  torch.cat([upsampled path, encoder skip]) (that channel order), its attention, then the
-  upsampling; the head. ResidualBlock.forward and SelfAttention.forward show the order inside a
-  block (a GroupNorm before the attention, the residual added after). The golden file's act_X
-  is the output of module X here (act_time: after the MLP; act_condition: c).
+  the condition embedding c is `emb`; the stem plus `position` plus the pattern of c; down1 (s1),
+  pool, down2 + attn2 (s2), pool, down3 + attn3 (s3); mid1, mid_attn, mid2; up3 on
+  torch.cat([h, s3]) (that channel order) + up_attn3, upsample; up2 on cat([h, s2]) + up_attn2,
+  upsample; up1 on cat([h, s1]), no attention; the head. ResidualBlock.forward and
+  SelfAttention.forward show the order inside a block (a GroupNorm before the attention, the
+  residual added after). The golden file's act_X is the output of module X here (act_time:
+  after the MLP; act_condition: c).
 - Layout. x (B, 3, 128, 3) becomes (B, 9, 128) by x.permute(0, 1, 3, 2).reshape(B, 9, 128):
   feature k = 3 * channel + column, so features 0-2 are x, y, z of channel 0, 3-5 the element
   slots, 6-8 the lattice columns. The head's (B, 9, 128) goes back by the inverse reshape.
