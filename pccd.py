@@ -42,16 +42,23 @@ if not all(re.fullmatch(r"\s*[0-9]+\s*", n) and 1 <= int(n) <= 256
     print(f"warning: OMP_NUM_THREADS={os.environ.pop('OMP_NUM_THREADS')!r} is not a number of threads "
           f"from 1 to 256; ignored", file=sys.stderr)
 
-import numpy as np
-import torch
-from pymatgen.core import Composition
+HERE = os.path.dirname(os.path.realpath(__file__))      # through a link to this file too: the bundled files
+if HERE not in map(os.path.realpath, filter(None, sys.path)):  # python -I or PYTHONSAFEPATH: data.py is here
+    sys.path.insert(0, HERE)
+try:
+    import numpy as np
+    import torch
+    from pymatgen.core import Composition
 
-import data
-import diffusion
-import evaluate
-import unet
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+    import data
+    import diffusion
+    import evaluate
+    import unet
+except ImportError as e:                                 # not installed, or too little memory to load
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"pccd.py: cannot import {e.name or 'a library'} ({' '.join(str(e).split())}): install what it needs "
+             f"with python -m pip install -r {os.path.join(HERE, 'requirements.txt')}")
 BUNDLED_TRAIN = os.path.join(HERE, "datasets", "mp20_train.csv.gz")
 BUNDLED_VAL = os.path.join(HERE, "datasets", "mp20_val.csv.gz")
 DEFAULT_RUN = os.path.join("runs", "default")

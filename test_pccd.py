@@ -2530,3 +2530,20 @@ def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_i
         mp20[0].structure.composition, evaluate.atomic_volumes(reference))
     assert re.search(rf"^median V / V_pred +{median:.2f}  \(of the 1 judged\)$", evaluate.format_screening(summary),
                      re.M) and summary["volume_not_judged"] == 1
+
+
+def test_a_missing_library_is_one_line_naming_it_and_the_install_command_and_a_link_finds_the_bundled_files(
+        tmp_path):
+    import subprocess
+    import sys
+    hidden = subprocess.run([sys.executable, "-S", "-c", "import numpy"], capture_output=True).returncode != 0
+    if hidden:                                           # -S hides site-packages, where pip put numpy
+        r = subprocess.run([sys.executable, "-S", os.path.join(HERE, "pccd.py"), "-h"], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.splitlines() == [
+            "pccd.py: cannot import numpy (No module named 'numpy'): install what it needs with python -m pip "
+            f"install -r {os.path.join(os.path.realpath(HERE), 'requirements.txt')}"]
+    os.symlink(os.path.join(HERE, "pccd.py"), tmp_path / "pccd")          # started through a link, elsewhere
+    r = subprocess.run([sys.executable, str(tmp_path / "pccd"), "generate", "--elements", "Mg", "O", "--n", "1",
+                        "--sampler", "ddim", "--steps", "1", "--out", "g"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and os.path.realpath(pccd.SHIPPED_CHECKPOINT) in r.stdout, r.stderr   # found, used
+    assert pccd.HERE == os.path.realpath(HERE)
