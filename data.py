@@ -709,39 +709,45 @@ def _poscar_misread(text):
     return ""
 
 
-def _parse_structures(text, fmt):
-    """The structures of a CIF (one per data block) or of a POSCAR, without oxidation states (Li+
-    is Li). Raises Misread(reason) for a file pymatgen reads as another crystal (MISREAD)."""
+def _blocks(text, fmt):
+    """A CIF's data blocks that hold a crystal (atom sites; a journal's data_global block of titles
+    and authors does not), each read alone; a POSCAR is one block."""
+    if text is None or fmt != "cif":
+        return [text]
     text = text.replace("\r\n", "\n").replace("\r", "\n")    # Windows' and old Macs' line ends
-    blocks = [b for b in re.split(r"(?m)^(?=data_)", text) if b.startswith("data_")] if fmt == "cif" else [text]
-    structures = []
-    for block in blocks or [text]:                  # each data block alone: pymatgen's checks are per block
-        failure = None
-        with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
-            warnings.simplefilter("always")
-            reason, items = _cif_misread(block) if fmt == "cif" else (_poscar_misread(block), {})
-            if reason:
+    blocks = [b for b in re.split(r"(?m)^(?=data_)", text) if b.startswith("data_")]
+    return [b for b in blocks if re.search(r"(?m)^\s*_atom_site_", b)] or blocks or [text]
+
+
+def _parse_structures(block, fmt):
+    """The structures of one CIF data block (usually one) or of a POSCAR, without oxidation states
+    (Li+ is Li). Raises Misread(reason) for a block pymatgen reads as another crystal (MISREAD)."""
+    block = block.replace("\r\n", "\n").replace("\r", "\n")
+    failure = None
+    with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
+        warnings.simplefilter("always")
+        reason, items = _cif_misread(block) if fmt == "cif" else (_poscar_misread(block), {})
+        if reason:
+            raise Misread(reason)
+        try:
+            structures = CifParser.from_str(block).parse_structures(primitive=False) if fmt == "cif" \
+                else [Structure.from_str(block, fmt=fmt)]
+        except Exception as e:                  # unreadable, unless a warning says why
+            structures, failure = [], e
+    ordered = all(s.is_ordered for s in structures)
+    for warning in caught:
+        for says, reason in MISREAD + [STOICHIOMETRY] * ordered:
+            if says in str(warning.message):
                 raise Misread(reason)
-            try:
-                got = CifParser.from_str(block).parse_structures(primitive=False) if fmt == "cif" \
-                    else [Structure.from_str(block, fmt=fmt)]
-            except Exception as e:                  # unreadable, unless a warning says why
-                got, failure = [], e
-        ordered = all(s.is_ordered for s in got)
-        for warning in caught:
-            for says, reason in MISREAD + [STOICHIOMETRY] * ordered:
-                if says in str(warning.message):
-                    raise Misread(reason)
-            guessed = re.fullmatch(r"(\S+) parsed as (\S+)", str(warning.message))   # from a site's label
-            if guessed and not _label_names(guessed[1], guessed[2]):
-                raise Misread("with a site whose element pymatgen guesses from its label (NO3 as N?)")
-            if "Defaulting to P1" in str(warning.message):    # P1 only for a CIF that names no group
-                if any(isinstance(items.get(tag), str) and items[tag].strip(" '\"") not in ("?", ".", "1", "P1", "P 1")
-                       for tag in SPACE_GROUP_TAGS):
-                    raise Misread("whose space group pymatgen cannot read (it would read the crystal as P1)")
-        if failure is not None:
-            raise failure
-        structures += got
+        guessed = re.fullmatch(r"(\S+) parsed as (\S+)", str(warning.message))   # from a site's label
+        if guessed and not _label_names(guessed[1], guessed[2]):
+            raise Misread("with a site whose element pymatgen guesses from its label (NO3 as N?)")
+        if "Defaulting to P1" in str(warning.message):    # P1 only for a CIF that names no group
+            if any(isinstance(items.get(tag), str) and items[tag].strip(" '\"") not in ("?", ".", "1", "P1", "P 1")
+                   for tag in SPACE_GROUP_TAGS):
+                raise Misread("whose space group pymatgen cannot read (it would read the crystal as P1)")
+    if failure is not None:
+        raise failure
     for s in structures:
         try:
             s.remove_oxidation_states()
@@ -856,25 +862,28 @@ def _parse_rows(path, tick=None):
         if tick:
             tick(n)
         band_gap, ordering, unread = _condition(props)
-        try:
-            skip = skip or ("empty" if text is not None and not text.strip() else "")
-            structures = [] if skip else _parse_structures(text, fmt)
-            reason = skip or ("" if structures else "unreadable")
-        except Misread as e:
-            structures, reason = [], str(e)
-        except Exception:
-            structures, reason = [], "unreadable"
-        if reason:
-            yield name, None, reason, band_gap, ordering, unread
-        for k, structure in enumerate(structures):      # a CIF of several data blocks: name#2, ...
-            reason = "with coordinates or a cell that are not finite numbers" if not (
-                np.isfinite(structure.frac_coords).all() and np.isfinite(structure.lattice.matrix).all()) else \
-                "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
-                "disordered (partial occupancies)" if not structure.is_ordered else \
-                "with a dummy species (not an element)" if not all(
-                    isinstance(e, Element) for e in structure.composition.elements) else ""
-            yield (name + (f"#{k + 1}" if len(structures) > 1 else ""), None if reason else structure, reason,
-                   band_gap, ordering, unread)
+        skip = skip or ("empty" if text is not None and not text.strip() else "")
+        blocks = [text] if skip else _blocks(text, fmt)
+        for b, block in enumerate(blocks):              # a CIF of several data blocks: name#2, ..., each alone
+            label = name + (f"#{b + 1}" if len(blocks) > 1 else "")
+            try:
+                structures = [] if skip else _parse_structures(block, fmt)
+                reason = skip or ("" if structures else "unreadable")
+            except Misread as e:
+                structures, reason = [], str(e)
+            except Exception:
+                structures, reason = [], "unreadable"
+            if reason:
+                yield label, None, reason, band_gap, ordering, unread
+            for k, structure in enumerate(structures):
+                reason = "with coordinates or a cell that are not finite numbers" if not (
+                    np.isfinite(structure.frac_coords).all() and np.isfinite(structure.lattice.matrix).all()) else \
+                    "with a degenerate cell" if degenerate_lattice(structure.lattice) else \
+                    "disordered (partial occupancies)" if not structure.is_ordered else \
+                    "with a dummy species (not an element)" if not all(
+                        isinstance(e, Element) for e in structure.composition.elements) else ""
+                yield (label + (f"#{k + 1}" if len(structures) > 1 else ""), None if reason else structure, reason,
+                       band_gap, ordering, unread)
 
 
 # The parsed rows of a CSV are cached beside it, in .pccd_cache/, as arrays (a lattice, atomic

@@ -118,10 +118,11 @@ class StopRequests:
 class QuietPipe:
     """stdout or stderr that, once it cannot be written (its reader has gone: `python pccd.py
     generate ... | head -1`; a full disk), sends what is written to /dev/null instead of failing:
-    the command finishes its work and keeps its files."""
+    the command finishes its work and keeps its files. A reader that stopped reading (a broken pipe)
+    was the user's choice; any other failure is kept in `lost` and makes the exit status 1."""
 
     def __init__(self, stream):
-        self.stream, self.gone = stream, False
+        self.stream, self.gone, self.lost = stream, False, None
 
     def write(self, text):
         try:
@@ -145,6 +146,8 @@ class QuietPipe:
 
     def reader_gone(self, error):
         self.gone = True
+        if not isinstance(error, BrokenPipeError):
+            self.lost = self.lost or error.strerror or str(error)
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())        # Python's own flush at exit goes there too
@@ -1717,13 +1720,19 @@ def run_as_program():
     sys.stdout, sys.stderr = (stream and QuietPipe(stream) for stream in (sys.stdout, sys.stderr))   # None: closed
     warnings.simplefilter("ignore")      # pymatgen's and numpy's: every message here is the project's own
     try:
-        return main()
+        code = main()
     except Terminated as e:              # before a command began (main handles those that did)
         print(f"terminated ({e})", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    lost = getattr(sys.stdout, "lost", None)
+    if code == 0 and lost:               # `python pccd.py bench > /dev/full`: what it printed is gone
+        command = next((word for word in sys.argv[1:] if not word.startswith("-")), "")
+        print(f"pccd.py {command}: error: what it printed could not be written ({lost})", file=sys.stderr)
+        return 1
+    return code
 
 
 if __name__ == "__main__":

@@ -2039,6 +2039,9 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "journal.cif").write_text(cif.replace("data_", "_journal_year 1999\n_journal_year 2001\ndata_", 1)
                                         .replace("_cell_length_a", "_journal_year 1999\n_journal_year 2001\n"
                                                  "_cell_length_a"))               # metadata twice: the crystal is one
+    (folder / "publication.cif").write_text("data_global\n_journal_name_full 'J. Cryst.'\n_publ_section_title\n;\n"
+                                            "Rock salt\n;\n" + rock_salt)             # a journal's block: not a crystal
+    (folder / "half.cif").write_text(rock_salt + rock_salt.replace("data_NaCl", "data_bad").replace("5.64", "?"))
     (folder / "poscar2cif.py").write_text("print('a script, not a structure')\n")
     (folder / "POSCAR_screening.csv").write_text("name,formula\n")                 # what evaluate POSCAR writes
     (folder / "POSCAR_cloud.png").write_bytes(b"\x89PNG")                          # what show POSCAR writes
@@ -2049,11 +2052,11 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "vasp2poscar.pl").write_text("#!/usr/bin/perl\n")
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
-    assert [c.material_id for c in kept] == ["MgO_POSCAR", "POSCAR_comment", "journal.cif", "old_mac.cif", "poscar_lower",
-                                             "rock_salt.cif", "two_blocks.cif#1", "two_blocks.cif#2", "water.cif",
+    assert [c.material_id for c in kept] == ["MgO_POSCAR", "POSCAR_comment", "half.cif#1", "journal.cif", "old_mac.cif",
+                                             "poscar_lower", "publication.cif", "rock_salt.cif", "two_blocks.cif#1", "two_blocks.cif#2", "water.cif",
                                              "x.cif", "\ufffd.cif"]
-    assert [c.structure.composition for c in kept] == [Composition(f) for f in ("NaCl", "NaCl", "NaCl", "NaCl", "NaCl",
-                                                       "Na4Cl4")] + [a.composition, b.composition,
+    assert [c.structure.composition for c in kept] == [Composition(f) for f in ("NaCl", "NaCl", "Na4Cl4", "NaCl", "NaCl",
+                                                       "NaCl", "Na4Cl4", "Na4Cl4")] + [a.composition, b.composition,
                                                        Composition("O4H4"), a.composition, a.composition]
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
                        "without element names (a POSCAR with no species line)": 1,
@@ -2064,7 +2067,7 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
                        "with a site whose element pymatgen guesses from its label (NO3 as N?)": 1,
                        "whose species line and counts disagree (elements without atoms?)": 1,
                        "with atoms pymatgen dropped (an element it does not know, or occupancy <= 0?)": 1,
-                       "disordered (partial occupancies)": 1,
+                       "disordered (partial occupancies)": 2, "unreadable": 1,     # each data block alone
                        "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
                        "with a negative cell length": 2, "with coordinates or a cell that are not finite numbers": 1,
                        "hidden (a name starting with '.')": 1, "with occupancies above 1 (two atoms on one spot?)": 1,
@@ -2274,6 +2277,19 @@ def test_output_that_cannot_be_written_is_dropped_with_one_warning(tmp_path, cap
     stream = pccd.QuietPipe(FullDisk())
     assert stream.write("the summary") == len("the summary") and stream.write("more") == len("more")
     assert capsys.readouterr().err.count("warning: output cannot be written (No space left on device)") == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_printed_results_that_cannot_be_written_make_the_exit_status_1(tmp_path, mp20):
+    import subprocess
+    import sys
+    mp20[0].structure.to(filename=str(tmp_path / "good.cif"))
+    with open("/dev/full", "w") as full:                                  # `python pccd.py roundtrip > /dev/full`
+        done = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "roundtrip", "--data", "good.cif",
+                               "--noise", "0"], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-2:] == [
+        "warning: output cannot be written (No space left on device); the command goes on",
+        "pccd.py roundtrip: error: what it printed could not be written (No space left on device)"]
 
 
 def test_odd_environment_settings_do_not_reach_the_user_as_foreign_messages(tmp_path, mp20):
