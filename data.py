@@ -643,13 +643,16 @@ class Misread(ValueError):
 
 
 # What pymatgen only warns about, but makes a different crystal of: (its warning, our reason)
-MISREAD = [("Missing elements", "with atoms pymatgen dropped (an element it does not know, or occupancy <= 0?)"),
+MISREAD = [("Missing elements", "with atoms pymatgen dropped (an element it does not know or not given, or "
+                                 "occupancy <= 0?)"),
            ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)"),
            ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)"),     # a refusal, said why
            ("implicit hydrogens", "with hydrogens not written as atoms (_atom_site_attached_hydrogens)")]
 # ... and of an ordered crystal only (a disordered one's formula counts whole atoms; said below):
+LABEL_GUESS = "with a site whose element pymatgen guesses from its label (NO3 as N?)"
 STOICHIOMETRY = ("Incorrect stoichiometry", "whose atoms disagree with its formula (a truncated copy?)")
 FRACTIONAL = ("_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z")
+SYMMETRY_OPERATORS = ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz")
 # Where a CIF names its space group; pymatgen reads a name it does not know as P1, without the symmetry
 SPACE_GROUP_TAGS = ("_symmetry_space_group_name_h-m", "_symmetry_space_group_name_h_m", "_space_group_name_h-m_alt",
                     "_space_group_name_hall", "_symmetry_space_group_name_hall", "_space_group_it_number",
@@ -683,6 +686,10 @@ def _cif_misread(block):
         value = _number(data.get(f"_cell_angle_{angle}"))
         if value is not None and not 0 < value < 180:
             return "with a cell angle outside 0-180 degrees", data
+    for key in SYMMETRY_OPERATORS:
+        values = data.get(key, [])
+        if any(value.count(",") != 2 for value in ([values] if isinstance(values, str) else values)):
+            return "with a symmetry operator that is not x,y,z (written with spaces but no quotes?)", data
     for column in (data.get(key, []) for key in FRACTIONAL):
         if any(value.strip() == "." for value in ([column] if isinstance(column, str) else column)):
             return "with a coordinate written as '.' (not a number)", data
@@ -715,8 +722,30 @@ def _blocks(text, fmt):
     if text is None or fmt != "cif":
         return [text]
     text = text.replace("\r\n", "\n").replace("\r", "\n")    # Windows' and old Macs' line ends
+    text = re.sub(r"(?im)^data_", "data_", text)             # data names are case-insensitive: DATA_x
     blocks = [b for b in re.split(r"(?m)^(?=data_)", text) if b.startswith("data_")]
     return [b for b in blocks if re.search(r"(?m)^\s*_atom_site_", b)] or blocks or [text]
+
+
+def _check_sites(structures, items):
+    """Raises Misread where pymatgen left out a site of the CIF's atom loop (its element '?', say)
+    or took a site's element from a label that does not name it (H2O as H, NH4 as nihonium)."""
+    def column(key):
+        value = items.get(key)
+        return [value] if isinstance(value, str) else list(value or [])
+    labels, symbols = column("_atom_site_label"), column("_atom_site_type_symbol")
+    elements = {}
+    for s in structures:
+        for site in s:
+            elements.setdefault(site.label, set()).update(e.symbol for e in site.species.elements
+                                                          if hasattr(e, "symbol"))
+    for i, label in enumerate(labels):
+        if label not in elements:
+            raise Misread(MISREAD[0][1])
+        symbol = symbols[i].strip(" '\"") if i < len(symbols) else "?"
+        if symbol in ("?", ".", "") and not all(_label_names(label, e) and Element(e).Z <= 103
+                                                  for e in elements[label]):
+            raise Misread(LABEL_GUESS)
 
 
 def _parse_structures(block, fmt):
@@ -739,15 +768,17 @@ def _parse_structures(block, fmt):
         for says, reason in MISREAD + [STOICHIOMETRY] * ordered:
             if says in str(warning.message):
                 raise Misread(reason)
-        guessed = re.fullmatch(r"(\S+) parsed as (\S+)", str(warning.message))   # from a site's label
-        if guessed and not _label_names(guessed[1], guessed[2]):
-            raise Misread("with a site whose element pymatgen guesses from its label (NO3 as N?)")
+        guessed = re.fullmatch(r"(\S+) parsed as (\S*)", str(warning.message))   # from a site's label
+        if guessed and not (guessed[2] and _label_names(guessed[1], guessed[2])):
+            raise Misread(LABEL_GUESS)
         if "Defaulting to P1" in str(warning.message):    # P1 only for a CIF that names no group
             if any(isinstance(items.get(tag), str) and items[tag].strip(" '\"") not in ("?", ".", "1", "P1", "P 1")
                    for tag in SPACE_GROUP_TAGS):
                 raise Misread("whose space group pymatgen cannot read (it would read the crystal as P1)")
     if failure is not None:
         raise failure
+    if fmt == "cif" and ordered:
+        _check_sites(structures, items)
     for s in structures:
         try:
             s.remove_oxidation_states()
@@ -817,6 +848,8 @@ def _read_rows(path):
                     raw = f.read()
             except damaged:                       # cut short after the bad byte
                 raw = b""
+            if raw.startswith(b"\x1f\x8b"):
+                raise ValueError(f"{path} is gzip-compressed: name it .csv.gz") from None
             try:
                 raw.decode("utf-8-sig")
             except UnicodeDecodeError as e:
@@ -829,8 +862,13 @@ def _read_rows(path):
         fmt = "cif" if path.lower().endswith(".cif") else "poscar"
         try:
             with open(path, "rb") as f:
-                text = f.read().decode("utf-8")
-        except (OSError, UnicodeDecodeError):
+                raw = f.read()
+            try:
+                text = raw.decode("utf-8-sig")    # -sig: Notepad's byte-order mark is not text
+            except UnicodeDecodeError:            # an old CIF's author named in Latin-1
+                text = raw.decode("latin-1")
+            text = None if "\0" in text else text
+        except OSError:
             text = None                       # unopenable or binary: unreadable, like any bad file
         yield _shown(os.path.basename(path)), fmt, text, {}, ""
 
@@ -996,23 +1034,34 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
     return kept
 
 
+PROJECT_CSVS = ("summary.csv", "screening.csv", "pairs.csv")     # what generate, evaluate and reconstruct write
+
+
 def describe_load(path, kept, skipped):
     """'PATH: kept 3 of 5 structures (skipped: 1 unreadable, 1 with > 16 sites; not read: 3 a POSCAR
-    beside its CIF)', and what else a user should know: an empty folder's subfolders and
-    CSV files go unread, a band gap or ordering was not understood, a material id names two rows."""
+    beside its CIF)', and what else a user should know: a folder's subfolders and CSV files (other
+    than the project's own outputs) go unread, a band gap or ordering was not understood, a
+    material id names two rows."""
     why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()) if r not in NOT_A_CRYSTAL) or "none"
     unused = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()) if r in NOT_A_CRYSTAL)
     why += f"; not read: {unused}" if unused else ""
     total = len(kept) + sum(n for r, n in skipped.items() if r not in NOT_A_CRYSTAL)
-    names = os.listdir(path) if total == 0 and os.path.isdir(path) else []
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
     unread = " and ".join(what for what, there in (
         ("subfolders", any(os.path.isdir(os.path.join(path, n)) for n in names)),
-        ("CSV files", any(is_csv(n) for n in names))) if there)
+        ("CSV files", any(is_csv(n) for n in names))) if there) if total == 0 else ""
+    passed = [(kind, [n for n in names if not n.startswith(".") and test(n)]) for kind, test in (   # not outputs
+        ("subfolder", lambda n: os.path.isdir(os.path.join(path, n))),
+        ("CSV file", lambda n: is_csv(n) and n not in PROJECT_CSVS and not n.endswith("_screening.csv")))]
+    passed = [(kind + "s" * (len(found) > 1), ", ".join(found[:3]) + ", ..." * (len(found) > 3))
+              for kind, found in passed if found] if total else []
     unclear = sum(c.condition_unread for c in kept)
     twice = sorted(n for n, k in collections.Counter(c.material_id for c in kept).items() if k > 1)
     others = not unread and not skipped and any(os.path.isfile(os.path.join(path, n)) for n in names)   # figures
     return f"{path}: kept {len(kept)} of {total} structure{'s' * (total != 1)} (skipped: {why})" + \
         (f"; its {unread} are not read: name one" if unread else "") + \
+        (f"; not read: its {' and '.join(f'{kind} {found}' for kind, found in passed)} (name one to read it)"
+         if passed else "") + \
         ("; none of its files is a CIF or POSCAR" if others else "") + \
         (f"; {unclear} with a band gap or ordering not understood, taken as unknown" if unclear else "") + \
         (f"; {len(twice)} material id{'s' * (len(twice) != 1)} on more than one row ({', '.join(twice[:3])}"

@@ -1096,7 +1096,8 @@ def cmd_generate(args):
             write_structure(s, os.path.join(out, names[-1] + ".cif"))
             write_structure(s, os.path.join(out, names[-1] + ".vasp"), fmt="poscar")
     args.made, args.kept = None, out            # the crystals are written: kept, whatever follows
-    print(f"screening {sum(s is not None for s in structures)} structures ...", file=sys.stderr, flush=True)
+    decoded = sum(s is not None for s in structures)
+    print(f"screening {decoded} structure{'s' * (decoded != 1)} ...", file=sys.stderr, flush=True)
     try:
         rows, summary = evaluate.screen(structures, [c.structure for c in reference])
     except BaseException:
@@ -1159,6 +1160,9 @@ def cmd_evaluate(args):
         print(f"note: {os.path.join(folder, 'summary.json')} says generate made {made['generated']} here, {lost} of "
               f"which did not decode and left no file: the rates below are of the {len(structures)} files "
               f"(generate's own summary counts all {made['generated']})", file=sys.stderr)
+    largest = max((len(c.structure) for c in crystals), default=0)
+    print(f"screening {len(crystals)} structure{'s' * (len(crystals) != 1)} ..." + (f" (the largest has {largest} atoms: matching it may take "
+          f"minutes)" if largest > 200 else ""), file=sys.stderr, flush=True)
     rows, summary = evaluate.screen(structures, [c.structure for c in reference])
     for row, (name, why) in zip(rows, [(c.material_id, "") for c in crystals] + failed):
         row.update(name=name, reason=why)

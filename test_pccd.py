@@ -986,11 +986,18 @@ def test_evaluate_screens_a_folder_of_another_generators_cifs(tmp_path, mp20, ca
         c.structure.to(filename=str(tmp_path / f"{i}.cif"))
         c.structure.to(filename=str(tmp_path / f"{i}.vasp"), fmt="poscar")   # as generate writes
     assert pccd.main(["evaluate", str(tmp_path), "--reference", TRAIN_CSV]) == 0
-    printed = capsys.readouterr().out
-    assert "novel" in printed
+    printed, err = capsys.readouterr()
+    assert "novel" in printed and "screening 3 structures ..." in err.splitlines()
     import csv
     rows = list(csv.DictReader(open(tmp_path / "screening.csv")))
     assert len(rows) == 3 and all(r["novel"] == "False" for r in rows)   # they are training structures
+    big = tmp_path / "big"
+    big.mkdir()
+    Structure(Lattice.cubic(3.4 * 6), ["Po"] * 216, [[i / 6, j / 6, k / 6] for i in range(6) for j in range(6)
+                                                      for k in range(6)]).to(filename=str(big / "Po216.cif"))
+    assert pccd.main(["evaluate", str(big), "--reference", TRAIN_CSV]) == 0           # matching it can be slow: said
+    assert "screening 1 structure ... (the largest has 216 atoms: matching it may take minutes)" in \
+        capsys.readouterr().err.splitlines()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2066,7 +2073,7 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
                        "with hydrogens not written as atoms (_atom_site_attached_hydrogens)": 1,
                        "with a site whose element pymatgen guesses from its label (NO3 as N?)": 1,
                        "whose species line and counts disagree (elements without atoms?)": 1,
-                       "with atoms pymatgen dropped (an element it does not know, or occupancy <= 0?)": 1,
+                       "with atoms pymatgen dropped (an element it does not know or not given, or occupancy <= 0?)": 1,
                        "disordered (partial occupancies)": 2, "unreadable": 1,     # each data block alone
                        "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
                        "with a negative cell length": 2, "with coordinates or a cell that are not finite numbers": 1,
@@ -2079,6 +2086,41 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
         skipped = {}
         assert data.load_structures(str(tmp_path / name), verbose=False, skipped=skipped) == []
         assert skipped == {"not a regular file": 1}
+
+
+def test_a_cif_is_read_as_written_or_skipped_with_its_reason(tmp_path, capsys):
+    cif = "data_FeNa\n" + "".join(f"_cell_length_{x} 5\n_cell_angle_{y} 90\n" for x, y in
+                                   zip("abc", ("alpha", "beta", "gamma"))) + \
+        "loop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n" \
+        "_atom_site_fract_z\nFe1 Fe 0 0 0\nNa1 Na 0.5 0.5 0.5\n"
+    no_symbols = cif.replace("_atom_site_type_symbol\n", "").replace("Na1 Na", "Na1")
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    (folder / "unknown.cif").write_text(cif.replace("Fe1 Fe", "Fe1 ?"))           # pymatgen drops the atom
+    (folder / "oh.cif").write_text(no_symbols.replace("Fe1 Fe", "OH1"))            # OH1: no element found
+    (folder / "water.cif").write_text(no_symbols.replace("Fe1 Fe", "H2O"))         # H2O read as H
+    (folder / "ammonium.cif").write_text(no_symbols.replace("Fe1 Fe", "NH4"))      # NH4 read as nihonium
+    (folder / "ops.cif").write_text(cif.replace("loop_", "loop_\n_symmetry_equiv_pos_site_id\n"
+                                                "_symmetry_equiv_pos_as_xyz\n1 x, y, z\n2 -x, -y, -z\nloop_", 1))
+    (folder / "notepad.cif").write_bytes(b"\xef\xbb\xbf" + cif.encode())          # a byte-order mark
+    (folder / "old.cif").write_bytes(cif.replace("data_", "DATA_").encode() + b"#M\xfcller\n")   # Latin-1
+    (folder / "sub").mkdir()
+    (folder / "more.csv").write_text("cif\n")
+    (folder / "summary.csv").write_text("name\n")                                # generate's own: not said
+    skipped = {}
+    kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
+    assert [(c.material_id, c.structure.composition.formula) for c in kept] == [("notepad.cif", "Na1 Fe1"),
+                                                                                 ("old.cif", "Na1 Fe1")]
+    assert skipped == {"with atoms pymatgen dropped (an element it does not know or not given, or occupancy <= 0?)": 1,
+                       "with a site whose element pymatgen guesses from its label (NO3 as N?)": 3,
+                       "with a symmetry operator that is not x,y,z (written with spaces but no quotes?)": 1}
+    assert data.describe_load(str(folder), kept, skipped).endswith(
+        "; not read: its subfolder sub and CSV file more.csv (name one to read it)")
+    import gzip
+    with gzip.open(tmp_path / "packed.csv", "wt") as f:                          # gzip without its .gz
+        f.write("cif\n" + cif)
+    with pytest.raises(ValueError, match="packed.csv is gzip-compressed: name it .csv.gz"):
+        data.load_structures(str(tmp_path / "packed.csv"), verbose=False)
 
 
 def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_reference_is_refused(tmp_path, mp20, capsys):
