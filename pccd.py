@@ -7,6 +7,7 @@ import argparse
 import collections
 import copy
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -217,6 +218,7 @@ def pick_device(name):
 
 CHECKPOINT_KEYS = ("ema", "model_config", "length_range", "sampling", "settings", "train_ids",
                    "train_compositions", "losses", "step")
+TRAINING_KEYS = ("model", "optimizer", "rng")          # what --resume needs besides (older runs: no digests)
 
 
 class SavedElsewhere(UserError):
@@ -424,7 +426,8 @@ class RunLock:
             self.file = open(self.lock, "w")
         except OSError as e:                              # a read-only run folder: nothing can be saved
             raise UserError(f"cannot write in {self.args.out} ({e.strerror}): training could save nothing "
-                            f"there; choose another --out") from None
+                            f"there; " + ("make it writable, or copy the folder elsewhere and resume the copy"
+                                          if self.args.resume else "choose another --out")) from None
         try:
             import fcntl                                  # POSIX; elsewhere runs are not locked
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -435,6 +438,13 @@ class RunLock:
             self.file = None
             self.args.made = None                         # the folder is the other run's now
             raise UserError(f"another train is running in {self.args.out}: wait for it, or choose another --out")
+        stale = sorted(glob.glob(os.path.join(glob.escape(self.args.out), f".{CHECKPOINT}.*.tmp")))
+        for tmp in stale:                                 # a save cut short by SIGKILL or a crash: never whole
+            os.remove(tmp)
+        if stale:
+            print(f"removed {len(stale)} partial checkpoint file{'s' * (len(stale) != 1)} left in {self.args.out} by "
+                  f"a run killed while saving ({os.path.basename(stale[0])}{', ...' if len(stale) > 1 else ''})",
+                  file=sys.stderr)
         return self
 
     def __exit__(self, kind, error, traceback):
@@ -464,8 +474,9 @@ def train(args):
     if os.path.exists(path) and not args.resume:
         try:
             exported = "optimizer" not in torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:                     # not a checkpoint at all: the plain advice
-            exported = False
+        except Exception:                     # truncated, or not a checkpoint at all: nothing to continue
+            raise UserError(f"{path} exists and is not a readable checkpoint (a truncated copy?): choose another "
+                            f"--out") from None
         raise UserError(f"{path} exists" + (" (an exported, sampling-only checkpoint): choose another --out" if exported
                                             else ": continue it with --resume, or choose another --out"))
     others = [] if args.resume or getattr(args, "made", None) else sorted(
@@ -478,6 +489,9 @@ def train(args):
     if resumed and "optimizer" not in resumed:
         raise UserError(f"{path} is an exported, sampling-only checkpoint and cannot be resumed: "
                         f"resume the run it was exported from, or train a new one")
+    if resumed and (missing := [key for key in TRAINING_KEYS if key not in resumed]):
+        raise UserError(f"{path} is not a whole training checkpoint (no {', '.join(map(repr, missing))}): "
+                        f"it cannot be resumed; train a new run")
     if resumed:
         own = resumed["settings"]
         changed = [flag for flag, given, same in (                  # --data: where the same crystals are now
@@ -503,7 +517,9 @@ def train(args):
             if given is None and where != "none" and not os.path.exists(resolve_path(where)):
                 raise UserError(f"the run's {what}, {where}, is gone: if it moved, name it with {flag}")
     s = resolve_settings(args, resumed)
-    if resumed and s["steps"] <= resumed["step"]:
+    figure = os.path.join(args.out, "loss.png")
+    undrawn = resumed and s["steps"] == resumed["step"] == resumed["settings"]["steps"] and not os.path.exists(figure)
+    if resumed and s["steps"] <= resumed["step"] and not undrawn:      # a finished run without loss.png: drawn
         raise UserError(f"{path} is at step {resumed['step']} already, of {s['steps']}: give --steps above it")
     s["val"] = portable_val(args.val) if args.val is not None else \
         resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
@@ -550,6 +566,11 @@ def train(args):
         v_clouds, *v_condition = map(torch.from_numpy, data.encode_dataset(val, length_range))
         held_out = [diffusion.to_model(v_clouds).to(device)] + [c.to(device) for c in v_condition]
 
+    if undrawn:                                                     # stopped after its last save
+        args.kept = args.out
+        evaluate.plot_loss(resumed["losses"], resumed.get("val_losses", []), figure, loss_name)
+        print(f"{path} holds the finished run (step {resumed['step']}): drew its loss curve, {figure}")
+        return
     if resumed and s["steps"] != resumed["settings"]["steps"]:      # more (or fewer) steps than the run planned
         s["replanned"] = resumed["settings"].get("replanned", []) + [[resumed["step"], resumed["settings"]["steps"]]]
         before, now = learning_rate(resumed["settings"], resumed["step"] - 1), learning_rate(s, resumed["step"])
@@ -577,7 +598,8 @@ def train(args):
                 and run_threads <= torch.get_num_threads():           # never more than the idle cores
             torch.set_num_threads(run_threads)
         if run_threads and torch.get_num_threads() != run_threads:
-            print(f"warning: the run trained on {run_threads} threads, this goes on with {torch.get_num_threads()}: "
+            print(f"warning: the run trained on {run_threads} thread{'s' * (run_threads != 1)}, this goes on with "
+                  f"{torch.get_num_threads()}: "
                   f"its sums, and so its weights, differ from one run on {run_threads}", file=sys.stderr)
     print(f"training a {unet.count_parameters(model) / 1e6:.2f} M-parameter U-Net on {len(crystals)} "
           f"crystal{'s' * (len(crystals) != 1)}, device {device}, steps {step} -> {s['steps']}, batch "
@@ -667,7 +689,8 @@ def train(args):
     try:
         evaluate.plot_loss(losses, val_losses, os.path.join(args.out, "loss.png"), loss_name)
     except (KeyboardInterrupt, Terminated):
-        print(f"{path} holds the finished run (step {step}); its loss.png was not drawn", file=sys.stderr)
+        print(f"{path} holds the finished run (step {step}); its loss.png was not drawn: train --resume --out "
+              f"{args.out} draws it", file=sys.stderr)
         raise
     print(f"checkpoint: {path}\nloss curve: {os.path.join(args.out, 'loss.png')}  (final loss, mean "
           f"of last {min(50, len(losses))} steps: {np.mean(losses[-50:]):.4f}; {progress.done - progress.first} steps in "
@@ -1181,6 +1204,11 @@ def cmd_csp(args):
     loaded = data.describe_load(shown_path(args.data), crystals, skipped)       # kept with the results
     crystals = [crystals[i] for i in np.random.default_rng(args.seed).permutation(len(crystals))[: args.n]]
     out, n = fresh_dir(args), len(crystals)
+    trained = set(zip(ckpt["train_ids"], ckpt["train_compositions"]))
+    seen = sum((c.material_id, c.structure.composition.formula) in trained for c in crystals)
+    if seen:                                      # --data the training file, or sharing its crystals
+        print(f"warning: {seen} of the {n} crystals drawn are ones this model trained on (same material id and "
+              f"formula): their match rate is not one of unseen crystals", file=sys.stderr)
     compositions = [data.parse_formula(c.structure.composition.formula) for c in crystals]
     truth = [data.encode(c.structure, elements, length_range)[0] for c, (elements, _) in zip(crystals, compositions)]
     conditions = [(e, c.band_gap_class, c.ordering) for c, (e, _) in zip(crystals, compositions)] * args.k
@@ -1209,7 +1237,7 @@ def cmd_csp(args):
                                                           refine=args.refine, seed=args.seed,
                                                           physics=not args.no_physics, symmetrised=symmetrised,
                                                           train_crystals=len(ckpt["train_ids"]),
-                                                          data=os.path.abspath(args.data),
+                                                          seen_in_training=seen, data=os.path.abspath(args.data),
                                                           data_loaded=loaded) | run_record(args, ckpt)
     write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
     args.made, args.kept = None, out            # finished: kept, whatever happens to what follows

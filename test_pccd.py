@@ -530,6 +530,32 @@ def test_an_exported_checkpoint_cannot_be_resumed_and_says_so(tiny_run, small_cs
     assert "(an exported, sampling-only checkpoint): choose another --out" in capsys.readouterr().err
 
 
+def test_a_run_folder_left_in_a_bad_state_gets_advice_that_works(tiny_run, small_csv, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    os.remove(run / "loss.png")                         # stopped after its last save, before drawing the curve
+    (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a save")          # a save cut short by SIGKILL
+    before = (run / "checkpoint.pt").read_bytes()
+    code, err, printed = run_pccd(["train", "--resume", "--out", str(run), "--threads", "1"], capsys)
+    assert code == 0 and (run / "loss.png").stat().st_size > 10000 and (run / "checkpoint.pt").read_bytes() == before
+    assert printed.splitlines()[-1] == f"{run / 'checkpoint.pt'} holds the finished run (step 60): drew its loss curve, {run / 'loss.png'}"
+    assert err[0] == f"removed 1 partial checkpoint file left in {run} by a run killed while saving " \
+                     f"(.checkpoint.pt.x1y2.tmp)" and not (run / ".checkpoint.pt.x1y2.tmp").exists()
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(run), "--threads", "1"], capsys)   # drawn: finished
+    assert code == 1 and err[-1].endswith("is at step 60 already, of 60: give --steps above it")
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    del ckpt["rng"]                                     # a checkpoint edited by hand
+    torch.save(ckpt, run / "checkpoint.pt")
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(run), "--steps", "70"], capsys)
+    assert code == 1 and err[-1] == f"pccd.py train: error: {run / 'checkpoint.pt'} is not a whole training " \
+                                    f"checkpoint (no 'rng'): it cannot be resumed; train a new run"
+    (run / "checkpoint.pt").write_bytes(before[:100000])   # truncated: --resume would not read it either
+    code, err, _ = run_pccd(["train", "--data", small_csv, "--out", str(run), "--steps", "5"], capsys)
+    assert code == 1 and err[-1] == f"pccd.py train: error: {run / 'checkpoint.pt'} exists and is not a readable " \
+                                    f"checkpoint (a truncated copy?): choose another --out"
+
+
 def test_train_refuses_to_overwrite_a_run(small_csv, tiny_run, tmp_path, capsys):
     assert train(small_csv, tiny_run, 5) == 1
     assert "exists" in capsys.readouterr().err
@@ -1081,7 +1107,10 @@ def test_csp_predicts_from_compositions_and_scores_each_first_and_best_sample(ti
     assert results["summary"]["n"] == 3 and results["summary"]["k"] == 2
     loaded = results["summary"]["data_loaded"]           # what the compositions were drawn from, and what not
     assert loaded.endswith("four.csv: kept 4 of 5 structures (skipped: 1 unreadable)")
-    assert f"drawn from {loaded}" in capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert f"drawn from {loaded}" in printed
+    assert results["summary"]["seen_in_training"] == 3 and "warning: 3 of the 3 crystals drawn are ones this model " \
+        "trained on (same material id and formula): their match rate is not one of unseen crystals" in err.splitlines()
     assert all(r["match_k"] >= r["match_1"] for r in results["rows"])
     assert (out / "predicted.png").stat().st_size > 10000
     for row, cif in zip(results["rows"], sorted(out.glob("*_predicted.cif"))):
