@@ -836,7 +836,8 @@ def _read_rows(path):
                 if "cif" not in (reader.fieldnames or []):
                     raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
                 for i, row in enumerate(reader):
-                    yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, ""
+                    yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, \
+                        "a CSV row without its cif field (cut short?)" if row["cif"] is None else ""
         except csv.Error as e:
             raise ValueError(f"{path} is not a well-formed CSV (line {reader.reader.line_num}: {e}): "
                              f"a stray quote?") from None

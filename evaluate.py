@@ -14,9 +14,10 @@ from pymatgen.core import Composition
 import data
 
 
-def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANGE):
+def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANGE, tick=None):
     """Encode each crystal, add Gaussian noise of std `noise` to the whole cloud (in its [0, 1]
-    units), decode, and compare with the original under StructureMatcher() defaults.
+    units), decode, and compare with the original under StructureMatcher() defaults (tick(1), if
+    given, after each).
 
     Returns dict(n, matched, match_rate, ms_per_decode, failures=[material ids not matched],
     unencoded=['material id (why it cannot be encoded)']).
@@ -42,6 +43,8 @@ def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANG
             matched += 1
         else:
             failures.append(crystal.material_id)
+        if tick:
+            tick(1)
     n = len(crystals)
     return dict(n=n, matched=matched, match_rate=matched / max(n, 1),
                 ms_per_decode=1000 * decode_seconds / max(n, 1), failures=failures, unencoded=unencoded)
@@ -471,7 +474,7 @@ def wasserstein_1d(u, v):
 
 # ---- Screening: one row per crystal, one summary -------------------------------------------
 
-def unique_flags(structures):
+def unique_flags(structures, tick=lambda share: None):
     """True for the first structure of each group that StructureMatcher finds equivalent."""
     matcher = StructureMatcher()
     flags, kept = [], []
@@ -481,18 +484,22 @@ def unique_flags(structures):
         flags.append(is_new)
         if is_new:
             kept.append(s)
+        tick(1 / 3)                  # a third of screening one structure (for progress lines)
     return flags
 
 
-def novel_flags(structures, reference):
+def novel_flags(structures, reference, tick=lambda share: None):
     """True where no reference (training) structure of the same reduced composition matches
     under StructureMatcher: the paper's 'novel discoveries'."""
     matcher = StructureMatcher()
     by_formula = {}
     for r in reference:
         by_formula.setdefault(r.composition.reduced_formula, []).append(r)
-    return [not any(matcher.fit(s, r) for r in by_formula.get(s.composition.reduced_formula, []))
-            for s in structures]
+    flags = []
+    for s in structures:
+        flags.append(not any(matcher.fit(s, r) for r in by_formula.get(s.composition.reduced_formula, [])))
+        tick(1 / 3)
+    return flags
 
 
 SCREENING_FIELDS = ["name", "elements", "formula", "n_atoms", "spacegroup", "density", "shortest_distance",
@@ -500,15 +507,16 @@ SCREENING_FIELDS = ["name", "elements", "formula", "n_atoms", "spacegroup", "den
                     "valid", "unique", "novel", "crowded", "physical", "reason"]   # generate's summary.csv
 
 
-def screen(structures, reference):
+def screen(structures, reference, tick=lambda share: None):
     """Per-structure screening rows (None entries are crystals that could not be decoded) and a
     summary: Table 2's counts (CDVAE's validity), and whether the crystals are physical --
     crowding, volume against the reference's per-element volumes, P1 share, and CDVAE's
     distribution distances to the reference. Without a reference, novelty and volume are not
-    judged: each row's `novel` is '' and the summary has no novelty counts, but `no_reference`."""
+    judged: each row's `novel` is '' and the summary has no novelty counts, but `no_reference`.
+    tick(share) is called as each third of a structure's screening is done."""
     decoded = [s for s in structures if s is not None]
-    unique = iter(unique_flags(decoded))
-    novel = iter(novel_flags(decoded, reference) if reference else [""] * len(decoded))
+    unique = iter(unique_flags(decoded, tick))
+    novel = iter(novel_flags(decoded, reference, tick) if reference else [""] * len(decoded))
     volumes = atomic_volumes(reference)
     rows = []
     for s in structures:
@@ -529,6 +537,7 @@ def screen(structures, reference):
                    crowding=closeness, crowded=crowded, volume_ratio=ratio,
                    physical=structural and compositional and not crowded and plausible)
         rows.append(row)
+        tick(1 / 3 if reference else 2 / 3)
     summary = summarise_screening(rows)
     if not reference:                    # no number that would read as "all novel"
         for key in ("novel", "valid_novel", "valid_unique_novel", "physical_unique_novel", "volume_not_judged"):

@@ -6,6 +6,7 @@ smaller commands, the command line. Threads: see idle_cores.
 import argparse
 import collections
 import copy
+import errno
 import functools
 import glob
 import hashlib
@@ -191,11 +192,13 @@ def portable_val(path):
 
 
 def shown_path(path):
-    """A path as a user here would type it: relative to the current folder (as given on another drive)."""
+    """A path as a user here would type it: relative to the current folder when it lies below it,
+    else absolute (as given on another drive)."""
     try:
-        return os.path.relpath(path)
+        relative = os.path.relpath(path)
     except ValueError:                    # Windows: another drive
         return path
+    return os.path.abspath(path) if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
 def resolve_path(path):
@@ -285,6 +288,20 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
     if missing := [key for key in CHECKPOINT_KEYS if key not in ckpt]:
         raise UserError(f"{path} is not a whole PCCD checkpoint (no {', '.join(map(repr, missing))}): "
                         f"write one with python pccd.py export RUN --out FILE")
+    try:
+        low, high = map(float, ckpt["length_range"])
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    sampling = ckpt["sampling"] if isinstance(ckpt["sampling"], dict) else {}
+    wrong = [f"{what} {value!r}" for what, value, right in (          # edited, or from another program
+        ("length range", ckpt["length_range"], 0 < low < high < float("inf")),
+        ("T", sampling.get("T"), sampling.get("T") == diffusion.T),
+        ("prediction", sampling.get("prediction"), sampling.get("prediction") in ("eps", "v")),
+        ("condition_above", sampling.get("condition_above"), sampling.get("condition_above") in range(diffusion.T + 1)),
+        ("guidance", sampling.get("guidance"), isinstance(sampling.get("guidance"), (int, float))
+         and math.isfinite(sampling["guidance"]))) if not right]
+    if wrong:
+        raise UserError(f"{path} is not a PCCD checkpoint (its {', '.join(wrong)}: not what PCCD writes)")
     ckpt["loaded_from"] = dict(checkpoint=os.path.abspath(path), checkpoint_step=ckpt["step"],
                                checkpoint_sha256=hashlib.sha256(raw).hexdigest())
     return model.eval(), ckpt
@@ -1091,7 +1108,7 @@ def cmd_generate(args):
         if args.condition_above >= ddpm.T > ckpt["settings"].get("condition_above", 0) else ""     # asked so
     if not counts and unused:
         print(f"warning: {unused}: the network is not told the elements, band gap or ordering asked for "
-              f"(--formula holds a composition)", file=sys.stderr)
+              f"(--formula holds a composition without it)", file=sys.stderr)
     conditions = [(s, args.band_gap, args.magnetic) for s in element_sets]
     warn_never_learned(conditions, training if reference and args.reference is None else None, ckpt, args, ddpm)
     trajectory = {} if args.trajectory else None
@@ -1122,7 +1139,8 @@ def cmd_generate(args):
     decoded = sum(s is not None for s in structures)
     print(f"screening {decoded} structure{'s' * (decoded != 1)} ...", file=sys.stderr, flush=True)
     try:
-        rows, summary = evaluate.screen(structures, [c.structure for c in reference])
+        rows, summary = evaluate.screen(structures, [c.structure for c in reference],
+                                        Progress(decoded, "screened").update)
     except BaseException:
         again = f" --reference {reference_file}" if reference_file else ""
         print(f"the crystals are kept in {out}/: screen them with python pccd.py evaluate {out}{again}",
@@ -1184,9 +1202,11 @@ def cmd_evaluate(args):
               f"which did not decode and left no file: the rates below are of the {len(structures)} files "
               f"(generate's own summary counts all {made['generated']})", file=sys.stderr)
     largest = max((len(c.structure) for c in crystals), default=0)
-    print(f"screening {len(crystals)} structure{'s' * (len(crystals) != 1)} ..." + (f" (the largest has {largest} atoms: matching it may take "
-          f"minutes)" if largest > 200 else ""), file=sys.stderr, flush=True)
-    rows, summary = evaluate.screen(structures, [c.structure for c in reference])
+    print(f"screening {len(crystals)} structure{'s' * (len(crystals) != 1)} ..." + (
+        f" (the largest has {largest} atoms: matching it may take minutes)" if largest > 200 else ""),
+        file=sys.stderr, flush=True)
+    progress = Progress(len(crystals), "screened")
+    rows, summary = evaluate.screen(structures, [c.structure for c in reference], progress.update)
     for row, (name, why) in zip(rows, [(c.material_id, "") for c in crystals] + failed):
         row.update(name=name, reason=why)
     print(evaluate.format_screening(summary), flush=True)   # shown even when the disk is full
@@ -1309,6 +1329,8 @@ def cmd_bench(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model, B = unet.UNet().to(device), args.batch_size
+    threads = torch.get_num_threads()
+    print(f"device {device} ({threads} thread{'s' * (threads != 1)}), batch {B}", flush=True)   # before the wait
     try:
         train_ms, guided_ms = diffusion.Diffusion().step_milliseconds(model, B, device)
     except (RuntimeError, MemoryError) as e:          # the allocator's "can't allocate memory", CUDA OOM
@@ -1317,9 +1339,7 @@ def cmd_bench(args):
         asked = re.search(r"tried to allocate (\d+ bytes|[\d.]+ ?[KMGTP]i?B)", str(e), re.I)
         raise UserError(f"--batch-size {B} does not fit in memory"
                         + (f" (it asked for {asked.group(1)})" if asked else ""))
-    threads = torch.get_num_threads()
-    print(f"device {device} ({threads} thread{'s' * (threads != 1)}), batch {B}\n"
-          f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
+    print(f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
           f"training step                    {train_ms:8.1f} ms\n"
           f"guided sampling step (2 passes)  {guided_ms:8.1f} ms   (original: ~2500 ms on a 2-core CPU)\n"
           f"one structure, 1000 DDPM steps   {guided_ms / B:8.2f} s    (original: ~78 s)\n"
@@ -1328,10 +1348,11 @@ def cmd_bench(args):
 
 def cmd_roundtrip(args):
     loaded = [(path, load_or_fail(path, length_range=data.DEFAULT_LENGTH_RANGE)) for path in args.data]  # all first
-    print(f"{'data':<40} {'noise':>6} {'matched':>13} {'rate':>8} {'ms/decode':>10}")
+    print(f"{'data':<40} {'noise':>6} {'matched':>13} {'rate':>8} {'ms/decode':>10}", flush=True)
+    progress = Progress(sum(len(crystals) for _, crystals in loaded) * len(args.noise), "structures")
     for path, crystals in loaded:
         for noise in args.noise:
-            r = evaluate.roundtrip(crystals, noise=noise, seed=args.seed)
+            r = evaluate.roundtrip(crystals, noise=noise, seed=args.seed, tick=progress.update)
             print(evaluate.format_roundtrip(shown_path(path), noise, r), flush=True)
 
 
@@ -1374,9 +1395,12 @@ THREADS = number(int, 1, 256, what="a number of threads from 1 to 256")
 
 def given_path(text):
     """An argparse type for every path (--out, --data, ...): not an empty string, which would
-    otherwise mean the current folder or a default."""
+    otherwise mean the current folder or a default, nor '-'."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    if text == "-":                  # elsewhere standard input or output; here it would be a folder named -
+        raise argparse.ArgumentTypeError("'-': PCCD reads and writes files, not standard input or output "
+                                         "(./- names a file called -)")
     return text
 
 
@@ -1750,6 +1774,9 @@ def run_as_program():
         if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:   # nohup: stays ignored
             signal.signal(signum, terminate)
     sys.stdout, sys.stderr = (stream and QuietPipe(stream) for stream in (sys.stdout, sys.stderr))   # None: closed
+    if sys.stdout is None:               # `python pccd.py generate ... >&-`: said, and the exit status 1
+        sys.stdout = QuietPipe(open(os.devnull, "w"))
+        sys.stdout.reader_gone(OSError(errno.EBADF, "stdout is closed"))
     warnings.simplefilter("ignore")      # pymatgen's and numpy's: every message here is the project's own
     try:
         code = main()

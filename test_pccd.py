@@ -1477,6 +1477,8 @@ def bad_inputs(tmp_path_factory, mp20):
     os.symlink(root / "nowhere.csv", root / "dangling.csv")
     shipped = torch.load(os.path.join(HERE, "checkpoints", "pccd_mp20.pt"), weights_only=False)
     torch.save({k: shipped[k] for k in ("ema", "model_config", "length_range", "sampling")}, root / "minimal.pt")
+    torch.save(dict(shipped, sampling=dict(shipped["sampling"], T=0)), root / "T0.pt")          # edited by hand
+    torch.save(dict(shipped, length_range=(50.0, 2.0)), root / "reversed.pt")
     outputs_only = root / "outputs_only"                                        # what a command writes beside CIFs
     outputs_only.mkdir()
     (outputs_only / "summary.json").write_text("{}")
@@ -1501,12 +1503,18 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["show", "{r}/mixed/good.cif", "--checkpoint", "{r}/pipe.pt"], 1, "pipe.pt is not a regular file: name a run"),
     (["evaluate", "{r}/mixed", "--csv", "{r}/dangling.csv"], 1, "{r}/dangling.csv exists; name another with --csv"),
     (["train", "--data", ""], 2, "argument --data: an empty path"),             # not the current folder
+    (["generate", "--elements", "Mg", "--out", "-"], 2, "argument --out: '-': PCCD reads and writes files, not "
+     "standard input or output (./- names a file called -)"),
     (["generate", "--elements", "Mg", "--reference", ""], 2, "argument --reference: an empty path"),
     (["evaluate", "{r}/mixed", "--reference", ""], 2, "argument --reference: an empty path"),
     (["generate", "--elements", "Mg", "Mg\n"], 2, "argument --elements: 'Mg\\n' is not a chemical element symbol"),
     (["generate", "--formula", "Na17\nCl"], 2, "argument --formula: Na17Cl has 18 atoms"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/minimal.pt"], 1,
      "{r}/minimal.pt is not a whole PCCD checkpoint (no 'settings', 'train_ids', 'train_compositions'"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/T0.pt"], 1,
+     "{r}/T0.pt is not a PCCD checkpoint (its T 0: not what PCCD writes)"),
+    (["csp", "--checkpoint", "{r}/reversed.pt"], 1,
+     "{r}/reversed.pt is not a PCCD checkpoint (its length range (50.0, 2.0): not what PCCD writes)"),
     (["generate", "--elements", "Mg", "O", "--steps", "-1"], 2, "--steps: '-1' is not a number of steps from 1 to 1000"),
     (["generate", "--elements", "Mg", "O", "--steps", "0"], 2, "--steps: '0'"),
     (["generate", "--elements", "Mg", "O", "--steps", "1001"], 2, "--steps: '1001'"),
@@ -1850,6 +1858,21 @@ def test_export_that_cannot_write_its_golden_file_leaves_neither_file(tiny_run, 
     assert os.listdir(tmp_path) == []
 
 
+def test_screening_reports_its_progress_one_structure_at_a_time(mp20):
+    for reference in ([c.structure for c in mp20[:5]], []):
+        shares = []
+        evaluate.screen([c.structure for c in mp20[:4]] + [None], reference, shares.append)
+        assert len(shares) == 3 * 4 - 4 * (not reference) and sum(shares) == pytest.approx(4)   # decoded ones
+
+
+def test_paths_are_shown_as_typed_from_here_relative_below_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert pccd.shown_path(str(tmp_path / "here" / "a.csv")) == "a.csv"
+    assert pccd.shown_path(str(tmp_path / "b.csv")) == str(tmp_path / "b.csv")       # not ../b.csv
+    assert pccd.shown_path("..") == str(tmp_path)
+
+
 def test_without_reference_structures_novelty_is_not_judged_rather_than_100_percent(mp20):
     rows, summary = evaluate.screen([mp20[0].structure], [])
     assert rows[0]["novel"] == "" and summary["no_reference"]
@@ -2152,6 +2175,17 @@ def test_a_cif_is_read_as_written_or_skipped_with_its_reason(tmp_path, capsys):
         data.load_structures(str(tmp_path / "packed.csv"), verbose=False)
 
 
+def test_a_csv_row_cut_short_before_its_cif_is_said_so(tmp_path):
+    rows = bundled_rows(3)
+    path = tmp_path / "short.csv"
+    write_rows(path, rows[:2])
+    with open(path, "a") as f:
+        f.write(f"{rows[2]['material_id']},-1.0\n")                     # its cif and the rest never written
+    skipped = {}
+    assert len(data.load_structures(str(path), verbose=False, skipped=skipped)) == 2
+    assert skipped == {"a CSV row without its cif field (cut short?)": 1}
+
+
 def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_reference_is_refused(tmp_path, mp20, capsys):
     import csv
     big = next(c.structure.copy() for c in mp20 if len(c.structure.composition) == 3
@@ -2225,8 +2259,11 @@ def test_library_warnings_never_reach_the_user_and_a_rare_element_is_screened(tm
         "_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\nNa1 0 0 0 0.5\nCl1 0.5 0.5 0.5 1\n")
     r = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "evaluate", str(folder), "--csv",
                         str(tmp_path / "s.csv")], capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="default"))
-    assert r.returncode == 0 and r.stderr.splitlines() == [f"{folder}: kept 1 of 3 structures (skipped: 1 disordered "
-                                                           "(partial occupancies), 1 with a dummy species (not an element))"]
+    assert r.returncode == 0 and r.stderr.splitlines()[:2] == [f"{folder}: kept 1 of 3 structures (skipped: 1 "
+                                                               "disordered (partial occupancies), 1 with a dummy species "
+                                                               "(not an element))", "screening 1 structure ..."]
+    assert re.fullmatch(r"screened +1/1 +\d+ s elapsed, +0\.0 min left", r.stderr.splitlines()[2])
+    assert len(r.stderr.splitlines()) == 3                                     # and nothing of the libraries
     rows = {row["name"]: row for row in csv.DictReader(open(tmp_path / "s.csv"))}
     assert rows["es.cif"]["decoded"] == "True" and rows["dummy.cif"]["reason"] == "with a dummy species (not an element)"
 
@@ -2256,7 +2293,8 @@ def test_ctrl_c_while_the_finished_run_draws_its_loss_curve_says_the_run_is_whol
     code, err, _ = run_pccd(["train", "--data", small_csv, "--steps", "2", "--batch-size", "4", "--val", "none",
                              "--widths", "8", "8", "8", "--out", str(tmp_path / "run")], capsys)
     assert code == 130 and err[-2:] == [f"{tmp_path / 'run' / 'checkpoint.pt'} holds the finished run (step 2); its "
-                                        "loss.png was not drawn", "interrupted"]
+                                        f"loss.png was not drawn: train --resume --out {tmp_path / 'run'} draws it",
+                                        "interrupted"]
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
@@ -2352,15 +2390,21 @@ def test_output_that_cannot_be_written_is_dropped_with_one_warning(tmp_path, cap
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_printed_results_that_cannot_be_written_make_the_exit_status_1(tmp_path, mp20):
+    import shlex
     import subprocess
     import sys
     mp20[0].structure.to(filename=str(tmp_path / "good.cif"))
     with open("/dev/full", "w") as full:                                  # `python pccd.py roundtrip > /dev/full`
         done = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py"), "roundtrip", "--data", "good.cif",
                                "--noise", "0"], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True)
-    assert done.returncode == 1 and done.stderr.strip().splitlines()[-2:] == [
-        "warning: output cannot be written (No space left on device); the command goes on",
-        "pccd.py roundtrip: error: what it printed could not be written (No space left on device)"]
+    said = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and said[-1] == "pccd.py roundtrip: error: what it printed could not be written " \
+        "(No space left on device)" and "warning: output cannot be written (No space left on device); the command " \
+        "goes on" in said
+    done = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'pccd.py'))} roundtrip "
+                          f"--data good.cif --noise 0 >&-", shell=True, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == "pccd.py roundtrip: error: what it " \
+        "printed could not be written (stdout is closed)"                   # `>&-`: said too
 
 
 def test_odd_environment_settings_do_not_reach_the_user_as_foreign_messages(tmp_path, mp20):
@@ -2574,11 +2618,11 @@ def test_sampling_warns_of_what_the_model_never_learned(small_csv, tmp_path, cap
     assert "warning: this model was trained with the composition always given (--composition-given 1): it never " \
         "learned to make channel 1; name one with --formula" in err
     assert "warning: the condition acts at steps >= 1000 only, and none is: the network is not told the elements, " \
-        "band gap or ordering asked for (--formula holds a composition)" in err
+        "band gap or ordering asked for (--formula holds a composition without it)" in err
     code, err, _ = run_pccd(["generate", "--elements", "Mg", "O", "--n", "1", "--sampler", "ddim", "--steps", "2",
                              "--checkpoint", str(run), "--guidance", "0", "--out", str(tmp_path / "g0")], capsys)
     assert code == 0 and "warning: --guidance 0 takes the network's unconditional output alone: the network is " \
-        "not told the elements, band gap or ordering asked for (--formula holds a composition)" in err
+        "not told the elements, band gap or ordering asked for (--formula holds a composition without it)" in err
     run = tmp_path / "metals"                         # every training crystal a metal, its condition never dropped
     rows = [dict(r, band_gap="0") for r in bundled_rows(6)]
     write_rows(tmp_path / "metals.csv", rows)
