@@ -722,29 +722,36 @@ def _blocks(text, fmt):
     if text is None or fmt != "cif":
         return [text]
     text = text.replace("\r\n", "\n").replace("\r", "\n")    # Windows' and old Macs' line ends
-    text = re.sub(r"(?im)^data_", "data_", text)             # data names are case-insensitive: DATA_x
-    blocks = [b for b in re.split(r"(?m)^(?=data_)", text) if b.startswith("data_")]
+    fields = re.sub(r"(?ms)^;.*?^;", lambda m: re.sub(r"[^\n]", " ", m.group()), text)   # a ;text field; blanked
+    heads = list(re.finditer(r"(?im)^[ \t]*(data_)", fields))        # DATA_x too: data names are case-insensitive
+    blocks = ["data_" + text[head.end(1):end] for head, end in zip(heads, [h.start() for h in heads[1:]] + [len(text)])]
     return [b for b in blocks if re.search(r"(?m)^\s*_atom_site_", b)] or blocks or [text]
 
 
 def _check_sites(structures, items):
-    """Raises Misread where pymatgen left out a site of the CIF's atom loop (its element '?', say)
-    or took a site's element from a label that does not name it (H2O as H, NH4 as nihonium)."""
+    """Raises Misread where a site of the CIF's atom loop has no element written ('?', '.' or no
+    type symbol column) and pymatgen either left it out or took its element from a label whose
+    letters do not name it (NH4 as nihonium)."""
     def column(key):
         value = items.get(key)
         return [value] if isinstance(value, str) else list(value or [])
     labels, symbols = column("_atom_site_label"), column("_atom_site_type_symbol")
+    places = list(zip(*(column(key) for key in FRACTIONAL)))
     elements = {}
     for s in structures:
         for site in s:
             elements.setdefault(site.label, set()).update(e.symbol for e in site.species.elements
                                                           if hasattr(e, "symbol"))
     for i, label in enumerate(labels):
-        if label not in elements:
-            raise Misread(MISREAD[0][1])
-        symbol = symbols[i].strip(" '\"") if i < len(symbols) else "?"
-        if symbol in ("?", ".", "") and not all(_label_names(label, e) and Element(e).Z <= 103
-                                                  for e in elements[label]):
+        symbol = symbols[i].strip(" '\"") if i < len(symbols) else ""
+        if symbol not in ("?", ".", ""):                 # its element is written: pymatgen's to read
+            continue
+        if label not in elements:                        # unless it shares its spot with another row
+            if not (i < len(places) and places.count(places[i]) > 1):
+                raise Misread(MISREAD[0][1])
+            continue
+        letters = re.match(r"[A-Za-z]*", label).group()  # O1W, H1A: the letters before the number
+        if not all(_label_names(letters, e) and Element(e).Z <= 103 for e in elements[label]):
             raise Misread(LABEL_GUESS)
 
 
@@ -929,7 +936,7 @@ def _parse_rows(path, tick=None):
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 5      # a new version when the reasons for skipping change
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 6      # a new version when the reasons for skipping change
 
 
 def cache_path(path):
@@ -1058,10 +1065,12 @@ def describe_load(path, kept, skipped):
               for kind, found in passed if found] if total else []
     unclear = sum(c.condition_unread for c in kept)
     twice = sorted(n for n, k in collections.Counter(c.material_id for c in kept).items() if k > 1)
-    others = not unread and not skipped and any(os.path.isfile(os.path.join(path, n)) for n in names)   # figures
+    others = total == 0 and not unread and not skipped and any(os.path.isfile(os.path.join(path, n))
+                                                                for n in names)        # figures
     return f"{path}: kept {len(kept)} of {total} structure{'s' * (total != 1)} (skipped: {why})" + \
         (f"; its {unread} are not read: name one" if unread else "") + \
-        (f"; not read: its {' and '.join(f'{kind} {found}' for kind, found in passed)} (name one to read it)"
+        (f"; not read: its {' and '.join(f'{kind} {found}' for kind, found in passed)} (name one to read the "
+         f"crystals it holds)"
          if passed else "") + \
         ("; none of its files is a CIF or POSCAR" if others else "") + \
         (f"; {unclear} with a band gap or ordering not understood, taken as unknown" if unclear else "") + \

@@ -30,6 +30,8 @@ def roundtrip(crystals, noise=0.0, seed=0, length_range=data.DEFAULT_LENGTH_RANG
             cloud, elements = data.encode(crystal.structure, length_range=length_range)
         except ValueError as error:      # e.g. a lattice vector outside the length range: say which
             unencoded.append(f"{crystal.material_id} ({error})")
+            if tick:
+                tick(1)
             continue
         if noise:
             cloud = cloud + rng.normal(0.0, noise, cloud.shape).astype(np.float32)

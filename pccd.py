@@ -448,14 +448,16 @@ class RunLock:
         try:
             import fcntl                                  # POSIX; elsewhere runs are not locked
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except ImportError:
-            pass
+            locked = False
         except BlockingIOError:
             self.file.close()
             self.file = None
             self.args.made = None                         # the folder is the other run's now
             raise UserError(f"another train is running in {self.args.out}: wait for it, or choose another --out")
-        stale = sorted(glob.glob(os.path.join(glob.escape(self.args.out), f".{CHECKPOINT}.*.tmp")))
+        stale = glob.glob(os.path.join(glob.escape(self.args.out), f".{CHECKPOINT}.*.tmp")) if locked else []
+        stale.sort()
         for tmp in stale:                                 # a save cut short by SIGKILL or a crash: never whole
             os.remove(tmp)
         if stale:
@@ -509,6 +511,9 @@ def train(args):
     if resumed and (missing := [key for key in TRAINING_KEYS if key not in resumed]):
         raise UserError(f"{path} is not a whole training checkpoint (no {', '.join(map(repr, missing))}): "
                         f"it cannot be resumed; train a new run")
+    figure = os.path.join(args.out, "loss.png")           # a finished run whose curve was never drawn: drawn
+    undrawn = resumed and resumed["step"] == resumed["settings"]["steps"] and args.steps in (None, resumed["step"]) \
+        and not os.path.exists(figure)
     if resumed:
         own = resumed["settings"]
         changed = [flag for flag, given, same in (                  # --data: where the same crystals are now
@@ -531,13 +536,17 @@ def train(args):
                             f"optimiser and preset ({own.get('preset')}): leave out {', '.join(changed)}")
         for flag, given, what, where in (("--data", args.data, "data", own["data"]),
                                          ("--val", args.val, "held-out set", own.get("val", "none"))):
-            if given is None and where != "none" and not os.path.exists(resolve_path(where)):
+            if given is None and where != "none" and not os.path.exists(resolve_path(where)) and not undrawn:
                 raise UserError(f"the run's {what}, {where}, is gone: if it moved, name it with {flag}")
     s = resolve_settings(args, resumed)
-    figure = os.path.join(args.out, "loss.png")
-    undrawn = resumed and s["steps"] == resumed["step"] == resumed["settings"]["steps"] and not os.path.exists(figure)
     if resumed and s["steps"] <= resumed["step"] and not undrawn:      # a finished run without loss.png: drawn
         raise UserError(f"{path} is at step {resumed['step']} already, of {s['steps']}: give --steps above it")
+    if undrawn:                                   # stopped after its last save: no data needed to draw it
+        args.kept = args.out
+        evaluate.plot_loss(resumed["losses"], resumed.get("val_losses", []), figure,
+                           resumed.get("loss_name", "held-out loss"))
+        print(f"{path} holds the finished run (step {resumed['step']}): drew its loss curve, {figure}")
+        return
     s["val"] = portable_val(args.val) if args.val is not None else \
         resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
     device = pick_device(args.device)
@@ -583,11 +592,6 @@ def train(args):
         v_clouds, *v_condition = map(torch.from_numpy, data.encode_dataset(val, length_range))
         held_out = [diffusion.to_model(v_clouds).to(device)] + [c.to(device) for c in v_condition]
 
-    if undrawn:                                                     # stopped after its last save
-        args.kept = args.out
-        evaluate.plot_loss(resumed["losses"], resumed.get("val_losses", []), figure, loss_name)
-        print(f"{path} holds the finished run (step {resumed['step']}): drew its loss curve, {figure}")
-        return
     if resumed and s["steps"] != resumed["settings"]["steps"]:      # more (or fewer) steps than the run planned
         s["replanned"] = resumed["settings"].get("replanned", []) + [[resumed["step"], resumed["settings"]["steps"]]]
         before, now = learning_rate(resumed["settings"], resumed["step"] - 1), learning_rate(s, resumed["step"])
@@ -639,7 +643,7 @@ def train(args):
                     length_range=length_range,
                     settings=s, sampling=sampling_entry(s), train_ids=[c.material_id for c in crystals],
                     data_digest=digest, val_digest=val_digest,
-                    train_compositions=[c.structure.composition.formula for c in crystals],
+                    train_compositions=[c.structure.composition.formula for c in crystals], loss_name=loss_name,
                     trained_conditions=trained_conditions)
 
     progress = Progress(s["steps"], "step", done=step)
@@ -1786,6 +1790,10 @@ def run_as_program():
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    try:
+        sys.stdout.flush()               # what is still buffered: a full disk shows only now
+    except Exception:
+        pass
     lost = getattr(sys.stdout, "lost", None)
     if code == 0 and lost:               # `python pccd.py bench > /dev/full`: what it printed is gone
         command = next((word for word in sys.argv[1:] if not word.startswith("-")), "")

@@ -2150,7 +2150,10 @@ def test_a_cif_is_read_as_written_or_skipped_with_its_reason(tmp_path, capsys):
     folder.mkdir()
     (folder / "unknown.cif").write_text(cif.replace("Fe1 Fe", "Fe1 ?"))           # pymatgen drops the atom
     (folder / "oh.cif").write_text(no_symbols.replace("Fe1 Fe", "OH1"))            # OH1: no element found
-    (folder / "water.cif").write_text(no_symbols.replace("Fe1 Fe", "H2O"))         # H2O read as H
+    (folder / "shelx.cif").write_text(no_symbols.replace("Fe1 Fe", "O1W"))         # SHELX's water O: read as O
+    (folder / "split.cif").write_text(no_symbols.replace("_atom_site_fract_z\n", "_atom_site_fract_z\n"
+                                      "_atom_site_occupancy\n").replace("Fe1 Fe 0 0 0", "Fe1 0 0 0 0.5\nFe2 0 0 0 0.5")
+                                      .replace("Na1 0.5 0.5 0.5", "Na1 0.5 0.5 0.5 1"))   # one Fe, split in two rows
     (folder / "ammonium.cif").write_text(no_symbols.replace("Fe1 Fe", "NH4"))      # NH4 read as nihonium
     (folder / "ops.cif").write_text(cif.replace("loop_", "loop_\n_symmetry_equiv_pos_site_id\n"
                                                 "_symmetry_equiv_pos_as_xyz\n1 x, y, z\n2 -x, -y, -z\nloop_", 1))
@@ -2161,13 +2164,20 @@ def test_a_cif_is_read_as_written_or_skipped_with_its_reason(tmp_path, capsys):
     (folder / "summary.csv").write_text("name\n")                                # generate's own: not said
     skipped = {}
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
-    assert [(c.material_id, c.structure.composition.formula) for c in kept] == [("notepad.cif", "Na1 Fe1"),
-                                                                                 ("old.cif", "Na1 Fe1")]
+    assert [(c.material_id, c.structure.composition.formula) for c in kept] == [
+        ("notepad.cif", "Na1 Fe1"), ("old.cif", "Na1 Fe1"), ("shelx.cif", "Na1 O1"),
+        ("split.cif", "Na1 Fe1")]
     assert skipped == {"with atoms pymatgen dropped (an element it does not know or not given, or occupancy <= 0?)": 1,
-                       "with a site whose element pymatgen guesses from its label (NO3 as N?)": 3,
+                       "with a site whose element pymatgen guesses from its label (NO3 as N?)": 2,
                        "with a symmetry operator that is not x,y,z (written with spaces but no quotes?)": 1}
     assert data.describe_load(str(folder), kept, skipped).endswith(
-        "; not read: its subfolder sub and CSV file more.csv (name one to read it)")
+        "; not read: its subfolder sub and CSV file more.csv (name one to read the crystals it holds)")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "a.cif").write_text(cif)
+    assert data.describe_load(str(alone), kept[:1], {}) == f"{alone}: kept 1 of 1 structure (skipped: none)"
+    field = cif.replace("data_FeNa\n", "data_FeNa\n_publ_section_comment\n;\ndata_ were collected at 100 K\n;\n")
+    assert data._blocks(field + "  DATA_two\n" + cif[10:], "cif") == [field, "data_two\n" + cif[10:]]   # not in a field
     import gzip
     with gzip.open(tmp_path / "packed.csv", "wt") as f:                          # gzip without its .gz
         f.write("cif\n" + cif)
