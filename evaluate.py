@@ -219,7 +219,7 @@ def describe_sampler(sampler, steps, guidance, condition_above, refine=0, physic
     """'ddpm, guidance 3' or 'ddim, 100 steps, guidance 3 at steps >= 250, no condition below,
     refined 5 times, physics-aware, symmetrised at 0.5 A' (from t: reconstruction's start, steps
     t - 1 down to 0)."""
-    words = sampler if sampler == "ddpm" else f"ddim, {steps} steps"
+    words = sampler if sampler == "ddpm" else f"ddim, {steps} step{'s' * (steps != 1)}"
     if (999 if t is None else t - 1) < condition_above:          # the first step, T - 1 = 999 or t - 1
         words += f", no condition (every step below {condition_above})"
     else:

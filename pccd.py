@@ -1621,7 +1621,8 @@ def build_parser():
                        "statistics, StructureMatcher match rate and RMS, Fig. 2's distances, Fig. 1.")
     p.add_argument("--data", type=given_path, help="structures to reconstruct (default: the model's training "
                    "data, as the paper; datasets/mp20_val.csv.gz for unseen ones)")
-    p.add_argument("--n", type=COUNT, default=256, help="how many structures (default 256)")
+    p.add_argument("--n", type=COUNT, default=256, help="at most this many structures, drawn at random "
+                   "(default 256)")
     p.add_argument("--t", type=number(int, 1, diffusion.T, what=f"a step from 1 to {diffusion.T}"),
                    help=f"noise to step t, 1..{diffusion.T} (default {diffusion.T} = T), the network's step t - 1 "
                    f"(so --t 250 runs wholly below --condition-above 250: unconditioned)")
