@@ -1577,7 +1577,7 @@ def build_parser():
                    "(69 min; the shipped model): README, Training")
     p.add_argument("--steps", type=TRAINING_STEPS, help="total optimisation steps (presets: 3600, 24000)")
     p.add_argument("--batch-size", type=BATCH, help="crystals per step (presets: 64; Table S1: 128)")
-    p.add_argument("--lr", type=number(float, 0, 1, what="a learning rate in (0, 1]", above=True),
+    p.add_argument("--lr", type=number(float, 1e-7, 1, what="a learning rate from 1e-7 to 1 (below, nothing trains)"),
                    help="Adam learning rate (presets: 2e-3; Table S1: 1e-4, much slower here: EXPERIMENTS.md)")
     p.add_argument("--schedule", choices=["constant", "cosine"], help="learning rate over the run: "
                    "constant, or cosine-decayed to 0 at --steps (presets: cosine)")

@@ -1574,6 +1574,7 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["train", "--steps", "0"], 2, "--steps"),
     (["train", "--batch-size", "0"], 2, "--batch-size"),
     (["train", "--lr", "0"], 2, "--lr: '0' is not a learning rate"),
+    (["train", "--lr", "1e-300"], 2, "--lr: '1e-300' is not a learning rate from 1e-7 to 1 (below, nothing trains)"),
     (["train", "--lr", "inf"], 2, "--lr"),
     (["train", "--property-drop", "1.5"], 2, "--property-drop: '1.5' is not a probability"),
     (["train", "--condition-above", "2000"], 2, "--condition-above"),
