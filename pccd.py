@@ -1534,7 +1534,7 @@ def add_sampling_arguments(p, out, refine):
     p.add_argument("--refine", type=number(int, 0, 100, what="a number of passes from 0 to 100"),
                    help=f"noise the positions back to the first visited step <= {diffusion.REFINE_FROM} and denoise them again, "
                    f"lattice and elements held, this many times: crowded atoms get another chance to "
-                   f"separate (default {refine}{'' if refine else '; on in generate'})")
+                   f"separate (default {refine}{'' if refine else '; on in generate'}; none below 20 DDIM steps)")
     p.add_argument("--batch-size", type=BATCH, default=256, help="clouds denoised at once (default 256; "
                    "another size draws other noise, so other samples for a seed)")
     add_run_arguments(p)

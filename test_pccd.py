@@ -976,7 +976,7 @@ def test_evaluate_on_a_generate_folder_counts_each_crystal_once(tiny_run, tmp_pa
     code, err, printed = run_pccd(["evaluate", str(out), "--csv", str(tmp_path / "flags.csv")], capsys)
     assert code == 0 and f"kept {written} of {written} structures (skipped: none; not read: {written} a " \
         f"POSCAR beside its CIF)" in err[0], err
-    assert re.search(rf"^generated +{written}$", printed, re.M) and re.search(rf"^decodable +{written} ", printed, re.M)
+    assert re.search(rf"^screened +{written}$", printed, re.M) and re.search(rf"^decodable +{written} ", printed, re.M)
     assert not any(line.startswith("note:") for line in err)
     summary = json.load(open(out / "summary.json"))          # had two samples not decoded (no file): said so
     summary["generated"] = summary["decoded"] + 2
@@ -1014,6 +1014,7 @@ def test_evaluate_screens_a_folder_of_another_generators_cifs(tmp_path, mp20, ca
     assert pccd.main(["evaluate", str(tmp_path), "--reference", TRAIN_CSV]) == 0
     printed, err = capsys.readouterr()
     assert "novel" in printed and "screening 3 structures ..." in err.splitlines()
+    assert re.search(r"^screened +3$", printed, re.M) and "generated" not in printed      # not made here
     import csv
     rows = list(csv.DictReader(open(tmp_path / "screening.csv")))
     assert len(rows) == 3 and all(r["novel"] == "False" for r in rows)   # they are training structures
@@ -1681,7 +1682,7 @@ def test_good_files_beside_bad_ones_are_still_used(bad_inputs, tmp_path, capsys)
     assert code == 0 and [(r["name"], r["decoded"], r["reason"]) for r in csv.DictReader(open(out))] == [
         ("good.cif", "True", ""), ("POSCAR_flat", "False", "with a degenerate cell"),   # each file, and why
         ("binary.cif", "False", "unreadable"), ("empty.cif", "False", "empty")]
-    assert re.search(r"^generated +4$", printed, re.M)                      # the bad files count as failed
+    assert re.search(r"^screened +4$", printed, re.M)                      # the bad files count as failed
     assert re.search(r"^decodable +1 +25.00%$", printed, re.M)
     code, err, _ = run_pccd(["train", "--data", str(bad_inputs / "mixed"), "--out", str(tmp_path / "run"),
                           "--steps", "2", "--batch-size", "2", "--device", "cpu"], capsys)
