@@ -332,6 +332,9 @@ def load_for_sampling(args):
     else:
         args.checkpoint = default_checkpoint()
         model, ckpt = load_checkpoint(args.checkpoint, device)
+        if args.checkpoint != SHIPPED_CHECKPOINT:         # your own run wins: said, with the way back
+            print(f"using your own {args.checkpoint} (step {ckpt['step']}, {len(ckpt['train_ids'])} crystals), not "
+                  f"the shipped model: --checkpoint {shown_path(SHIPPED_CHECKPOINT)} names that", file=sys.stderr)
     planned = ckpt.get("settings", {}).get("steps")
     if planned and ckpt.get("step", planned) < planned:     # a train stopped early (Ctrl-C, SIGTERM)
         folder = (os.path.dirname(args.checkpoint) or ".") if args.checkpoint.endswith(CHECKPOINT) else args.checkpoint
@@ -1346,8 +1349,8 @@ def cmd_bench(args):
     print(f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
           f"training step                    {train_ms:8.1f} ms\n"
           f"guided sampling step (2 passes)  {guided_ms:8.1f} ms   (original: ~2500 ms on a 2-core CPU)\n"
-          f"one structure, 1000 DDPM steps   {guided_ms / B:8.2f} s    (original: ~78 s)\n"
-          f"one structure, 100 DDIM steps    {guided_ms / B / 10:8.3f} s")
+          f"1000 DDPM steps, per structure   {guided_ms / B:8.2f} s    (original: ~78 s; in a batch of {B})\n"
+          f"100 DDIM steps, per structure    {guided_ms / B / 10:8.3f} s")
 
 
 def cmd_roundtrip(args):

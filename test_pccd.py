@@ -1219,6 +1219,16 @@ def test_the_default_checkpoint_is_your_own_run_else_the_shipped_one(tmp_path, m
     assert pccd.default_checkpoint() == os.path.join("runs", "default", "checkpoint.pt")
 
 
+def test_sampling_says_when_your_own_run_replaces_the_shipped_model(tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_run, tmp_path / "runs" / "default")
+    code, err, _ = run_pccd(["generate", "--elements", "Mg", "O", "--n", "1", "--sampler", "ddim", "--steps", "2"],
+                            capsys)
+    assert code == 0 and err[0] == f"using your own {os.path.join('runs', 'default', 'checkpoint.pt')} (step 60, 40 " \
+        f"crystals), not the shipped model: --checkpoint {pccd.shown_path(pccd.SHIPPED_CHECKPOINT)} names that"
+
+
 def test_generate_pool_train_draws_the_training_element_sets(tiny_run, tmp_path):
     import csv
     out = tmp_path / "gen"
