@@ -641,6 +641,8 @@ def test_reconstruct_end_to_end_writes_the_table_the_json_and_fig1(tiny_run, sma
     assert f"drawn from {summary['data_loaded']}" in printed
     assert 0 <= summary["atom_count_accuracy"] <= 1
     assert sum(p["same_count"] for p in result["pairs"]) == round(6 * summary["atom_count_accuracy"])
+    assert sum(p["same_composition"] for p in result["pairs"]) == round(6 * summary["composition_accuracy"])
+    assert all(p["same_count"] for p in result["pairs"] if p["same_composition"])      # the stricter of the two
     assert (out / "fig1.png").stat().st_size > 10000
     assert np.load(out / "noised.npz")["x_t"].shape == (6, 3, 128, 3)
     # never overwrite: the same --out again makes a new folder
@@ -2618,7 +2620,8 @@ def test_the_last_progress_line_is_printed_when_fractions_of_a_batch_add_up_to_j
 def test_tables_over_nothing_say_so_rather_than_nan():
     table1 = {k: dict(efficiency=float("nan"), upper=float("nan"), lower=float("nan")) for k in "abcxyz"}
     summary = dict(n=1, mean_rms=None, t=1000, sampler="ddim", steps=2, guidance=3, condition_above=250, seconds=1,
-                   checkpoint="c.pt", decoded=1, atom_count_accuracy=0.0, count_baseline_accuracy=1.0, match_rate=0.0,
+                   checkpoint="c.pt", decoded=1, atom_count_accuracy=0.0, composition_accuracy=0.0, count_baseline_accuracy=1.0,
+                   match_rate=0.0,
                    match_rate_default=0.0, table1=table1, table1_periodic_coords=table1)
     assert "nan" not in evaluate.format_reconstruction(summary)
     csp = dict(n=1, k=2, sampler="ddim", steps=2, guidance=3, condition_above=250, seconds=1, match_rate_1=0.0,
