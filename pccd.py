@@ -754,10 +754,12 @@ def cmd_export(args):
 # ----------------------------------------------------------------------------------------------
 
 class Progress:
-    """A progress line every 10 seconds and at the end: done / total, time spent and left."""
+    """A progress line every 10 seconds and at the end: done / total, time spent and left (not with
+    estimate=False: work whose steps grow dearer, as screening's uniqueness check does)."""
 
-    def __init__(self, total, unit, done=0):
+    def __init__(self, total, unit, done=0, estimate=True):
         self.total, self.unit, self.first, self.done, self.start, self.last = total, unit, done, done, time.time(), 0
+        self.estimate = estimate
 
     def elapsed(self):
         return time.time() - self.start
@@ -766,8 +768,8 @@ class Progress:
         self.done, now = self.done + n, self.elapsed()
         if now - self.last > 10 or self.done >= self.total - 1e-6:    # fractions of a batch add up to 2.9999...
             self.last, left = now, max(0.0, now / (self.done - self.first) * (self.total - self.done) / 60)
-            print(f"{self.unit} {self.done:>6.0f}/{self.total}  {note}  {now:5.0f} s elapsed, "
-                  f"{left:5.1f} min left", file=out or sys.stderr, flush=True)
+            print(f"{self.unit} {self.done:>6.0f}/{self.total}  {note}  {now:5.0f} s elapsed"
+                  + (f", {left:5.1f} min left" if self.estimate else ""), file=out or sys.stderr, flush=True)
 
 
 def make_parents(path, args):
@@ -1147,7 +1149,7 @@ def cmd_generate(args):
     print(f"screening {decoded} structure{'s' * (decoded != 1)} ...", file=sys.stderr, flush=True)
     try:
         rows, summary = evaluate.screen(structures, [c.structure for c in reference],
-                                        Progress(decoded, "screened").update)
+                                        Progress(decoded, "screened", estimate=False).update)
     except BaseException:
         again = f" --reference {reference_file}" if reference_file else ""
         print(f"the crystals are kept in {out}/: screen them with python pccd.py evaluate {out}{again}",
@@ -1212,7 +1214,7 @@ def cmd_evaluate(args):
     print(f"screening {len(crystals)} structure{'s' * (len(crystals) != 1)} ..." + (
         f" (the largest has {largest} atoms: matching it may take minutes)" if largest > 200 else ""),
         file=sys.stderr, flush=True)
-    progress = Progress(len(crystals), "screened")
+    progress = Progress(len(crystals), "screened", estimate=False)     # each is matched against those before
     rows, summary = evaluate.screen(structures, [c.structure for c in reference], progress.update)
     for row, (name, why) in zip(rows, [(c.material_id, "") for c in crystals] + failed):
         row.update(name=name, reason=why)

@@ -2286,7 +2286,7 @@ def test_library_warnings_never_reach_the_user_and_a_rare_element_is_screened(tm
     assert r.returncode == 0 and r.stderr.splitlines()[:2] == [f"{folder}: kept 1 of 3 structures (skipped: 1 "
                                                                "disordered (partial occupancies), 1 with a dummy species "
                                                                "(not an element))", "screening 1 structure ..."]
-    assert re.fullmatch(r"screened +1/1 +\d+ s elapsed, +0\.0 min left", r.stderr.splitlines()[2])
+    assert re.fullmatch(r"screened +1/1 +\d+ s elapsed", r.stderr.splitlines()[2])   # no estimate: dearer as it goes
     assert len(r.stderr.splitlines()) == 3                                     # and nothing of the libraries
     rows = {row["name"]: row for row in csv.DictReader(open(tmp_path / "s.csv"))}
     assert rows["es.cif"]["decoded"] == "True" and rows["dummy.cif"]["reason"] == "with a dummy species (not an element)"
