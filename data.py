@@ -648,8 +648,8 @@ MISREAD = [("Missing elements", "with atoms pymatgen dropped (an element it does
            ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)"),
            ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)"),     # a refusal, said why
            ("implicit hydrogens", "with hydrogens not written as atoms (_atom_site_attached_hydrogens)")]
-# ... and of an ordered crystal only (a disordered one's formula counts whole atoms; said below):
 LABEL_GUESS = "with a site whose element pymatgen guesses from its label (NO3 as N?)"
+# ... and of an ordered crystal only (a disordered one's formula counts whole atoms; said below):
 STOICHIOMETRY = ("Incorrect stoichiometry", "whose atoms disagree with its formula (a truncated copy?)")
 FRACTIONAL = ("_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z")
 SYMMETRY_OPERATORS = ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz")
@@ -718,10 +718,12 @@ def _poscar_misread(text):
 
 def _blocks(text, fmt):
     """A CIF's data blocks that hold a crystal (atom sites; a journal's data_global block of titles
-    and authors does not), each read alone; a POSCAR is one block."""
-    if text is None or fmt != "cif":
+    and authors does not), each read alone; a POSCAR is one block. Line ends made Unix's."""
+    if text is None:
         return [text]
     text = text.replace("\r\n", "\n").replace("\r", "\n")    # Windows' and old Macs' line ends
+    if fmt != "cif":
+        return [text]
     fields = re.sub(r"(?ms)^;.*?^;", lambda m: re.sub(r"[^\n]", " ", m.group()), text)   # a ;text field; blanked
     heads = list(re.finditer(r"(?im)^[ \t]*(data_)", fields))        # DATA_x too: data names are case-insensitive
     blocks = ["data_" + text[head.end(1):end] for head, end in zip(heads, [h.start() for h in heads[1:]] + [len(text)])]
@@ -758,7 +760,6 @@ def _check_sites(structures, items):
 def _parse_structures(block, fmt):
     """The structures of one CIF data block (usually one) or of a POSCAR, without oxidation states
     (Li+ is Li). Raises Misread(reason) for a block pymatgen reads as another crystal (MISREAD)."""
-    block = block.replace("\r\n", "\n").replace("\r", "\n")
     failure = None
     with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
         warnings.simplefilter("always")
