@@ -174,7 +174,7 @@ class Diffusion:
         to the data range (and made physical, `Physics`); without either the two forms are identical."""
         eps = self.predict_noise(model, x, t, condition, guidance)
         x0 = self.predict_x0(x, t, eps)
-        x0 = physics(x0, t) if physics else x0
+        x0 = physics(x0, t) if physics else x0          # Physics: project, keep_apart (t <= PHYSICS_FROM)
         abar, abar_prev = self.alphas_cumprod[t].item(), self.alphas_cumprod_prev[t].item()
         beta, alpha = self.betas[t].item(), self.alphas[t].item()
         mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 \
@@ -191,7 +191,7 @@ class Diffusion:
         physics, projected) x0; abar_prev = 1 after the last step (t_prev = -1)."""
         eps = self.predict_noise(model, x, t, condition, guidance)
         x0 = self.predict_x0(x, t, eps)
-        x0 = physics(x0, t) if physics else x0
+        x0 = physics(x0, t) if physics else x0          # Physics: project, keep_apart (t <= PHYSICS_FROM)
         abar = self.alphas_cumprod[t].item()
         eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)        # consistent with the x0 used
         abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
@@ -324,9 +324,11 @@ class Physics:
     inside the sampling loop). Two named steps, on each committed sample:
       `project`    every block of points (the points one atom owns, data.point_owner) is set to
                    its circular mean, channel 1 to the committed composition, and the lattice rows
-                   to their means: the cloud becomes one that a crystal encodes to, exactly; a
-                   cell smaller than MIN_VOLUME_SHARE of the volume its atoms take (sum of the layout's
-                   per-atom volumes) is scaled up to it, its shape kept;
+                   to their means: the cloud becomes one that a crystal encodes to, exactly; an
+                   axis shorter than s (2 r) of the largest atom is stretched to it (the atom's own
+                   images are its neighbours too), and a cell smaller than MIN_VOLUME_SHARE of the
+                   volume its atoms take (sum of the layout's per-atom volumes) is scaled up to it,
+                   its shape kept;
       `keep_apart` atoms closer than s (r_i + r_j) are pushed apart, the lattice held.
     Why the sampler stays a denoiser: a step only needs an estimate of x0 (the DDIM and DDPM
     steps are written through it, as for clipping to [-1, 1]); the estimate is moved to the
@@ -376,17 +378,22 @@ class Physics:
         return clouds
 
     def project(self, x0):
-        """Blocks to their circular means, channel 1 to the composition, lattice rows to their means."""
+        """Blocks to their circular means, channel 1 to the composition, lattice rows to their means;
+        short axes stretched, small cells scaled up."""
         layout, clouds = self.tensors(x0), self.clouds_of(x0)
         owner = layout["owner"].unsqueeze(-1).expand(-1, -1, 3)                          # (B, 128, 3)
         clouds[:, 0] = self.atoms(clouds[:, 0], layout["owner"]).gather(1, owner)
         half = clouds.shape[2] // 2
         clouds[:, 2, :half] = clouds[:, 2, :half].mean(1, keepdim=True)
         clouds[:, 2, half:] = clouds[:, 2, half:].mean(1, keepdim=True)
+        scale = self.log_hi - self.log_lo                                  # a length's row is (log L - log lo) / scale
+        # an axis shorter than s (r_i + r_i) of its largest atom would crowd that atom with its own image
+        shortest = SEPARATION * 2 * layout["radius"].amax(1).clamp(min=1e-3)
+        clouds[:, 2, half:] = torch.maximum(clouds[:, 2, half:], ((shortest.log() - self.log_lo) / scale)[:, None, None])
         wanted = MIN_VOLUME_SHARE * layout["volume"].sum(1)
-        volume = torch.linalg.det(self.metric(clouds)).clamp(min=1e-12).sqrt()
-        grow = torch.log((wanted / volume).clamp(min=1.0)) / 3             # log of the length factor
-        clouds[:, 2, half:] = (clouds[:, 2, half:] + grow[:, None, None] / (self.log_hi - self.log_lo)).clamp(0, 1)
+        det = torch.linalg.det(self.metric(clouds))                       # <= 0: angles no cell has; left alone
+        grow = torch.where(det > 0, torch.log((wanted / det.clamp(min=1e-12).sqrt()).clamp(min=1.0)) / 3, 0.0)
+        clouds[:, 2, half:] = (clouds[:, 2, half:] + grow[:, None, None] / scale).clamp(0, 1)
         return torch.where(layout["committed"][:, None, None, None], to_model(clouds), x0)
 
     @staticmethod

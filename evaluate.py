@@ -185,7 +185,9 @@ def format_csp(summary):
         *(best if summary["k"] > 1 else []),
         f"first samples: {100 * summary['decoded_1']:.2f}% decoded; with a pair closer than 1.0 A: "
         f"{100 * summary['closer_than_1A_1']:.2f}%, crowded (d < {CROWDED_BELOW} (r_i + r_j)): "
-        f"{100 * summary['crowded_1']:.2f}% (of all {summary['n']})",
+        f"{100 * summary['crowded_1']:.2f}%, P1 (symprec 0.1): {100 * summary['p1_1']:.2f}%"
+        + (f" ({100 * summary['p1_1_before_symmetrising']:.2f}% before symmetrising)"
+           if "p1_1_before_symmetrising" in summary else "") + f" (of all {summary['n']})",
         f"published on MP-20's test split, 27,136 training crystals (this model: {summary['train_crystals']:,}):",
         "  CDVAE   k = 1: 33.90% RMSE 0.1045   k = 20: 66.95% RMSE 0.1026",
         "  DiffCSP k = 1: 51.49% RMSE 0.0631   k = 20: 77.93% RMSE 0.0492"])

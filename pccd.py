@@ -894,6 +894,10 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
     atom counts each sample was committed to: None where it was not, or physics is off)."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     n, out, committed = len(conditions), [], []
+    if physics and args.sampler == "ddim" and \
+            min(diffusion.ddim_timesteps(ddpm.T - 1 if t_start is None else t_start, args.steps)) > diffusion.PHYSICS_FROM:
+        print(f"warning: physics-aware sampling acts at steps <= {diffusion.PHYSICS_FROM} and --steps "
+              f"{args.steps} visits none: these are the network's own samples (--steps 2 or more)", file=sys.stderr)
     progress = Progress(n, "structures")
     for lo in range(0, n, args.batch_size):
         hi = min(n, lo + args.batch_size)
@@ -1254,7 +1258,10 @@ def cmd_csp(args):
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
     predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
     warn_at_length_limit(predicted, length_range)
+    unsymmetrised = predicted
     predicted, symmetrised = symmetrise_all(predicted, args)
+    p1 = lambda structures: sum(evaluate.space_group(s) == "P1" for s in structures[:n] if s) / n   # noqa: E731
+    symmetry = dict(p1_1=p1(predicted)) | (dict(p1_1_before_symmetrising=p1(unsymmetrised)) if symmetrised else {})
     print(f"matching {len(predicted)} structures ...", file=sys.stderr, flush=True)
     rows = evaluate.csp_scores([c.structure for c in crystals], [predicted[i::n] for i in range(n)])
     for i, (row, c) in enumerate(zip(rows, crystals)):
@@ -1267,7 +1274,7 @@ def cmd_csp(args):
                                                           physics=not args.no_physics, symmetrised=symmetrised,
                                                           train_crystals=len(ckpt["train_ids"]),
                                                           seen_in_training=seen, data=os.path.abspath(args.data),
-                                                          data_loaded=loaded) | run_record(args, ckpt)
+                                                          data_loaded=loaded) | symmetry | run_record(args, ckpt)
     write_json(os.path.join(out, "results.json"), dict(summary=summary, rows=rows))
     args.made, args.kept = None, out            # finished: kept, whatever happens to what follows
     for i in [i for i, p in enumerate(predicted) if p][:1]:               # the first that decoded

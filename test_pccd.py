@@ -814,6 +814,17 @@ def test_the_physical_projection_makes_each_atoms_points_one_point_and_the_latti
     grown = data.decode_blocks(diffusion.from_model(physics.project(x0))[0].numpy(), elements[0], counts[0])
     assert grown.volume == pytest.approx(2 * structures[0].volume, rel=1e-4)
     np.testing.assert_allclose(grown.lattice.angles, structures[0].lattice.angles, atol=1e-3)
+    # a one-atom cell 2.0 x 2.0 x 3.0 A: its own images crowd the atom along a and b, which are stretched
+    physics, x0, elements, counts = physics_of([Structure(Lattice.tetragonal(2.0, 3.0), ["Cu"], [[0, 0, 0]])],
+                                               volume_of=lambda e: 12.0)     # the stretched cell: 16.9 A^3
+    stretched = data.decode_blocks(diffusion.from_model(physics.project(x0))[0].numpy(), elements[0], counts[0])
+    shortest = diffusion.SEPARATION * 2 * data.covalent_radius("Cu")
+    np.testing.assert_allclose(stretched.lattice.abc, [shortest, shortest, 3.0], rtol=1e-4)
+    # angles no cell has (every one 170 degrees: det G < 0) are no reason to grow the lengths
+    impossible = x0.clone()
+    impossible[:, 2, :64] = diffusion.to_model(torch.tensor(170 / 180))
+    lengths = diffusion.from_model(physics.project(impossible))[0, 2, 64:]
+    assert torch.allclose(lengths, diffusion.from_model(physics.project(x0))[0, 2, 64:])
 
 
 @pytest.mark.parametrize("lattice", [Lattice.cubic(6.0), Lattice.from_parameters(5.0, 6.0, 7.0, 70, 100, 115)])
@@ -906,6 +917,19 @@ def test_generate_without_physics_gives_the_networks_own_samples_bit_for_bit(tin
                       guidance=ckpt["sampling"]["guidance"], condition_above=ckpt["sampling"]["condition_above"],
                       sampler="ddim", steps=6, generator=torch.Generator().manual_seed(0))
     assert np.array_equal(clouds["off"], own.numpy()) and not np.array_equal(clouds["on"], clouds["off"])
+
+
+def test_physics_that_no_visited_step_reaches_is_said(tiny_run, tmp_path, capsys):
+    code, err, _ = run_pccd(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "2",
+                             "--sampler", "ddim", "--steps", "1", "--out", str(tmp_path / "g")], capsys)
+    assert code == 0 and f"warning: physics-aware sampling acts at steps <= {diffusion.PHYSICS_FROM} and --steps 1 " \
+        "visits none: these are the network's own samples (--steps 2 or more)" in err
+    model, ckpt = pccd.load_checkpoint(str(tiny_run))        # DDIM in one step visits step 999 alone
+    ddpm = pccd.sampling_of(ckpt, argparse.Namespace(guidance=None, condition_above=None))
+    own = ddpm.sample(model, pccd.condition_tensors([(["Mg", "O"], "unknown", "unknown")] * 2, "cpu"),
+                      guidance=ckpt["sampling"]["guidance"], condition_above=ckpt["sampling"]["condition_above"],
+                      sampler="ddim", steps=1, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.load(tmp_path / "g" / "clouds.npz")["clouds"], own.numpy())
 
 
 def test_names_count_the_atoms_and_keep_no_file_suffix():
@@ -1115,6 +1139,8 @@ def test_csp_predicts_from_compositions_and_scores_each_first_and_best_sample(ti
     assert results["summary"]["seen_in_training"] == 3 and "warning: 3 of the 3 crystals drawn are ones this model " \
         "trained on (same material id and formula): their match rate is not one of unseen crystals" in err.splitlines()
     assert all(r["match_k"] >= r["match_1"] for r in results["rows"])
+    p1, before = results["summary"]["p1_1"], results["summary"]["p1_1_before_symmetrising"]   # first samples
+    assert p1 <= before and f"P1 (symprec 0.1): {100 * p1:.2f}% ({100 * before:.2f}% before symmetrising)" in printed
     assert (out / "predicted.png").stat().st_size > 10000
     for row, cif in zip(results["rows"], sorted(out.glob("*_predicted.cif"))):
         assert Structure.from_file(cif).composition == Composition(row["formula"])
@@ -2626,7 +2652,7 @@ def test_tables_over_nothing_say_so_rather_than_nan():
     assert "nan" not in evaluate.format_reconstruction(summary)
     csp = dict(n=1, k=2, sampler="ddim", steps=2, guidance=3, condition_above=250, seconds=1, match_rate_1=0.0,
                rmse_1=float("nan"), match_rate_k=0.0, rmse_k=float("nan"), decoded_1=0.0, closer_than_1A_1=0.0,
-               crowded_1=0.0, train_crystals=5)
+               crowded_1=0.0, p1_1=0.0, train_crystals=5)
     said = evaluate.format_csp(csp)
     assert "nan" not in said and "first samples: 0.00% decoded" in said
 
