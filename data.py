@@ -1184,8 +1184,9 @@ def written(path, new=True):
 
 def write_csv(path, rows, fields=CSV_FIELDS):
     """Write rows (dicts; keys outside `fields` are left out) to the new file `path` (`written`).
-    The project's one CSV writer: datasets, summary.csv, pairs.csv, screening.csv."""
+    The project's one CSV writer: datasets, summary.csv, pairs.csv, screening.csv. A number not
+    known (NaN) is an empty cell, as a missing one."""
     with written(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:   # as it is read
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: "" if isinstance(v, float) and v != v else v for k, v in row.items()} for row in rows)

@@ -287,7 +287,7 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
                         f"with a smaller --lr")
     if missing := [key for key in CHECKPOINT_KEYS if key not in ckpt]:
         raise UserError(f"{path} is not a whole PCCD checkpoint (no {', '.join(map(repr, missing))}): "
-                        f"write one with python pccd.py export RUN --out FILE")
+                        f"name a training run's {CHECKPOINT}, or a file export wrote from one")
     try:
         low, high = map(float, ckpt["length_range"])
     except (TypeError, ValueError):
@@ -1492,13 +1492,18 @@ def cpu_quota(cgroup="/sys/fs/cgroup"):
     return None
 
 
+def usable_cores(cgroup="/sys/fs/cgroup"):
+    """The cores this process may run on, and how many of them its container's CPU quota grants."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return cores, min(len(cores), cpu_quota(cgroup) or len(cores))
+
+
 def idle_cores(seconds=0.1, stat="/proc/stat", cgroup="/sys/fs/cgroup"):
     """How many of the cores this process may run on are idle now (at least 1, at most what a
     container's quota grants): the time they spent idle over `seconds`, from /proc/stat (Linux),
     else the load average. Threads that wait for each other spin, and a second one beside a busy
     program makes every step 2-3x slower, so torch gets one thread per idle core (README, Threads)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    allowed = min(len(cores), cpu_quota(cgroup) or len(cores))
+    cores, allowed = usable_cores(cgroup)
 
     def idle_and_total():                   # per core: (idle + iowait ticks, all ticks)
         with open(stat) as f:
@@ -1748,6 +1753,10 @@ def main(argv=None):
     if getattr(args, "sampler", None) == "ddim" and args.steps is None:
         args.steps = 100
     if hasattr(args, "threads") and (args.threads or "OMP_NUM_THREADS" not in os.environ):
+        if args.threads and args.threads > usable_cores()[1]:
+            print(f"warning: --threads {args.threads} is more than the {usable_cores()[1]} core"
+                  f"{'s' * (usable_cores()[1] != 1)} this command may use: the threads take turns, every step "
+                  f"slower", file=sys.stderr)
         torch.set_num_threads(args.threads or idle_cores())
     try:
         args.run(args)
@@ -1797,6 +1806,10 @@ def run_as_program():
     warnings.simplefilter("ignore")      # pymatgen's and numpy's: every message here is the project's own
     try:
         code = main()
+    except SystemExit as e:              # argparse's: --help (0), a usage mistake (2)
+        if not isinstance(e.code, (int, type(None))):
+            raise
+        code = e.code or 0
     except Terminated as e:              # before a command began (main handles those that did)
         print(f"terminated ({e})", file=sys.stderr)
         return 128 + e.signum
@@ -1810,7 +1823,8 @@ def run_as_program():
     lost = getattr(sys.stdout, "lost", None)
     if code == 0 and lost:               # `python pccd.py bench > /dev/full`: what it printed is gone
         command = next((word for word in sys.argv[1:] if not word.startswith("-")), "")
-        print(f"pccd.py {command}: error: what it printed could not be written ({lost})", file=sys.stderr)
+        print(f"pccd.py{' ' * bool(command)}{command}: error: what it printed could not be written ({lost})",
+              file=sys.stderr)
         return 1
     return code
 

@@ -1,5 +1,6 @@
 """PCCD's specification, one claim per test. Run: python -m pytest -q test_pccd.py"""
 import argparse
+import csv
 import json
 import os
 import re
@@ -24,7 +25,6 @@ def mp20():
 
 def bundled_rows(n, path=TRAIN_CSV):
     """The first n rows (dicts) of a bundled, gzip-compressed CDVAE CSV."""
-    import csv
     import gzip
     import itertools
     csv.field_size_limit(2**31 - 1)
@@ -193,7 +193,6 @@ def test_dbscan_with_periodicity_joins_points_across_the_boundary():
 
 
 def test_a_bad_row_and_a_four_element_structure_are_skipped_and_reported(tmp_path, capsys, mp20):
-    import csv
     rows = bundled_rows(40)
     good = [r for r in rows[:40]]
     four = dict(good[0], material_id="four", cif=Structure(Lattice.cubic(4.0), ["Li", "Na", "K", "O"], [
@@ -224,7 +223,6 @@ def test_a_folder_of_cif_and_poscar_files_loads(tmp_path, mp20):
 
 def write_rows(path, rows):
     """rows (dicts) -> a CDVAE CSV at path, gzip-compressed when path ends in .gz."""
-    import csv
     import gzip
     with (gzip.open if str(path).endswith(".gz") else open)(path, "wt", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
@@ -339,7 +337,6 @@ def steady_threads(monkeypatch):
 def small_csv(tmp_path_factory):
     """The first 40 rows of the bundled training CSV, uncompressed."""
     path = tmp_path_factory.mktemp("data") / "small.csv"
-    import csv
     rows = bundled_rows(40)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
@@ -976,7 +973,6 @@ def test_the_pools_follow_the_papers_three_batches():
 
 
 def test_generate_writes_parseable_files_of_only_the_requested_elements(tiny_run, tmp_path):
-    import csv
     out = tmp_path / "gen"
     assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "O", "Mg", "--n", "5",
                       "--sampler", "ddim", "--steps", "8", "--out", str(out)]) == 0
@@ -1041,7 +1037,6 @@ def test_evaluate_screens_a_folder_of_another_generators_cifs(tmp_path, mp20, ca
     printed, err = capsys.readouterr()
     assert "novel" in printed and "screening 3 structures ..." in err.splitlines()
     assert re.search(r"^screened +3$", printed, re.M) and "generated" not in printed      # not made here
-    import csv
     rows = list(csv.DictReader(open(tmp_path / "screening.csv")))
     assert len(rows) == 3 and all(r["novel"] == "False" for r in rows)   # they are training structures
     big = tmp_path / "big"
@@ -1111,7 +1106,6 @@ def test_generate_trajectory_draws_the_denoising_of_one_sample(tiny_run, tmp_pat
 
 
 def test_generate_formula_writes_only_structures_of_that_composition(tiny_run, tmp_path, capsys):
-    import csv
     out = tmp_path / "csp"
     assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--formula", "Li2Co2O4", "--n", "3",
                       "--sampler", "ddim", "--steps", "4", "--out", str(out)]) == 0
@@ -1189,6 +1183,18 @@ def test_a_containers_cpu_quota_caps_the_threads_and_no_load_figure_is_no_error(
     assert IDLE_CORES(seconds=0, stat=str(tmp_path / "no_stat"), cgroup=str(tmp_path)) == cores
 
 
+def test_more_threads_than_cores_is_warned_of(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pccd, "usable_cores", lambda: (range(1), 1))       # a one-core machine
+    threads = torch.get_num_threads()
+    try:
+        code, err, _ = run_pccd(["generate", "--elements", "Mg", "O", "--threads", "2", "--checkpoint",
+                                 str(tmp_path / "none.pt")], capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 1 and err[0] == "warning: --threads 2 is more than the 1 core this command may use: the threads " \
+        "take turns, every step slower"
+
+
 def test_the_cosine_schedule_decays_the_learning_rate_from_lr_to_0():
     settings = dict(lr=2e-3, steps=1000, schedule="cosine")
     assert pccd.learning_rate(settings, 0) == pytest.approx(2e-3)
@@ -1258,7 +1264,6 @@ def test_sampling_says_when_your_own_run_replaces_the_shipped_model(tiny_run, tm
 
 
 def test_generate_pool_train_draws_the_training_element_sets(tiny_run, tmp_path):
-    import csv
     out = tmp_path / "gen"
     assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--pool", "train", "--n", "6",
                       "--sampler", "ddim", "--steps", "4", "--out", str(out)]) == 0
@@ -1274,7 +1279,6 @@ SHIPPED_MIN_STRUCTURAL = 7     # of 8: seeds 0-4 gave 8 each with 20 DDIM steps
 def test_the_shipped_checkpoint_is_small_and_generates_valid_crystals_of_a_training_element_set(tmp_path):
     """The model in checkpoints/ (train --preset long, then export) samples
     crystals of Li, Co and O (a bundled training set: LiCoO2) that pass structural validity."""
-    import csv
     assert os.path.getsize(pccd.SHIPPED_CHECKPOINT) <= 10e6
     _, ckpt = pccd.load_checkpoint(pccd.SHIPPED_CHECKPOINT)
     # trained as the preset says, replanned once (started for 30,000 steps, cut to 24,000 at 5,750:
@@ -1550,6 +1554,8 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--formula", "Na17\nCl"], 2, "argument --formula: Na17Cl has 18 atoms"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/minimal.pt"], 1,
      "{r}/minimal.pt is not a whole PCCD checkpoint (no 'settings', 'train_ids', 'train_compositions'"),
+    (["export", "{r}/minimal.pt", "--out", "{r}/small.pt"], 1, "'step'): name a training run's "
+     "checkpoint.pt, or a file export wrote from one"),                  # not: write one with export
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/T0.pt"], 1,
      "{r}/T0.pt is not a PCCD checkpoint (its T 0: not what PCCD writes)"),
     (["csp", "--checkpoint", "{r}/reversed.pt"], 1,
@@ -1710,7 +1716,6 @@ def test_good_values_of_every_checked_flag_parse():
 
 
 def test_good_files_beside_bad_ones_are_still_used(bad_inputs, tmp_path, capsys):
-    import csv
     crystals = data.load_structures(str(bad_inputs / "mixed"))
     assert len(crystals) == 1 and crystals[0].material_id == "good.cif"
     said = capsys.readouterr().err
@@ -1744,7 +1749,6 @@ def test_roundtrip_counts_a_crystal_it_cannot_encode_and_goes_on(bad_inputs, cap
 
 @pytest.mark.parametrize("kind", ["file", "csv"])
 def test_evaluate_screens_a_single_file_or_a_csv_and_writes_beside_it(kind, mp20, tmp_path, capsys):
-    import csv
     if kind == "file":
         path = tmp_path / "one.cif"
         mp20[0].structure.to(filename=str(path))
@@ -2237,7 +2241,6 @@ def test_a_csv_row_cut_short_before_its_cif_is_said_so(tmp_path):
 
 
 def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_reference_is_refused(tmp_path, mp20, capsys):
-    import csv
     big = next(c.structure.copy() for c in mp20 if len(c.structure.composition) == 3
                and c.structure.composition[c.structure[-1].specie] >= 2)
     big.replace(len(big) - 1, "Cs")                                  # a fourth element: not encodable
@@ -2294,7 +2297,6 @@ def test_the_element_order_given_changes_no_sample(tiny_run, tmp_path):
 
 
 def test_library_warnings_never_reach_the_user_and_a_rare_element_is_screened(tmp_path):
-    import csv
     import subprocess
     import sys
     from pymatgen.core import DummySpecies
@@ -2455,6 +2457,12 @@ def test_printed_results_that_cannot_be_written_make_the_exit_status_1(tmp_path,
                           f"--data good.cif --noise 0 >&-", shell=True, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == "pccd.py roundtrip: error: what it " \
         "printed could not be written (stdout is closed)"                   # `>&-`: said too
+    for argv, said in ((["--help"], "pccd.py: error"), (["csp", "--help"], "pccd.py csp: error")):   # help lost too
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, os.path.join(HERE, "pccd.py")] + argv, cwd=tmp_path, stdout=full,
+                                  stderr=subprocess.PIPE, text=True)
+        assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == f"{said}: what it printed could " \
+            "not be written (No space left on device)"
 
 
 def test_odd_environment_settings_do_not_reach_the_user_as_foreign_messages(tmp_path, mp20):
@@ -2508,7 +2516,6 @@ def test_a_reference_folder_says_what_it_skipped(bad_inputs, capsys):
 
 
 def test_generate_says_when_a_crystal_lacks_an_element_it_asked_for(tiny_run, tmp_path, capsys, monkeypatch):
-    import csv
     only_oxygen = Structure(Lattice.cubic(3.0), ["O"], [[0, 0, 0]])
     monkeypatch.setattr(data, "decode_all", lambda clouds, element_sets, *rest: (
         [only_oxygen.copy() for _ in element_sets], [""] * len(element_sets)))
@@ -2688,7 +2695,7 @@ def test_sampling_warns_of_what_the_model_never_learned(small_csv, tmp_path, cap
             "embeddings are untrained" in err
 
 
-def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_is_not_judged(mp20):
+def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_is_not_judged(mp20, tmp_path):
     fluorite = Structure.from_spacegroup("Fm-3m", Lattice.cubic(6.6), ["Tl", "Cl"],
                                          [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure()
     doubled = fluorite.copy()
@@ -2700,6 +2707,8 @@ def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_i
     assert "Ar" not in evaluate.atomic_volumes(reference)
     rows, summary = evaluate.screen([argon], reference)
     assert np.isnan(rows[0]["volume_ratio"]) and rows[0]["physical"]      # not judged by a guessed volume
+    data.write_csv(tmp_path / "summary.csv", rows, evaluate.SCREENING_FIELDS)   # as generate writes it
+    assert next(csv.DictReader(open(tmp_path / "summary.csv")))["volume_ratio"] == ""    # empty, not 'nan'
     assert summary["volume_not_judged"] == 1 and re.search(r"^\(V not judged: element volume unknown\) +1 +100.00%$",
                                                            evaluate.format_screening(summary), re.M)
     assert re.search(r"^median V / V_pred +-$", evaluate.format_screening(summary), re.M)   # none judged: no number
