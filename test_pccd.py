@@ -862,7 +862,8 @@ def test_a_committed_sample_decodes_to_exactly_the_composition_it_committed_to(m
     """A model whose x0 is crystal A down to step PHYSICS_FROM and then another composition:
     generation commits to A's atom counts at that step, and its sample decodes to A (by the
     clustering decoder too, which reads the composition from the points). A second sample whose x0
-    no decoder can read at that step is not committed and goes on exactly as without physics."""
+    no decoder can read at that step is not committed and goes on exactly as without physics (with
+    DDIM; DDPM's later noise comes from the same generator as the held channel's, so it differs)."""
     a, b = mp20[0].structure, next(c.structure for c in mp20 if len(c.structure) != len(mp20[0].structure))
     ddpm = diffusion.Diffusion()
     clouds = [diffusion.to_model(torch.from_numpy(data.encode(s)[0])) for s in (a, b)]
