@@ -1189,4 +1189,5 @@ def write_csv(path, rows, fields=CSV_FIELDS):
     with written(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:   # as it is read
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: "" if isinstance(v, float) and v != v else v for k, v in row.items()} for row in rows)
+        writer.writerows({k: "" if isinstance(v, (float, np.floating)) and v != v else v for k, v in row.items()}
+                         for row in rows)

@@ -391,8 +391,10 @@ class Physics:
         shortest = SEPARATION * 2 * layout["radius"].amax(1).clamp(min=1e-3)
         clouds[:, 2, half:] = torch.maximum(clouds[:, 2, half:], ((shortest.log() - self.log_lo) / scale)[:, None, None])
         wanted = MIN_VOLUME_SHARE * layout["volume"].sum(1)
-        det = torch.linalg.det(self.metric(clouds))                       # <= 0: angles no cell has; left alone
-        grow = torch.where(det > 0, torch.log((wanted / det.clamp(min=1e-12).sqrt()).clamp(min=1.0)) / 3, 0.0)
+        G = self.metric(clouds)
+        det = torch.linalg.det(G)              # V^2; over a^2 b^2 c^2 it is 1 for right angles, <= 0 where no cell is
+        grow = torch.where(det / G.diagonal(dim1=1, dim2=2).prod(1) > 1e-3,           # flatter: left alone
+                           torch.log((wanted / det.clamp(min=1e-12).sqrt()).clamp(min=1.0)) / 3, 0.0)
         clouds[:, 2, half:] = (clouds[:, 2, half:] + grow[:, None, None] / scale).clamp(0, 1)
         return torch.where(layout["committed"][:, None, None, None], to_model(clouds), x0)
 

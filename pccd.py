@@ -1753,10 +1753,10 @@ def main(argv=None):
     if getattr(args, "sampler", None) == "ddim" and args.steps is None:
         args.steps = 100
     if hasattr(args, "threads") and (args.threads or "OMP_NUM_THREADS" not in os.environ):
-        if args.threads and args.threads > usable_cores()[1]:
-            print(f"warning: --threads {args.threads} is more than the {usable_cores()[1]} core"
-                  f"{'s' * (usable_cores()[1] != 1)} this command may use: the threads take turns, every step "
-                  f"slower", file=sys.stderr)
+        allowed = usable_cores()[1]
+        if args.threads and args.threads > allowed:
+            print(f"warning: --threads {args.threads} is more than the {allowed} core{'s' * (allowed != 1)} this "
+                  f"command may use: the threads take turns, every step slower", file=sys.stderr)
         torch.set_num_threads(args.threads or idle_cores())
     try:
         args.run(args)
