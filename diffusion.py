@@ -387,7 +387,7 @@ class Physics:
         clouds[:, 2, :half] = clouds[:, 2, :half].mean(1, keepdim=True)
         clouds[:, 2, half:] = clouds[:, 2, half:].mean(1, keepdim=True)
         scale = self.log_hi - self.log_lo                                  # a length's row is (log L - log lo) / scale
-        # an axis shorter than s (r_i + r_i) of its largest atom would crowd that atom with its own image
+        # an axis shorter than s (2 r) of the largest atom would crowd that atom with its own image
         shortest = SEPARATION * 2 * layout["radius"].amax(1).clamp(min=1e-3)
         clouds[:, 2, half:] = torch.maximum(clouds[:, 2, half:], ((shortest.log() - self.log_lo) / scale)[:, None, None])
         wanted = MIN_VOLUME_SHARE * layout["volume"].sum(1)

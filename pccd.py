@@ -894,8 +894,9 @@ def sample_in_batches(model, ddpm, conditions, args, device, x_T=None, t_start=N
     atom counts each sample was committed to: None where it was not, or physics is off)."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     n, out, committed = len(conditions), [], []
-    if physics and args.sampler == "ddim" and \
-            min(diffusion.ddim_timesteps(ddpm.T - 1 if t_start is None else t_start, args.steps)) > diffusion.PHYSICS_FROM:
+    visited = diffusion.ddim_timesteps(ddpm.T - 1 if t_start is None else t_start, args.steps) \
+        if args.sampler == "ddim" else [0]
+    if physics and min(visited) > diffusion.PHYSICS_FROM:
         print(f"warning: physics-aware sampling acts at steps <= {diffusion.PHYSICS_FROM} and --steps "
               f"{args.steps} visits none: these are the network's own samples (--steps 2 or more)", file=sys.stderr)
     progress = Progress(n, "structures")
