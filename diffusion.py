@@ -77,6 +77,15 @@ def ddim_timesteps(t_start, steps):
     return sorted(set(visited), reverse=True)
 
 
+def union_of_masks(*knowns, device):
+    """The entries known to any of these (mask, x0) pairs (None ones skipped): one bool mask."""
+    masks = [known[0].to(device) for known in knowns if known]
+    union = masks[0]
+    for mask in masks[1:]:
+        union = union | mask
+    return union
+
+
 class Diffusion:
     """The forward process q and the reverse process p_theta over T steps. Index t = 0 .. T-1
     here stands for the paper's t = 1 .. T."""
@@ -211,7 +220,8 @@ class Diffusion:
         known: None, or (mask, x0) in model units, mask a bool tensor that broadcasts against the
           cloud: the entries under the mask are known to be x0, and are held to x0 noised to each
           step (inpainting, see `hold`); the rest is sampled to agree with them. known_clean: hold
-          them to x0 itself at every step (for a network trained with the composition given clean).
+          them to x0 itself at every step, refinement passes too (for a network trained with the
+          composition given clean).
         physics: None, or a `Physics`: x0 made physical at steps t <= PHYSICS_FROM (and the
           composition it commits to held from then on, as `known` is).
         refine: how many times to run the last steps of the schedule (those <= REFINE_FROM) again
@@ -235,6 +245,7 @@ class Diffusion:
         tail = [t for t in timesteps if t <= REFINE_FROM]
         passes = [timesteps] + [tail] * (refine if tail else 0)
         total, done = sum(map(len, passes)), 0
+        clean = None                                      # refinement passes: what the first held clean
         model.eval()
         for k, steps_k in enumerate(passes):
             if k == 0:
@@ -242,9 +253,11 @@ class Diffusion:
             else:           # a refinement pass: back to step tail[0]; elements and lattice held
                 mask = torch.zeros(1, 3, 1, 1, dtype=torch.bool, device=device)
                 mask[:, 1:] = True
-                known = (mask if known is None else mask | known[0].to(device), x)
+                if known_clean and (known or physics and physics.held):
+                    clean = (union_of_masks(known, physics and physics.held, device=device), x)
+                known = (union_of_masks((mask, x), known, device=device), x)
                 noise = torch.randn(x.shape, generator=generator, device=device)
-                x = self.q_sample(x, torch.full((B,), steps_k[0], device=device), noise)
+                x = self.hold(self.q_sample(x, torch.full((B,), steps_k[0], device=device), noise), clean, -1)
             for i, t in enumerate(steps_k):
                 w = guidance if t >= condition_above else 0.0     # >=: step condition_above is guided
                 t_prev = steps_k[i + 1] if i + 1 < len(steps_k) else -1
@@ -252,7 +265,7 @@ class Diffusion:
                     x = self.p_sample(model, x, t, condition, w, generator, physics)
                 else:
                     x = self.ddim_step(model, x, t, t_prev, condition, w, physics)
-                x = self.hold(x, known, -1 if known_clean and k == 0 else t_prev, generator)
+                x = self.hold(self.hold(x, known, -1 if known_clean and k == 0 else t_prev, generator), clean, -1)
                 if physics and k == 0:
                     x = self.hold(x, physics.held, -1 if known_clean else t_prev, generator)
                 if trajectory is not None and k == 0:     # the first cloud only: Fig. S2
@@ -296,6 +309,7 @@ class Diffusion:
 
         def milliseconds(fn):
             fn()                                                         # warm-up
+            torch.cuda.synchronize() if device.type == "cuda" else None  # ... finished before the clock starts
             start = time.perf_counter()
             for _ in range(repeats):
                 fn()

@@ -53,7 +53,7 @@ def test_encode_follows_the_papers_layout(mp20):
     assert np.all(cloud[2, 64:] == cloud[2, 64])
 
 
-def test_round_trip_matches_every_bundled_structure(mp20):
+def test_round_trip_matches_the_first_150_bundled_training_structures(mp20):
     result = evaluate.roundtrip(mp20[:150])
     assert result["match_rate"] == 1.0, result["failures"]
 
@@ -778,6 +778,20 @@ def test_a_composition_given_in_training_is_shown_clean_left_out_of_the_loss_and
     ddpm.sample(Spy(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=5,
                 known=diffusion.known_channels(clouds, [1]), known_clean=True)
     assert len(seen) == 5 and all(torch.equal(x[:, 1], x0[:, 1]) for x in seen)
+    seen.clear()                                      # refinement passes (steps 40, 20) hold it clean too
+    ddpm.sample(Spy(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=5, t_start=100, refine=1,
+                known=diffusion.known_channels(clouds, [1]), known_clean=True)
+    assert len(seen) == 7 and all(torch.equal(x[:, 1], x0[:, 1]) for x in seen)
+    seen.clear()                                      # a composition committed to at step 100: the same
+    elements = data.encode(mp20[0].structure)[1]
+    counts = [sum(site.specie.symbol == e for site in mp20[0].structure) for e in elements]
+    physics = diffusion.Physics(data.DEFAULT_LENGTH_RANGE, read_layout=lambda clouds: data.atom_layouts(
+        [elements] * len(clouds), [counts] * len(clouds), lambda e: 10.0))
+    ddpm.sample(Spy(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=5, t_start=100, refine=1,
+                known_clean=True, physics=physics)
+    layout = diffusion.to_model(torch.from_numpy(data.element_layout(elements, counts)))
+    assert torch.allclose(physics.held[1][:, 1], layout.float().expand(2, 128, 3))
+    assert len(seen) == 7 and all(torch.equal(x[:, 1], physics.held[1][:, 1]) for x in seen[1:])
 
 
 def physics_of(structures, volume_of=lambda e: 0.0, length_range=data.DEFAULT_LENGTH_RANGE):
@@ -832,7 +846,7 @@ def test_keeping_atoms_apart_moves_two_close_atoms_to_s_times_their_radii_and_le
     cl = na + np.linalg.solve(lattice.matrix.T, [0.5 * reach, 0, 0])       # 0.5 (r_i + r_j) along x
     physics, x0, elements, counts = physics_of([Structure(lattice, ["Na", "Cl"], [na, cl])])
     apart = data.decode_blocks(diffusion.from_model(physics.keep_apart(x0))[0].numpy(), elements[0], counts[0])
-    assert apart.distance_matrix[0, 1] >= diffusion.SEPARATION * reach - 1e-4
+    assert diffusion.SEPARATION * reach - 1e-4 <= apart.distance_matrix[0, 1] <= diffusion.SEPARATION * reach + 0.05
     # atoms already far enough apart do not move: real crystals none of whose pairs is that close
     real = [c.structure for c in mp20[:60] if evaluate.crowding(c.structure) > diffusion.SEPARATION + 0.01][:20]
     physics, x0, _, _ = physics_of(real)
