@@ -685,7 +685,7 @@ def _cif_misread(block):
     for angle in ("alpha", "beta", "gamma"):
         value = _number(data.get(f"_cell_angle_{angle}"))
         if value is not None and not 0 < value < 180:
-            return "with a cell angle outside 0-180 degrees", data
+            return "with a cell angle not between 0 and 180 degrees (exclusive)", data
     for key in SYMMETRY_OPERATORS:
         values = data.get(key, [])
         if any(value.count(",") != 2 for value in ([values] if isinstance(values, str) else values)):
@@ -811,13 +811,25 @@ def _shown(name):
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def _same_crystal(poscar, cif):
+    """Whether two files hold the same crystal (as generate writes them): the same composition and
+    cell to 0.1%. A file that cannot be read is not the same: it is read, and its reason said."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a, b = Structure.from_file(poscar), Structure.from_file(cif)
+    except Exception:
+        return False
+    return a.composition == b.composition and np.allclose(a.lattice.parameters, b.lattice.parameters, rtol=1e-3)
+
+
 def _read_rows(path):
     """Yield (name, fmt, text, properties, why it is skipped or '') for each structure in a CSV, a
     folder (its structure files, and a reason for each other file not plainly of another kind; not
     its subfolders) or a file."""
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
-        cif_stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".cif")}
+        cif_of = {os.path.splitext(n)[0]: n for n in names if n.lower().endswith(".cif")}
         for name in names:
             full = os.path.join(path, name)
             if not _is_structure_file(name):  # said, unless plainly another kind: an output, a CSV, a folder
@@ -828,7 +840,8 @@ def _read_rows(path):
                 yield _shown(name), None, None, {}, NOT_A_CRYSTAL[0]
             elif name.startswith("."):        # macOS's ._x.cif beside x.cif, an editor's backup
                 yield _shown(name), None, None, {}, NOT_A_CRYSTAL[2]
-            elif os.path.splitext(name)[1].lower() != ".cif" and os.path.splitext(name)[0] in cif_stems:
+            elif os.path.splitext(name)[1].lower() != ".cif" and os.path.splitext(name)[0] in cif_of and \
+                    _same_crystal(full, os.path.join(path, cif_of[os.path.splitext(name)[0]])):
                 yield _shown(name), None, None, {}, NOT_A_CRYSTAL[1]        # generate writes both
             else:
                 yield from _read_rows(full)

@@ -2117,6 +2117,8 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     (folder / "two_blocks.cif").write_text(a.to(fmt="cif") + "\n" + b.to(fmt="cif").replace("data_", "data_second_"))
     a.to(filename=str(folder / "x.cif"))
     a.to(filename=str(folder / "x.vasp"), fmt="poscar")           # what generate writes beside x.cif
+    a.to(filename=str(folder / "y.cif"))
+    b.to(filename=str(folder / "y.vasp"), fmt="poscar")           # another crystal beside y.cif: read
     (folder / "POSCAR_no_species").write_text("no names\n1.0\n4 0 0\n0 4 0\n0 0 4\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
     cif = Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(fmt="cif")
     (folder / "negative.cif").write_text(cif.replace("0.00000000  0.00000000  0.00000000  1", "0.00000000  0.00000000  0.00000000  -1"))
@@ -2173,15 +2175,15 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
     assert [c.material_id for c in kept] == ["MgO_POSCAR", "POSCAR_comment", "half.cif#1", "journal.cif", "old_mac.cif",
                                              "poscar_lower", "publication.cif", "rock_salt.cif", "two_blocks.cif#1", "two_blocks.cif#2", "water.cif",
-                                             "x.cif", "\ufffd.cif"]
+                                             "x.cif", "y.cif", "y.vasp", "\ufffd.cif"]
     assert [c.structure.composition for c in kept] == [Composition(f) for f in ("NaCl", "NaCl", "Na4Cl4", "NaCl", "NaCl",
                                                        "NaCl", "Na4Cl4", "Na4Cl4")] + [a.composition, b.composition,
-                                                       Composition("O4H4"), a.composition, a.composition]
+                                                       Composition("O4H4"), a.composition, a.composition, b.composition, a.composition]
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
                        "without element names (a POSCAR with no species line)": 1,
                        "whose space group pymatgen cannot read (it would read the crystal as P1)": 1,
                        "with a data name written twice (which value is meant?)": 1,
-                       "with a cell angle outside 0-180 degrees": 1,
+                       "with a cell angle not between 0 and 180 degrees (exclusive)": 1,
                        "with hydrogens not written as atoms (_atom_site_attached_hydrogens)": 1,
                        "with a site whose element pymatgen guesses from its label (NO3 as N?)": 1,
                        "whose species line and counts disagree (elements without atoms?)": 1,
