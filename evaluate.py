@@ -539,7 +539,7 @@ def screen(structures, reference, tick=lambda share: None):
         ratio = round(s.volume / predicted_volume(s.composition, volumes), 4) if fitted else float("nan")
         closeness = round(crowding(s), 4)                      # the flags follow the numbers written
         crowded = closeness < CROWDED_BELOW
-        plausible = not fitted or VOLUME_BAND[0] <= ratio <= VOLUME_BAND[1]
+        plausible = not fitted or VOLUME_BAND[0] <= ratio <= VOLUME_BAND[1]    # unjudged: counted, and said
         row.update(decoded=True, structural=structural, compositional=compositional if judged is not None else "",
                    valid=structural and compositional, unique=next(unique), novel=next(novel),
                    crowding=closeness, crowded=crowded, volume_ratio=ratio,
@@ -605,7 +605,7 @@ def format_screening(summary):
                        ("p1_before_symmetrising", "  before symmetrising"),
                        ("no_spacegroup", "(no space group: atoms on one spot?)"),
                        ("volume_not_judged", "(V not judged: element volume unknown)"),
-                       ("physical", f"physical (valid, uncrowded, V ok)"),
+                       ("physical", "physical (valid, uncrowded, V ok or unjudged)"),
                        ("physical_unique_novel", "physical, unique and novel")):
         if key in summary:     # crystals_with_merges: generate only (decoded by this project)
             lines.append(f"{label:<38}{summary[key]:>6}  {100 * summary[key] / n:6.2f}%")

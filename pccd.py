@@ -1358,8 +1358,8 @@ def cmd_bench(args):
                         + (f" (it asked for {asked.group(1)})" if asked else ""))
     print(f"parameters                       {unet.count_parameters(model) / 1e6:8.2f} M   (original PCCD U-Net: 163.7 M)\n"
           f"training step                    {train_ms:8.1f} ms\n"
-          f"guided sampling step (2 passes)  {guided_ms:8.1f} ms   (original: ~2500 ms on a 2-core CPU)\n"
-          f"1000 DDPM steps, per structure   {guided_ms / B:8.2f} s    (at most; original: ~78 s; in a batch of {B})\n"
+          f"guided sampling step (2 passes)  {guided_ms:8.1f} ms   (original, batch 32: ~2500 ms on a 2-core CPU)\n"
+          f"1000 DDPM steps, per structure   {guided_ms / B:8.2f} s    (at most, in a batch of {B}; original, batch 32: ~78 s)\n"
           f"100 DDIM steps, per structure    {guided_ms / B / 10:8.3f} s   (at most: steps below condition_above run one pass)")
 
 

@@ -2730,6 +2730,8 @@ def test_a_crystal_and_its_supercell_are_screened_alike_and_an_unfitted_volume_i
     assert summary["volume_not_judged"] == 1 and re.search(r"^\(V not judged: element volume unknown\) +1 +100.00%$",
                                                            evaluate.format_screening(summary), re.M)
     assert re.search(r"^median V / V_pred +-$", evaluate.format_screening(summary), re.M)   # none judged: no number
+    assert re.search(r"^physical \(valid, uncrowded, V ok or unjudged\) +1 +100.00%$", evaluate.format_screening(summary),
+                     re.M)                                                # counted as physical, and the label says so
     collapsed = Structure(Lattice.cubic(3.0), ["Fe", "Fe"], [[0, 0, 0], [0.0005, 0, 0]])   # spglib finds no group
     rows, summary = evaluate.screen([collapsed], reference)
     assert rows[0]["spacegroup"] == "?" and summary["p1"] == 0 and summary["no_spacegroup"] == 1 and \
