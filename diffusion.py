@@ -77,13 +77,16 @@ def ddim_timesteps(t_start, steps):
     return sorted(set(visited), reverse=True)
 
 
-def union_of_masks(*knowns, device):
-    """The entries known to any of these (mask, x0) pairs (None ones skipped): one bool mask."""
-    masks = [known[0].to(device) for known in knowns if known]
+def union_of_knowns(x0, *knowns):
+    """One (mask, x0) pair of `sample`'s `known` that holds every entry any of `knowns` holds (None
+    ones skipped) to its value in x0; None if there are none."""
+    masks = [known[0].to(x0.device) for known in knowns if known is not None]
+    if not masks:
+        return None
     union = masks[0]
     for mask in masks[1:]:
         union = union | mask
-    return union
+    return union, x0
 
 
 class Diffusion:
@@ -251,13 +254,14 @@ class Diffusion:
             if k == 0:
                 x = self.hold(x, known, -1 if known_clean else steps_k[0], generator)
             else:           # a refinement pass: back to step tail[0]; elements and lattice held
-                mask = torch.zeros(1, 3, 1, 1, dtype=torch.bool, device=device)
-                mask[:, 1:] = True
-                if known_clean and (known or physics and physics.held):
-                    clean = (union_of_masks(known, physics and physics.held, device=device), x)
-                known = (union_of_masks((mask, x), known, device=device), x)
+                elements_and_lattice = torch.zeros(1, 3, 1, 1, dtype=torch.bool, device=device)
+                elements_and_lattice[:, 1:] = True
+                if known_clean:   # what the first pass held clean (a given or committed composition) stays so
+                    clean = union_of_knowns(x, known, physics.held if physics else None)
+                known = union_of_knowns(x, (elements_and_lattice, x), known)
                 noise = torch.randn(x.shape, generator=generator, device=device)
-                x = self.hold(self.q_sample(x, torch.full((B,), steps_k[0], device=device), noise), clean, -1)
+                x = self.q_sample(x, torch.full((B,), steps_k[0], device=device), noise)
+                x = self.hold(x, clean, -1)
             for i, t in enumerate(steps_k):
                 w = guidance if t >= condition_above else 0.0     # >=: step condition_above is guided
                 t_prev = steps_k[i + 1] if i + 1 < len(steps_k) else -1
@@ -265,7 +269,8 @@ class Diffusion:
                     x = self.p_sample(model, x, t, condition, w, generator, physics)
                 else:
                     x = self.ddim_step(model, x, t, t_prev, condition, w, physics)
-                x = self.hold(self.hold(x, known, -1 if known_clean and k == 0 else t_prev, generator), clean, -1)
+                x = self.hold(x, known, -1 if known_clean and k == 0 else t_prev, generator)
+                x = self.hold(x, clean, -1)
                 if physics and k == 0:
                     x = self.hold(x, physics.held, -1 if known_clean else t_prev, generator)
                 if trajectory is not None and k == 0:     # the first cloud only: Fig. S2
