@@ -831,7 +831,7 @@ def _read_rows(path):
         names = sorted(os.listdir(path))
         cif_of = {os.path.splitext(n)[0]: n for n in names if n.lower().endswith(".cif")}
         for name in names:
-            full = os.path.join(path, name)
+            full, (stem, suffix) = os.path.join(path, name), os.path.splitext(name)
             if not _is_structure_file(name):  # said, unless plainly another kind: an output, a CSV, a folder
                 if not (name.startswith(".") or name.lower().endswith(NOT_STRUCTURE_SUFFIXES) or is_csv(name)
                         or os.path.isdir(full)):
@@ -840,8 +840,7 @@ def _read_rows(path):
                 yield _shown(name), None, None, {}, NOT_A_CRYSTAL[0]
             elif name.startswith("."):        # macOS's ._x.cif beside x.cif, an editor's backup
                 yield _shown(name), None, None, {}, NOT_A_CRYSTAL[2]
-            elif os.path.splitext(name)[1].lower() != ".cif" and os.path.splitext(name)[0] in cif_of and \
-                    _same_crystal(full, os.path.join(path, cif_of[os.path.splitext(name)[0]])):
+            elif suffix.lower() != ".cif" and stem in cif_of and _same_crystal(full, os.path.join(path, cif_of[stem])):
                 yield _shown(name), None, None, {}, NOT_A_CRYSTAL[1]        # generate writes both
             else:
                 yield from _read_rows(full)

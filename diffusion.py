@@ -256,7 +256,8 @@ class Diffusion:
             else:           # a refinement pass: back to step tail[0]; elements and lattice held
                 elements_and_lattice = torch.zeros(1, 3, 1, 1, dtype=torch.bool, device=device)
                 elements_and_lattice[:, 1:] = True
-                if known_clean:   # what the first pass held clean (a given or committed composition) stays so
+                # what the first pass held clean (a given or committed composition) stays clean in every refinement
+                if known_clean and k == 1:
                     clean = union_of_knowns(x, known, physics.held if physics else None)
                 known = union_of_knowns(x, (elements_and_lattice, x), known)
                 noise = torch.randn(x.shape, generator=generator, device=device)

@@ -787,11 +787,13 @@ def test_a_composition_given_in_training_is_shown_clean_left_out_of_the_loss_and
     counts = [sum(site.specie.symbol == e for site in mp20[0].structure) for e in elements]
     physics = diffusion.Physics(data.DEFAULT_LENGTH_RANGE, read_layout=lambda clouds: data.atom_layouts(
         [elements] * len(clouds), [counts] * len(clouds), lambda e: 10.0))
-    ddpm.sample(Spy(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=5, t_start=100, refine=1,
-                known_clean=True, physics=physics)
+    out = ddpm.sample(Spy(), cond, guidance=1.0, condition_above=0, sampler="ddim", steps=5, t_start=100, refine=2,
+                      known_clean=True, physics=physics)
     layout = diffusion.to_model(torch.from_numpy(data.element_layout(elements, counts)))
     assert torch.allclose(physics.held[1][:, 1], layout.float().expand(2, 128, 3))
-    assert len(seen) == 7 and all(torch.equal(x[:, 1], physics.held[1][:, 1]) for x in seen[1:])
+    assert len(seen) == 9 and all(torch.equal(x[:, 1], physics.held[1][:, 1]) for x in seen[1:])
+    lattice = diffusion.to_model(out)[:, 2]           # the lattice is held noised in every refinement pass
+    assert not torch.allclose(seen[5][:, 2], lattice) and not torch.allclose(seen[7][:, 2], lattice)
 
 
 def physics_of(structures, volume_of=lambda e: 0.0, length_range=data.DEFAULT_LENGTH_RANGE):
