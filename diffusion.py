@@ -186,7 +186,7 @@ class Diffusion:
         to the data range (and made physical, `Physics`); without either the two forms are identical."""
         eps = self.predict_noise(model, x, t, condition, guidance)
         x0 = self.predict_x0(x, t, eps)
-        x0 = physics(x0, t) if physics else x0          # Physics: project, keep_apart (t <= PHYSICS_FROM)
+        x0 = physics(x0, t) if physics else x0          # Physics (t <= PHYSICS_FROM): commit, project, keep_apart
         abar, abar_prev = self.alphas_cumprod[t].item(), self.alphas_cumprod_prev[t].item()
         beta, alpha = self.betas[t].item(), self.alphas[t].item()
         mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 \
@@ -203,7 +203,7 @@ class Diffusion:
         physics, projected) x0; abar_prev = 1 after the last step (t_prev = -1)."""
         eps = self.predict_noise(model, x, t, condition, guidance)
         x0 = self.predict_x0(x, t, eps)
-        x0 = physics(x0, t) if physics else x0          # Physics: project, keep_apart (t <= PHYSICS_FROM)
+        x0 = physics(x0, t) if physics else x0          # Physics (t <= PHYSICS_FROM): commit, project, keep_apart
         abar = self.alphas_cumprod[t].item()
         eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)        # consistent with the x0 used
         abar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
@@ -356,8 +356,8 @@ class Physics:
     and the network sees the result at the next step, so the rest of the denoising adapts.
 
     Which points make an atom is the layout (data.atom_layouts). Structure prediction knows it
-    from the start (`layout`). Generation commits at the first step t <= PHYSICS_FROM: x0 is
-    decoded by the clustering decoder (`read_layout`, clouds in [0, 1] -> layout), and from
+    from the start (`layout`). Generation commits (`commit`) at the first step t <= PHYSICS_FROM:
+    x0 is decoded by the clustering decoder (`read_layout`, clouds in [0, 1] -> layout), and from
     then on channel 1 is held to that composition (inpainting, `held`) and the crystal decodes by
     blocks. A sample whose x0 cannot be read there is not committed: it goes on unconstrained
     and is decoded by clustering at the end (`layout["committed"]` says which). Symmetrising
@@ -373,12 +373,19 @@ class Physics:
         """The physical x0 for step t (model units); x0 itself above PHYSICS_FROM."""
         if t > PHYSICS_FROM:
             return x0
-        if self.layout is None:                                       # generation: commit now
-            self.layout = self.read_layout(from_model(x0).cpu().numpy())
-            mask = torch.zeros(len(x0), 3, 1, 1, dtype=torch.bool, device=x0.device)
-            mask[:, 1] = self.tensors(x0)["committed"][:, None, None]
-            self.held = (mask, to_model(self.clouds_of(x0)))
+        if self.layout is None:                                       # generation: at the first such step
+            self.commit(x0)
         return self.keep_apart(self.project(x0))
+
+    def commit(self, x0):
+        """Generation's commitment to an atom layout: x0 (model units) is decoded by the clustering
+        decoder (`read_layout`); each sample it can read has its composition held from now on
+        (`held`: channel 1, a (mask, x0) pair of `Diffusion.sample`'s `known`), the others go on
+        unconstrained (`layout["committed"]` False: `project` and `keep_apart` leave them alone)."""
+        self.layout = self.read_layout(from_model(x0).cpu().numpy())
+        mask = torch.zeros(len(x0), 3, 1, 1, dtype=torch.bool, device=x0.device)
+        mask[:, 1] = self.tensors(x0)["committed"][:, None, None]
+        self.held = (mask, to_model(self.clouds_of(x0)))
 
     def tensors(self, x0):
         """The layout's arrays (data.atom_layouts) as tensors on x0's device, made at first use (one

@@ -918,7 +918,7 @@ def test_generate_without_physics_gives_the_networks_own_samples_bit_for_bit(tin
                                      ("on_unsymmetrised", ["--symmetrise", "0"], 0.0)):
         out = tmp_path / name
         assert pccd.main(["generate", "--checkpoint", str(tiny_run), "--elements", "Mg", "O", "--n", "3",
-                          "--sampler", "ddim", "--steps", "6", "--refine", "0", "--out", str(out)] + flags) == 0
+                          "--sampler", "ddim", "--steps", "20", "--refine", "2", "--out", str(out)] + flags) == 0
         clouds[name] = np.load(out / "clouds.npz")["clouds"]
         summary = json.load(open(out / "summary.json"))
         assert summary["symmetrised"] == symmetrised                        # with the physics, or as asked
@@ -930,7 +930,7 @@ def test_generate_without_physics_gives_the_networks_own_samples_bit_for_bit(tin
     ddpm = pccd.sampling_of(ckpt, argparse.Namespace(guidance=None, condition_above=None))
     own = ddpm.sample(model, pccd.condition_tensors([(["Mg", "O"], "unknown", "unknown")] * 3, "cpu"),
                       guidance=ckpt["sampling"]["guidance"], condition_above=ckpt["sampling"]["condition_above"],
-                      sampler="ddim", steps=6, generator=torch.Generator().manual_seed(0))
+                      sampler="ddim", steps=20, refine=2, generator=torch.Generator().manual_seed(0))
     assert np.array_equal(clouds["off"], own.numpy()) and not np.array_equal(clouds["on"], clouds["off"])
 
 
@@ -1718,6 +1718,9 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(argv, code, message, 
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith(f"pccd.py {argv[0]}: error: ") and fill(message) in err[0], err
     assert snapshot(bad_inputs) == before and snapshot(tiny_run) == run_before   # nothing made or changed
+    # what it advises is there: every flag the line names is one of this command's own
+    options = {o for a in pccd.build_parser().commands[argv[0]]._actions for o in a.option_strings}
+    assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", err[0].replace(fill("{r}"), ""))) <= options, err
 
 
 def test_good_values_of_every_checked_flag_parse():
@@ -2265,10 +2268,14 @@ def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_referenc
                and c.structure.composition[c.structure[-1].specie] >= 2)
     big.replace(len(big) - 1, "Cs")                                  # a fourth element: not encodable
     assert len(big.composition) == 4
+    many = next(c.structure for c in mp20 if len(c.structure) >= 9) * (2, 1, 1)   # > 16 sites: not encodable
+    assert len(many) > 16
     reference, candidates = tmp_path / "reference", tmp_path / "candidates"
     reference.mkdir(), candidates.mkdir()
     big.to(filename=str(reference / "big.cif"))
     big.to(filename=str(candidates / "copy.cif"))
+    many.to(filename=str(reference / "many.cif"))
+    many.to(filename=str(candidates / "many_copy.cif"))
     plain = next(c.structure for c in mp20 if {e.symbol for e in c.structure.composition} == {"Mg", "O"})
     decorated = plain.copy()
     decorated.add_oxidation_state_by_element({"Mg": 2, "O": -2})
@@ -2276,10 +2283,11 @@ def test_novelty_is_judged_against_every_reference_crystal_and_an_empty_referenc
     plain.to(filename=str(reference / "plain.cif"))
     decorated.to(filename=str(candidates / "decorated.cif"))
     code, err, _ = run_pccd(["evaluate", str(candidates), "--reference", str(reference)], capsys)
-    assert code == 0 and any(f"--reference {reference} holds 2 crystals: per-element volumes fitted to fewer" in e
+    assert code == 0 and any(f"--reference {reference} holds 3 crystals: per-element volumes fitted to fewer" in e
                              for e in err)
     rows = list(csv.DictReader(open(candidates / "screening.csv")))
-    assert {r["name"]: r["novel"] for r in rows} == {"copy.cif": "False", "decorated.cif": "False"}
+    assert {r["name"]: r["novel"] for r in rows} == {"copy.cif": "False", "decorated.cif": "False",
+                                                     "many_copy.cif": "False"}
     (tmp_path / "header_only.csv").write_text("material_id,cif\n")
     code, err, _ = run_pccd(["evaluate", str(candidates), "--reference", str(tmp_path / "header_only.csv"),
                              "--csv", str(tmp_path / "s.csv")], capsys)
@@ -2370,12 +2378,12 @@ def test_ctrl_c_while_the_finished_run_draws_its_loss_curve_says_the_run_is_whol
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
-def test_a_charge_balance_too_large_to_guess_is_not_judged_rather_than_hanging():
-    import time
-    start = time.perf_counter()
-    assert evaluate.compositionally_valid("Mn7V5Cr3Fe2O30S10") is None       # ~7e8 assignments
-    assert time.perf_counter() - start < 5
+def test_a_charge_balance_too_large_to_guess_is_not_judged_rather_than_hanging(monkeypatch):
     assert evaluate.compositionally_valid("Mn3V5Cr7O20") is True and evaluate.compositionally_valid("NaCl2") is False
+    def hangs(*args, **kwargs):                  # the guess over ~7e8 assignments ran for minutes
+        pytest.fail("the charge-balance guess was tried")
+    monkeypatch.setattr(Composition, "oxi_state_guesses", hangs)
+    assert evaluate.compositionally_valid("Mn7V5Cr3Fe2O30S10") is None       # ~7e8 assignments
 
 
 def test_results_are_strict_json(tmp_path):

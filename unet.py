@@ -54,7 +54,9 @@ Porting notes (every framework default this file relies on, written out)
   rising Pauling electronegativity, ties alphabetically, elements without one last by atomic
   number), atomic number 0 for an empty slot. Where drop is True, the whole embedding is the
   learned `null` vector -- so the condition pattern, made from it, is the null's too.
-- The shipped weights are stored in float16; load them into float32 and compute in float32.
+- The shipped weights are stored in float16; load them into float32 and compute in float32, the
+  matmuls too: a framework that uses TF32 or bf16 on a GPU by default misses the golden tensors
+  (JAX: precision="highest"; torch's convolutions on a GPU: torch.backends.cudnn.allow_tf32 = False).
 """
 import math
 from dataclasses import asdict, dataclass
