@@ -788,6 +788,8 @@ def _parse_structures(block, fmt):
     if fmt == "cif" and ordered:
         _check_sites(structures, items)
     for s in structures:
+        if any(getattr(getattr(e, "element", e), "name", "") in ("D", "T") for e in s.composition.elements):
+            raise Misread("with an isotope (D or T: write H)")   # pymatgen's; as H, its mass would be lost below
         try:
             s.remove_oxidation_states()
         except ValueError:                          # pymatgen: "'X' is not a valid Element" (checked again below)
@@ -949,7 +951,7 @@ def _parse_rows(path, tick=None):
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 6      # a new version when the reasons for skipping change
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 7      # a new version when the reasons for skipping change
 
 
 def cache_path(path):

@@ -1412,12 +1412,15 @@ THREADS = number(int, 1, 256, what="a number of threads from 1 to 256")
 
 def given_path(text):
     """An argparse type for every path (--out, --data, ...): not an empty string, which would
-    otherwise mean the current folder or a default, nor '-'."""
+    otherwise mean the current folder or a default, nor '-', nor a file named as a folder (x.cif/)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path: name a file or folder")
     if text == "-":                  # elsewhere standard input or output; here it would be a folder named -
         raise argparse.ArgumentTypeError("'-': PCCD reads and writes files, not standard input or output "
                                          "(./- names a file called -)")
+    if text.endswith(("/", os.sep)) and os.path.isfile(text.rstrip("/" + os.sep)):   # the system: "not a folder"
+        raise argparse.ArgumentTypeError(f"{text!r}: {text.rstrip('/' + os.sep)} is a file, not a folder "
+                                         "(drop the final /)")
     return text
 
 

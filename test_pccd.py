@@ -1549,6 +1549,13 @@ def bad_inputs(tmp_path_factory, mp20):
     only_dummy.mkdir()
     Structure(Lattice.cubic(4.0), ["Na", DummySpecies("X")], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(
         filename=str(only_dummy / "dummy.cif"))
+    only_isotope = root / "only_isotope"                                        # DCl: read as H, its mass lost
+    only_isotope.mkdir()
+    (only_isotope / "dcl.cif").write_text("data_DCl\n_cell_length_a 4\n_cell_length_b 4\n_cell_length_c 4\n"
+                                          "_cell_angle_alpha 90\n_cell_angle_beta 90\n_cell_angle_gamma 90\n"
+                                          "loop_\n_atom_site_type_symbol\n_atom_site_label\n_atom_site_fract_x\n"
+                                          "_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n"
+                                          "D D1 0 0 0 1\nCl Cl1 0.5 0.5 0.5 1\n")
     long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     roundtrip = root / "roundtrip"
     roundtrip.mkdir()
@@ -1704,6 +1711,10 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["reconstruct", "--checkpoint", "{run}", "--data", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species"),
     (["evaluate", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species"),
     (["evaluate", "{r}/outputs_only"], 1, "kept 0 of 0 structures (skipped: none); none of its files is a CIF or POSCAR"),
+    (["evaluate", "{r}/only_isotope"], 1, "kept 0 of 1 structure (skipped: 1 with an isotope (D or T: write H))"),
+    (["evaluate", "{r}/mixed/good.cif/"], 2, "argument folder: '{r}/mixed/good.cif/': {r}/mixed/good.cif is a file, "
+     "not a folder (drop the final /)"),
+    (["train", "--data", "{r}/mixed/good.cif/", "--out", "{r}/run"], 2, "good.cif is a file, not a folder"),
 ]
 
 
