@@ -20,7 +20,7 @@ Where this differs from the paper, and why
   to the training data (`fit_length_range`) and saved in the checkpoint. Nothing in the training
   data is clipped, and relative precision is the same for every length.
 - Angles are stored as degrees / 180 (the paper: radians / 2 pi), which spreads the real range
-  (11-167 degrees in MP-20) over [0, 1] instead of [0, 0.5].
+  (about 7-169 degrees in the bundled MP-20 splits) over [0, 1] instead of [0, 0.5].
 - Clustering. The paper's DBSCAN works in plain fractional coordinates, so points at 0.01 and
   0.99 (one atom on the cell face) become two atoms. Our DBSCAN measures minimum-image distances,
   averages a cluster with the circular mean, and splits a cluster that holds several atoms'
@@ -1147,7 +1147,6 @@ def mp_documents_to_rows(documents):
 def split_of(material_id, fractions=(0.8, 0.1, 0.1)):
     """'train', 'val' or 'test', decided by a hash of the id: deterministic, and a crystal keeps
     its split when the database grows."""
-    import zlib
     u = zlib.crc32(material_id.encode()) / 2**32
     return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
 

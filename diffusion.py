@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 T = 1000          # diffusion steps (Table S1); every checkpoint records the T it was trained with
-COND_DROP = 0.2   # share of a batch trained without the condition, for classifier-free guidance
+COND_DROP = 0.2   # share of crystals trained without the condition, for classifier-free guidance
+                  # (pccd.py's training drops it for every crystal noised to a step below condition_above)
 # Refinement: the positions of a finished sample are noised back to this step and its last steps
 # are run again as the sampler ran them (unconditionally below condition_above), `refine` times, the
 # elements and the lattice held. Each pass lets atoms that sit too close move apart; EXPERIMENTS.md,

@@ -590,7 +590,6 @@ def format_screening(summary):
     lines = [f"\nGenerated {n} crystal{'s' * (n != 1)}, sampled in {seconds:.{1 if seconds < 10 else 0}f} s "
              f"({describe_sampler(**summary)}; {summary['checkpoint']})"] if "sampler" in summary else []
     lines.append(f"{'generated' if 'sampler' in summary else 'screened':<38}{summary['generated']:>6}")   # evaluate's
-    lo, hi = VOLUME_BAND
     for key, label in (("decoded", "decodable"), ("structural", "structurally valid"),
                        ("compositional", "compositionally valid"), ("valid", "valid (both)"),
                        ("unique", "unique"), ("novel", "novel"), ("valid_unique", "valid and unique"),

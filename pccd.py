@@ -1,4 +1,5 @@
-"""PCCD, point-cloud crystal diffusion (Li et al., arXiv:2401.13192): the one command.
+"""PCCD, point-cloud crystal diffusion (Li et al., arXiv:2401.13192): the one command (paper Table
+S1: the presets and training; its experiments, Fig. 1-3, Table 1-2, Fig. S1, S2, S4, as commands).
 `python pccd.py --help` lists the commands, `python pccd.py COMMAND --help` what each takes.
 Read in order: presets, checkpoints, train, sampling, reconstruct, generate and evaluate, the
 smaller commands, the command line. Threads: see idle_cores.
@@ -213,11 +214,12 @@ def pick_device(name):
 # Checkpoints: everything needed to sample later, written atomically
 # ----------------------------------------------------------------------------------------------
 # A checkpoint is a dict: `ema` (the weights sampling uses), `model_config`, `length_range`,
-# `sampling` (how to sample: prediction, T, condition_above, guidance), `settings` (how it was
-# trained), `train_ids` and `train_compositions` (for the count baseline and novelty), the band-gap
-# classes and orderings it saw (`trained_conditions`; older runs lack it), `losses`, `step`; a run's
-# own also `model`, `optimizer`, `rng`, `threads`, `data_digest` and `val_digest`, so that --resume
-# continues exactly (on the run's thread count), on the same data and held-out set.
+# `sampling` (how to sample: prediction, T, condition_above, guidance, composition_given), `settings`
+# (how it was trained), `train_ids` and `train_compositions` (for the count baseline and novelty), the
+# band-gap classes and orderings it saw (`trained_conditions`; older runs lack it), `data_digest` (what
+# it trained on), `losses`, `step`; a run's own also `model`, `optimizer`, `rng`, `threads` and
+# `val_digest`, so that --resume continues exactly (on the run's thread count), on the same data and
+# held-out set.
 
 CHECKPOINT_KEYS = ("ema", "model_config", "length_range", "sampling", "settings", "train_ids",
                    "train_compositions", "losses", "step")
@@ -954,7 +956,7 @@ def cmd_reconstruct(args):
     write_npz(os.path.join(out, "noised.npz"), x_t=x_t.numpy(), t=t,
               material_id=[c.material_id for c, _, _ in usable])
     conditions = [(elements, c.band_gap_class, c.ordering) for c, _, elements in usable]
-    warn_never_learned(conditions, everything if learned else None, ckpt, args, ddpm)
+    warn_never_learned(conditions, everything if learned else None, ckpt, ddpm)
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, x_T=x_t, t_start=t - 1)
     write_npz(os.path.join(out, "denoised.npz"), clouds=clouds,
               elements=np.array([" ".join(e) for e, _, _ in conditions]))
@@ -1041,7 +1043,7 @@ def trained_on(crystals, ckpt):
     keys = occurrences(c.material_id for c in crystals)                                 # crystals, learned alike
     crystals = [c for _, c in sorted(zip(keys, crystals), key=lambda kc: position[kc[0]])]
     return [c.structure.composition.formula for c in crystals] == ckpt["train_compositions"] and \
-        ckpt.get("data_digest") in (None, data_digest(crystals))          # exported checkpoints hold none
+        ckpt.get("data_digest") in (None, data_digest(crystals))          # older checkpoints hold none
 
 
 def untrained_conditions(band_gaps, orderings, crystals, ckpt):
@@ -1060,7 +1062,7 @@ def untrained_conditions(band_gaps, orderings, crystals, ckpt):
         for value in sorted(set(asked)) if value not in trained(set(seen))]
 
 
-def warn_never_learned(conditions, crystals, ckpt, args, ddpm):
+def warn_never_learned(conditions, crystals, ckpt, ddpm):
     """Say what sampling asks of the model that it never learned: a band-gap class or ordering
     (untrained_conditions), any condition at all (trained with --condition-above T), an element."""
     band_gaps, orderings = [b for _, b, _ in conditions], [m for _, _, m in conditions]
@@ -1124,7 +1126,7 @@ def cmd_generate(args):
         print(f"warning: {unused}: the network is not told the elements, band gap or ordering asked for "
               f"(--formula holds a composition without it)", file=sys.stderr)
     conditions = [(s, args.band_gap, args.magnetic) for s in element_sets]
-    warn_never_learned(conditions, training if reference and args.reference is None else None, ckpt, args, ddpm)
+    warn_never_learned(conditions, training if reference and args.reference is None else None, ckpt, ddpm)
     trajectory = {} if args.trajectory else None
     lay = data.element_layout(elements, counts) if counts else None      # --formula: channel 1 held
     known = diffusion.known_channels(np.stack([[0 * lay, lay, 0 * lay]] * args.n), [1]) if counts else None
@@ -1255,7 +1257,7 @@ def cmd_csp(args):
     training = load_reference(training, "the training data") if os.path.exists(training) and not args.no_physics else []
     physics = None if args.no_physics else (count_lists, length_range,
                                             evaluate.atomic_volumes([c.structure for c in training]))
-    warn_never_learned(conditions[:n], None, ckpt, args, ddpm)
+    warn_never_learned(conditions[:n], None, ckpt, ddpm)
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
     predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
     warn_at_length_limit(predicted, length_range)
@@ -1588,13 +1590,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="command")
     parser.commands = sub.choices                     # name -> its parser, for errors in its name
 
-    p = sub.add_parser("train", help="train the diffusion model (Table S1; 11-13 min on a 2-core CPU)",
+    p = sub.add_parser("train", help="train the diffusion model (Table S1; 8-13 min on a 2-core CPU)",
                        description=f"Train PCCD's U-Net (L1 loss, Eq. S4). Writes OUT/checkpoint.pt (every "
                        f"{SAVE_EVERY} steps and at the end) and OUT/loss.png (Fig. S4). A setting not given "
                        "comes from the preset, or, with --resume, from the run itself.")
     p.add_argument("--data", type=given_path, help="training crystals: CDVAE CSV, folder or file (default: the "
                    "bundled MP-20 train split; the val split stays unseen)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 11-13 min on 2 cores) or long "
+    p.add_argument("--preset", choices=sorted(PRESETS), help="quick (default; 8-13 min on 2 cores) or long "
                    "(69 min; the shipped model): README, Training")
     p.add_argument("--steps", type=TRAINING_STEPS, help="total optimisation steps (presets: 3600, 24000)")
     p.add_argument("--batch-size", type=BATCH, help="crystals per step (presets: 64; Table S1: 128)")
