@@ -788,8 +788,9 @@ def _parse_structures(block, fmt):
     if fmt == "cif" and ordered:
         _check_sites(structures, items)
     for s in structures:
-        if any(getattr(getattr(e, "element", e), "name", "") in ("D", "T") for e in s.composition.elements):
-            raise Misread("with an isotope (D or T: write H)")   # pymatgen's; as H, its mass would be lost below
+        elements = [getattr(e, "element", e) for e in s.composition.elements]      # an ion's element
+        if any(getattr(e, "name", "") in ("D", "T") for e in elements):   # pymatgen's isotopes of H, whose
+            raise Misread("with an isotope (D or T: write H)")              # mass is lost below (read as H)
         try:
             s.remove_oxidation_states()
         except ValueError:                          # pymatgen: "'X' is not a valid Element" (checked again below)
