@@ -482,14 +482,21 @@ class RunLock:
 
 
 def data_digest(crystals):
-    """A digest of the training crystals (names, conditions, species, lattices, positions to 1e-6):
-    --resume refuses data that changed under the same names."""
+    """A digest of the training crystals (names, conditions, species, lattice parameters and
+    positions as float32): --resume refuses data that changed under the same names, and sampling
+    checks novelty only against the data the model trained on.
+
+    Float32, not decimals: a CIF's a, b, c, alpha, beta, gamma become a cell matrix and back, and two
+    CPUs (AVX2 and AVX-512 numpy, say) can differ in the last bits of the float64 results. Rounded to
+    1e-6, every number given to 7 decimals ending in 5 (4,107 of MP-20's, given to 8) sits on a tie
+    that those bits decide; a decimal of up to 8 digits is never a tie of float32. Positions go to
+    [1, 2) first, so that 1e-17 and -1e-17 (a hair below 1 once wrapped) are the same 0."""
     h = hashlib.sha256()
     for c in crystals:
         st = c.structure
         h.update(f"{c.material_id}|{c.band_gap_class}|{c.ordering}|{' '.join(str(x.species) for x in st)}".encode())
-        numbers = np.concatenate([st.lattice.parameters, (np.round(st.frac_coords % 1.0, 6) % 1.0).ravel()])
-        h.update((np.round(numbers, 6) + 0.0).tobytes())              # + 0.0: -0.0 is 0.0
+        positions = (st.frac_coords % 1.0 + 1.0).astype(np.float32) % np.float32(1.0)
+        h.update(np.concatenate([np.float32(st.lattice.parameters), positions.ravel()]).tobytes())
     return h.hexdigest()
 
 
