@@ -72,7 +72,7 @@ def encode(structure, elements=None, length_range=DEFAULT_LENGTH_RANGE):
     `elements` fixes the slot order of channel 1 (default: by electronegativity). Raises
     ValueError for a structure PCCD cannot encode.
     """
-    reason = unencodable_reason(structure)
+    reason = unencodable_reason(structure, decodable=False)     # a model's crowded crystal is encoded too
     if reason:
         raise ValueError(f"{structure.composition.reduced_formula} ({len(structure)} sites) "
                          f"cannot be encoded: {reason.replace('with ', 'it has ')}")
@@ -178,25 +178,28 @@ def parse_formula(text):
     ValueError, with the reason, for what PCCD cannot make (or a formula it cannot read: Li1.5,
     NaCl0 and Na1e1Cl are refused, not read as something else)."""
     compact = "".join(str(text).split())
+    shown = compact if len(compact) <= 40 else compact[:37] + "..."
     if not re.fullmatch(r"(?:[A-Z][a-z]?[0-9]*)+", compact):
-        raise ValueError(f"cannot read the formula {text!r}: write element symbols, each followed by a "
+        raise ValueError(f"cannot read the formula {shown!r}: write element symbols, each followed by a "
                          f"whole number of atoms, like Li2Co2O4")
     counts = {}
     for symbol, number in re.findall(r"([A-Z][a-z]?)([0-9]*)", compact):
-        if number and int(number) < 1:
-            raise ValueError(f"{compact}: atom counts must be whole numbers of at least 1 ({symbol}{number})")
-        counts[symbol] = counts.get(symbol, 0) + int(number or 1)
+        if number and not number.strip("0"):
+            raise ValueError(f"{shown}: atom counts must be whole numbers of at least 1 ({symbol}{number})")
+        if len(number.lstrip("0")) > 3:                    # not read as a number (Python refuses 4300 digits)
+            raise ValueError(f"{shown} has more than {MAX_SITES} atoms; PCCD makes 1 to {MAX_SITES}")
+        counts[symbol] = counts.get(symbol, 0) + (int(number.lstrip("0")) if number else 1)
     try:
         elements = check_elements(canonical_order(check_elements(list(counts))))
     except ValueError as e:
         refused = re.match(r"'([A-Z])' is not a chemical element", str(e))      # FE2O3: 'E' alone is none
         pair = refused and re.search(rf"[A-Z]{refused[1]}(?![a-z])", compact)
         meant = pair and pair[0][0] + pair[0][1].lower()
-        hint = f" in {compact}: a symbol is a capital and at most one small letter ({meant}, not {pair[0]})" \
+        hint = f" in {shown}: a symbol is a capital and at most one small letter ({meant}, not {pair[0]})" \
             if meant and Element.is_valid_symbol(meant) else ""
         raise ValueError(f"{e}{hint}") from None
     if not 1 <= sum(counts.values()) <= MAX_SITES:
-        raise ValueError(f"{compact} has {sum(counts.values())} atoms; PCCD makes 1 to {MAX_SITES}")
+        raise ValueError(f"{shown} has {sum(counts.values())} atoms; PCCD makes 1 to {MAX_SITES}")
     return elements, [counts[e] for e in elements]
 
 
@@ -349,9 +352,10 @@ def decode_lattice(cloud, length_range=DEFAULT_LENGTH_RANGE):
 # What encode needs: which structures fit, element slots, the length scale, point ownership
 # ----------------------------------------------------------------------------------------------
 
-def unencodable_reason(structure, length_range=None):
+def unencodable_reason(structure, length_range=None, decodable=True):
     """Why PCCD cannot encode this structure (with a model's length range, if given), in a few
-    words, or '' when it can."""
+    words, or '' when it can; with `decodable`, also two atoms closer than MIN_SEPARATION, which
+    the cloud holds but decoding reads as one (nothing to learn from, or to come back to)."""
     if not structure.is_ordered:
         return "disordered (partial occupancies)"
     if len(structure.composition.elements) > MAX_ELEMENTS:
@@ -360,6 +364,11 @@ def unencodable_reason(structure, length_range=None):
         return f"with > {MAX_SITES} sites"
     if length_range and not length_range[0] <= min(structure.lattice.abc) <= max(structure.lattice.abc) <= length_range[1]:
         return f"with a lattice length outside {length_range[0]:.3g}-{length_range[1]:.3g} A"
+    f = structure.frac_coords
+    gaps = cartesian_gap(f[:, None], f[None], structure.lattice.matrix)[~np.eye(len(f), dtype=bool)] \
+        if decodable else np.array([])
+    if gaps.size and gaps.min() < MIN_SEPARATION:
+        return f"with two atoms under {MIN_SEPARATION} A apart (decoded as one)"
     return ""
 
 
@@ -659,6 +668,27 @@ SPACE_GROUP_TAGS = ("_symmetry_space_group_name_h-m", "_symmetry_space_group_nam
                     "_symmetry_int_tables_number")
 
 
+# Space groups whose name (or number) alone does not fix the setting (International Tables): two
+# origins, and the rhombohedral groups on hexagonal or rhombohedral axes. pymatgen takes origin 1
+# and hexagonal axes, so diamond's Si at 1/8, 1/8, 1/8 (origin 2) would become 16 atoms.
+TWO_ORIGINS = (48, 50, 59, 68, 70, 85, 86, 88, 125, 126, 129, 130, 133, 134, 137, 138, 141, 142, 201, 203, 222,
+               224, 227, 228)
+RHOMBOHEDRAL = (146, 148, 155, 160, 161, 166, 167)
+
+
+def _group_number(data):
+    """The space group a CIF names by its Hermann-Mauguin symbol or number (None if neither)."""
+    from pymatgen.symmetry.groups import SpaceGroup
+    for tag in SPACE_GROUP_TAGS:
+        value = data.get(tag)
+        if isinstance(value, str) and "hall" not in tag and ":" not in value:      # F d -3 m :2 names its origin
+            try:
+                return int(value) if tag.endswith("number") else SpaceGroup(value.strip(" '\"")).int_number
+            except ValueError:
+                continue
+    return None
+
+
 def _number(value):
     """A CIF number ('4.2', '4.20(3)' with its uncertainty) as a float; None for '?', '.' or text."""
     try:
@@ -686,6 +716,17 @@ def _cif_misread(block):
         value = _number(data.get(f"_cell_angle_{angle}"))
         if value is not None and not 0 < value < 180:
             return "with a cell angle not between 0 and 180 degrees (exclusive)", data
+    cell = [_number(data.get(f"_cell_length_{axis}")) for axis in "abc"] + \
+        [_number(data.get(f"_cell_angle_{angle}")) for angle in ("alpha", "beta", "gamma")]
+    if None not in cell:                                  # pymatgen fails on a cell of no volume, unsaid
+        try:
+            degenerate = degenerate_lattice(Lattice(lattice_from_parameters(*cell)))
+        except ValueError:                                # lengths of 0, angles no cell has
+            degenerate = True
+        if degenerate:
+            return "with a degenerate cell", data
+    if "_atom_site_cartn_x" in data and "_atom_site_fract_x" not in data:
+        return "with Cartesian coordinates only (_atom_site_Cartn_x; pymatgen reads fractional ones)", data
     for key in SYMMETRY_OPERATORS:
         values = data.get(key, [])
         if any(value.count(",") != 2 for value in ([values] if isinstance(values, str) else values)):
@@ -693,6 +734,13 @@ def _cif_misread(block):
     for column in (data.get(key, []) for key in FRACTIONAL):
         if any(value.strip() == "." for value in ([column] if isinstance(column, str) else column)):
             return "with a coordinate written as '.' (not a number)", data
+    if not any(key in data for key in SYMMETRY_OPERATORS):              # the group named, not written out
+        group = _group_number(data)
+        angles = [_number(data.get(f"_cell_angle_{angle}")) for angle in ("alpha", "beta", "gamma")]
+        if group in TWO_ORIGINS or group in RHOMBOHEDRAL and \
+                not np.allclose([a or 0 for a in angles], [90, 90, 120], atol=0.01):      # not hexagonal axes
+            return "with a space group named whose origin or axes its name leaves open (write out its " \
+                   "_symmetry_equiv_pos_as_xyz)", data
     return "", data
 
 
@@ -776,6 +824,10 @@ def _parse_structures(block, fmt):
         for says, reason in MISREAD + [STOICHIOMETRY] * ordered:
             if says in str(warning.message):
                 raise Misread(reason)
+        unread = re.search(r"Can't parse Element or Species from '|^Cannot determine chemical composition "
+                           r"from CIF! .*[A-Za-z].* is an invalid formula", str(warning.message))
+        if unread:                              # then read as what its first letters spell: Va as V, Uuo as U
+            raise Misread("with a type symbol that is not an element (Va, a vacancy?)")
         guessed = re.fullmatch(r"(\S+) parsed as (\S*)", str(warning.message))   # from a site's label
         if guessed and not (guessed[2] and _label_names(guessed[1], guessed[2])):
             raise Misread(LABEL_GUESS)
@@ -815,15 +867,20 @@ def _shown(name):
 
 
 def _same_crystal(poscar, cif):
-    """Whether two files hold the same crystal (as generate writes them): the same composition and
-    cell to 0.1%. A file that cannot be read is not the same: it is read, and its reason said."""
+    """Whether two files hold the same crystal (as generate writes them): the same cell to 0.1% and
+    each atom of one on an atom of the same element in the other (to 1e-4 of the cell). A file that
+    cannot be read is not the same: it is read, and its reason said."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             a, b = Structure.from_file(poscar), Structure.from_file(cif)
     except Exception:
         return False
-    return a.composition == b.composition and np.allclose(a.lattice.parameters, b.lattice.parameters, rtol=1e-3)
+    if len(a) != len(b) or not np.allclose(a.lattice.parameters, b.lattice.parameters, rtol=1e-3):
+        return False
+    on = (np.abs(periodic_difference(a.frac_coords[:, None], b.frac_coords[None])) < 1e-4).all(-1)
+    on &= np.array([[x.species == y.species for y in b] for x in a])
+    return bool(on.any(0).all() and on.any(1).all())
 
 
 def _read_rows(path):
@@ -856,14 +913,18 @@ def _read_rows(path):
         try:
             with opener(path, "rt", newline="", encoding="utf-8-sig") as f:    # -sig: a BOM is not a name
                 reader = csv.DictReader(f, strict=True)     # strict: a stray quote is an error, not 150 rows
-                if "cif" not in (reader.fieldnames or []):
-                    raise ValueError(f"{path} has no 'cif' column (expected the CDVAE CSV format)")
+                if reader.fieldnames is None:
+                    raise ValueError(f"{path} is empty (expected the CDVAE CSV format: a header with 'cif')")
+                if reader.fieldnames.count("cif") != 1:
+                    raise ValueError(f"{path} has " + ("two 'cif' columns (which is meant?)" if "cif" in reader.fieldnames
+                                                       else "no 'cif' column (expected the CDVAE CSV format)"))
                 for i, row in enumerate(reader):
                     yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, \
-                        "a CSV row without its cif field (cut short?)" if row["cif"] is None else ""
+                        "a CSV row without its cif field (cut short?)" if row["cif"] is None else \
+                        "a CSV row with more fields than its header (a comma outside quotes?)" if None in row else ""
         except csv.Error as e:
             raise ValueError(f"{path} is not a well-formed CSV (line {reader.reader.line_num}: {e}): "
-                             f"a stray quote?") from None
+                             f"a stray quote, or cut short?") from None
         except damaged as e:
             raise ValueError(f"{path} is not a readable gzip file ({e}): a truncated or damaged copy?") from None
         except UnicodeDecodeError:
@@ -887,14 +948,17 @@ def _read_rows(path):
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            try:
-                text = raw.decode("utf-8-sig")    # -sig: Notepad's byte-order mark is not text
-            except UnicodeDecodeError:            # an old CIF's author named in Latin-1
-                text = raw.decode("latin-1")
-            text = None if "\0" in text else text
-        except OSError:
-            text = None                       # unopenable or binary: unreadable, like any bad file
-        yield _shown(os.path.basename(path)), fmt, text, {}, ""
+        except OSError as e:                  # unopenable: said, like any bad file
+            yield _shown(os.path.basename(path)), fmt, None, {}, f"unreadable ({(e.strerror or str(e)).lower()})"
+            return
+        try:
+            text = raw.decode("utf-8-sig")    # -sig: Notepad's byte-order mark is not text
+        except UnicodeDecodeError:            # an old CIF's author named in Latin-1
+            text = raw.decode("latin-1")
+        why = "gzip-compressed (unpack it first)" if raw.startswith(b"\x1f\x8b") else \
+            "not UTF-8 text (UTF-16?): save it as UTF-8" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else \
+            "binary (not text)" if "\0" in text else ""
+        yield _shown(os.path.basename(path)), fmt, None if why else text, {}, why
 
 
 def degenerate_lattice(lattice):
@@ -952,7 +1016,7 @@ def _parse_rows(path, tick=None):
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 7      # a new version when the reasons for skipping change
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 8      # a new version when the reasons for skipping change
 
 
 def cache_path(path):

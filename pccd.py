@@ -26,17 +26,22 @@ import time
 import warnings
 
 
-def interrupted_while_loading(signum, frame):
-    """Ctrl-C while numpy, torch and pymatgen load: one line, not a traceback through them."""
+def stopped_while_loading(signum, frame):
+    """Ctrl-C, SIGTERM or SIGHUP while numpy, torch and pymatgen load: one line, not a traceback
+    through them (nor silence), and the exit code run_as_program's handlers give."""
     try:
-        os.write(2, b"interrupted\n")
+        os.write(2, b"interrupted\n" if signum == signal.SIGINT else
+                 f"terminated ({signal.Signals(signum).name})\n".encode())
     except OSError:
         pass
-    os._exit(130)
+    os._exit(128 + signum)
 
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-    signal.signal(signal.SIGINT, interrupted_while_loading)      # run_as_program() gives Ctrl-C back
+STOPPING = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+if __name__ == "__main__":
+    for signum in STOPPING:
+        if signal.getsignal(signum) is not signal.SIG_IGN:      # nohup's SIGHUP stays ignored
+            signal.signal(signum, stopped_while_loading)         # run_as_program() sets its own
 # Set before spglib loads: its "failed" lines for odd cells are noise here.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
 # Read when torch loads: a value OpenMP cannot use would print its own complaint, then be ignored.
@@ -262,10 +267,19 @@ def save_checkpoint(path, state, spare=False, new=False):
         raise UserError(message) from None
 
 
+def read_checkpoint(source, device="cpu"):
+    """torch.load of tensors, numbers, strings, lists and dicts alone (weights_only: a file whose
+    pickle would run code is refused, not run), and numpy's scalars, which runs saved before their
+    learning rates were Python floats hold."""
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+    with torch.serialization.safe_globals([scalar, np.dtype, type(np.dtype(np.float64))]):
+        return torch.load(source, map_location=device, weights_only=True)
+
+
 def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py train) or name one with --checkpoint"):
     """Returns (model with EMA weights, in eval mode, on device; the checkpoint dict, with
     `loaded_from`: the file's absolute path and the SHA-256 of the bytes read, never saved again)."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) and os.path.basename(os.path.normpath(path)) != CHECKPOINT:    # a run folder
         path = os.path.join(path, CHECKPOINT)
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: {advice}")
@@ -274,19 +288,21 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
     try:
         with open(path, "rb") as f:                # read once: what is hashed is what is loaded
             raw = f.read()
-        ckpt = torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
+        ckpt = read_checkpoint(io.BytesIO(raw), device)
         model = unet.UNet(unet.UNetConfig(**ckpt["model_config"])).to(device)
         model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})   # fp16 -> fp32
         finite = all(torch.isfinite(p).all() for p in model.parameters())
     except Exception as e:  # a truncated or foreign file: say so in one line
         said = re.sub(r"^\[enforce fail at [^]]*\] \.? *", "", str(e).strip())   # torch's C++ source line: not for users
         said = (said.splitlines() or [""])[0].split(". ")[0]                   # its first sentence
+        if "Weights only load failed" in said:
+            said = "it holds objects other than tensors, numbers and text: a pickle that could run code, not loaded"
         raise UserError(f"{path} is not a PCCD checkpoint ({type(e).__name__}: {said})")
     if "sampling" not in ckpt:
         raise UserError(f"{path} was written by an earlier PCCD (no 'sampling' entry): train it again")
     if not finite:
         raise UserError(f"{path} holds weights that are not finite numbers (a run that diverged): train again "
-                        f"with a smaller --lr")
+                        f"with a smaller learning rate")
     if missing := [key for key in CHECKPOINT_KEYS if key not in ckpt]:
         raise UserError(f"{path} is not a whole PCCD checkpoint (no {', '.join(map(repr, missing))}): "
                         f"name a training run's {CHECKPOINT}, or a file export wrote from one")
@@ -295,13 +311,25 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
     except (TypeError, ValueError):
         low = high = float("nan")
     sampling = ckpt["sampling"] if isinstance(ckpt["sampling"], dict) else {}
+    whole = lambda v, low=0: isinstance(v, int) and not isinstance(v, bool) and v >= low     # noqa: E731
+    names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)            # noqa: E731
+    conditions = ckpt.get("trained_conditions", {})
     wrong = [f"{what} {value!r}" for what, value, right in (          # edited, or from another program
-        ("length range", ckpt["length_range"], 0 < low < high < float("inf")),
+        ("length range", ckpt["length_range"], 0.1 <= low < high <= 1000),
         ("T", sampling.get("T"), sampling.get("T") == diffusion.T),
         ("prediction", sampling.get("prediction"), sampling.get("prediction") in ("eps", "v")),
-        ("condition_above", sampling.get("condition_above"), sampling.get("condition_above") in range(diffusion.T + 1)),
+        ("condition_above", sampling.get("condition_above"),
+         whole(sampling.get("condition_above")) and sampling["condition_above"] <= diffusion.T),
         ("guidance", sampling.get("guidance"), isinstance(sampling.get("guidance"), (int, float))
-         and math.isfinite(sampling["guidance"]))) if not right]
+         and not isinstance(sampling["guidance"], bool) and 0 <= sampling["guidance"] <= 100),   # as --guidance
+        ("composition_given", sampling.get("composition_given"), isinstance(sampling.get("composition_given", False),
+                                                                            bool)),
+        ("step", ckpt["step"], whole(ckpt["step"])),
+        ("settings", ckpt["settings"], isinstance(ckpt["settings"], dict) and whole(ckpt["settings"].get("steps", 1), 1)),
+        ("training ids", "...", names(ckpt["train_ids"]) and names(ckpt["train_compositions"])
+         and len(ckpt["train_ids"]) == len(ckpt["train_compositions"])),
+        ("trained conditions", conditions, isinstance(conditions, dict)
+         and all(names(conditions.get(k, [])) for k in ("band_gap", "ordering")))) if not right]
     if wrong:
         raise UserError(f"{path} is not a PCCD checkpoint (its {', '.join(wrong)}: not what PCCD writes)")
     ckpt["loaded_from"] = dict(checkpoint=os.path.abspath(path), checkpoint_step=ckpt["step"],
@@ -339,9 +367,11 @@ def load_for_sampling(args):
                   f"the shipped model: --checkpoint {shown_path(SHIPPED_CHECKPOINT)} names that", file=sys.stderr)
     planned = ckpt.get("settings", {}).get("steps")
     if planned and ckpt.get("step", planned) < planned:     # a train stopped early (Ctrl-C, SIGTERM)
-        folder = (os.path.dirname(args.checkpoint) or ".") if args.checkpoint.endswith(CHECKPOINT) else args.checkpoint
-        advice = f"a stopped one continues with python pccd.py train --resume --out {folder}" if "optimizer" in ckpt \
-            else "an export of an unfinished run"
+        named = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint) or "." \
+            if os.path.basename(args.checkpoint) == CHECKPOINT else None         # the run's folder, if it is one
+        advice = "an export of an unfinished run" if "optimizer" not in ckpt else \
+            f"a stopped one continues with python pccd.py train --resume --out {named}" if named else \
+            f"a stopped run's copy: as {CHECKPOINT} in a folder, train --resume continues it there"
         print(f"warning: {args.checkpoint} is at step {ckpt['step']} of {planned}, stopped early or still "
               f"training ({advice}); name another with --checkpoint", file=sys.stderr)
     return device, model, ckpt, sampling_of(ckpt, args)
@@ -444,8 +474,11 @@ class RunLock:
             parents = make_parents(self.args.out, self.args)
             os.mkdir(self.args.out)
             self.args.made = [self.args.out, *parents]
-        try:
-            self.file = open(self.lock, "w")
+        if os.path.islink(self.lock) or os.path.exists(self.lock) and not os.path.isfile(self.lock):
+            raise UserError(f"{self.lock} is not a lock file (a link or a folder): move it away, or choose "
+                            f"another --out")
+        try:                                              # opened as it is: a file of that name is not emptied
+            self.file = os.fdopen(os.open(self.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644))
         except OSError as e:                              # a read-only run folder: nothing can be saved
             raise UserError(f"cannot write in {self.args.out} ({e.strerror}): training could save nothing "
                             f"there; " + ("make it writable, or copy the folder elsewhere and resume the copy"
@@ -454,6 +487,9 @@ class RunLock:
             import fcntl                                  # POSIX; elsewhere runs are not locked
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
+            held, named = os.fstat(self.file.fileno()), os.stat(self.lock) if os.path.exists(self.lock) else None
+            if not named or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):   # a run that ended
+                raise BlockingIOError                     # removed it as this opened it: a third may hold a new one
         except ImportError:
             locked = False
         except BlockingIOError:
@@ -473,12 +509,13 @@ class RunLock:
 
     def __exit__(self, kind, error, traceback):
         if self.file:
-            self.file.close()
-            try:
-                os.remove(self.lock)
+            try:                                          # removed while still held, unless it holds
+                if os.path.getsize(self.lock) == 0:       # something: then it was not this run's
+                    os.remove(self.lock)
             except OSError as e:                          # a folder made read-only: say the error before
                 if kind is None:
                     print(f"warning: could not remove {self.lock} ({e.strerror})", file=sys.stderr)
+            self.file.close()
 
 
 def data_digest(crystals):
@@ -504,7 +541,7 @@ def train(args):
     path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(path) and not args.resume:
         try:
-            exported = "optimizer" not in torch.load(path, map_location="cpu", weights_only=False)
+            exported = "optimizer" not in read_checkpoint(path)
         except Exception:                     # truncated, or not a checkpoint at all: nothing to continue
             raise UserError(f"{path} exists and is not a readable checkpoint (a truncated copy?): choose another "
                             f"--out") from None
@@ -697,7 +734,7 @@ def train(args):
             # any crystal without being told which, as sampling then runs them.
             cond_drop = torch.where(t < s["condition_above"], 1.0, diffusion.COND_DROP)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(s, step)
+                group["lr"] = float(learning_rate(s, step))         # a float, not numpy's
             given = (torch.rand(len(idx)) < s["composition_given"]).to(device) if s["composition_given"] else None
             loss = ddpm.loss(model, x0.to(device), elements[idx].to(device), bg.to(device), mag.to(device),
                              cond_drop, t=t, composition_given=given)   # Eq. S4 (eps or v)
@@ -740,6 +777,9 @@ def cmd_export(args):
         if os.path.lexists(path):
             raise UserError(f"{path} exists: remove it or choose another --out")
     _, ckpt = load_checkpoint(args.source, advice="name a run folder or its checkpoint.pt")
+    if ckpt["step"] < ckpt["settings"].get("steps", 0):           # stopped early, or still training
+        print(f"warning: {args.source} is at step {ckpt['step']} of {ckpt['settings']['steps']}: exported as it is",
+              file=sys.stderr)
     print(f"writing {args.out}, then its golden tensors (DDIM samples of 20 and 74 steps; ~10-30 s) ...",
           file=sys.stderr, flush=True)
     small = {k: ckpt[k] for k in CHECKPOINT_KEYS + ("data_digest", "trained_conditions") if k in ckpt}  # sampling's
@@ -1101,7 +1141,7 @@ def warn_at_length_limit(structures, length_range):
 def cmd_generate(args):
     elements, counts, given = args.formula or (args.elements, None, None)   # both checked as they were parsed
     as_given = re.findall(r"([A-Z][a-z]?)([0-9]*)", given or "")
-    if counts and [(e, int(n or 1)) for e, n in as_given] != list(zip(elements, counts)):    # Fe2O3Fe, O3Fe2
+    if counts and [(e, int(n.lstrip("0") or 1)) for e, n in as_given] != list(zip(elements, counts)):  # Fe2O3Fe
         read = "".join(e + str(n) * (n != 1) for e, n in zip(elements, counts))
         print(f"--formula {given} read as {read} ({sum(counts)} atom{'s' * (sum(counts) != 1)})", file=sys.stderr)
     device, model, ckpt, ddpm = load_for_sampling(args)
@@ -1387,10 +1427,29 @@ def cmd_roundtrip(args):
 # ----------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag costs one line (`pccd.py CMD: error: ...`, exit code 2)."""
+    """argparse, but a bad flag costs one line (`pccd.py CMD: error: ...`, exit code 2), an option
+    that takes a value is refused when given twice (argparse keeps the last: `--elements Mg
+    --elements O` would be O alone), and '-1e5' or '-inf' is a value (argparse reads only '-1' and
+    '-.5' so, and '-inf' as an unknown option)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, Once)                         # every add_argument without action=
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")      # a value's newline too
+
+
+class Once(argparse.Action):
+    """Stores an option's value; the same option a second time in one command line is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(self, "parsed", None) is namespace:
+            parser.error(f"{'/'.join(self.option_strings)} given twice: give it once"
+                         f"{' (with every value after it)' if self.nargs in ('+', '*') else ''}")
+        self.parsed = namespace                     # the command line being read (a new one each time)
+        setattr(namespace, self.dest, values)
 
 
 def number(kind, low=-math.inf, high=math.inf, what="", above=False, multiple_of=None):
@@ -1467,12 +1526,12 @@ def formula(text):
         raise argparse.ArgumentTypeError(str(e))
 
 
-class ElementsArgument(argparse.Action):
+class ElementsArgument(Once):
     """--elements: 1-3 distinct element symbols, checked as they are parsed."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         try:
-            setattr(namespace, self.dest, data.check_elements(values))
+            super().__call__(parser, namespace, data.check_elements(values), option_string)
         except ValueError as e:
             raise argparse.ArgumentError(self, str(e))
 
@@ -1583,9 +1642,9 @@ def add_physics_arguments(p, p1_told=False):
 
 def symmetrise_all(structures, args):
     """The decoded crystals symmetrised at --symmetrise (None stays None); the tolerance used."""
+    if args.symmetrise is None:                               # with the physics, or not at all
+        args.symmetrise = 0.0 if args.no_physics else data.SYMMETRY_TOLERANCE       # recorded as used
     tolerance = args.symmetrise
-    if tolerance is None:                                     # with the physics, or not at all
-        tolerance = 0.0 if args.no_physics else data.SYMMETRY_TOLERANCE
     if tolerance == 0:
         return structures, 0.0
     return [None if s is None else data.symmetrise(s, tolerance)[0] for s in structures], tolerance
@@ -1791,7 +1850,9 @@ def main(argv=None):
             return 130
         if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and re.search(
                 r"can't allocate|out of memory", str(e), re.I):     # numpy's, torch's (CPU and CUDA)
-            e = "out of memory: ask for less at once (a smaller --batch-size or --n)"
+            smaller = " or ".join(flag for flag in ("--batch-size", "--n") if flag in parser.commands[args.command]
+                                  ._option_string_actions)           # the command's own
+            e = f"out of memory: ask for less at once{f' (a smaller {smaller})' if smaller else ''}"
         elif isinstance(e, OSError):              # an unwritable --out, a full disk, ...
             where = e.filename or leaf or getattr(args, "out", None)
             e = f"{e.strerror or e}: {where}" if where else e
@@ -1807,7 +1868,7 @@ def run_as_program():
     survives a reader that stops reading."""
     def terminate(signum, frame):
         raise Terminated(signum)
-    if signal.getsignal(signal.SIGINT) is interrupted_while_loading:
+    if signal.getsignal(signal.SIGINT) is stopped_while_loading:
         signal.signal(signal.SIGINT, signal.default_int_handler)      # Ctrl-C: KeyboardInterrupt again
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:   # nohup: stays ignored

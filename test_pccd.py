@@ -1557,6 +1557,31 @@ def bad_inputs(tmp_path_factory, mp20):
                                           "loop_\n_atom_site_type_symbol\n_atom_site_label\n_atom_site_fract_x\n"
                                           "_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n"
                                           "D D1 0 0 0 1\nCl Cl1 0.5 0.5 0.5 1\n")
+    torch.save(dict(shipped, step="abc"), root / "step_abc.pt")
+    torch.save(dict(shipped, sampling=dict(shipped["sampling"], guidance=-5.0)), root / "guidance_minus5.pt")
+    torch.save(dict(shipped, trained_conditions="x"), root / "conditions_x.pt")
+    torch.save(dict(shipped, ema={k: v * float("nan") for k, v in shipped["ema"].items()}), root / "nan.pt")
+    cif = lambda head, sites: head + "loop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n" \
+        "_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n" + sites      # noqa: E731
+    cell = lambda a, c=None, angles=(90, 90, 90): "".join(                               # noqa: E731
+        f"_cell_length_{x} {v}\n" for x, v in zip("abc", (a, a, a if c is None else c))) + "".join(
+        f"_cell_angle_{x} {v}\n" for x, v in zip(("alpha", "beta", "gamma"), angles))
+    for name, text in (                                          # each a crystal pymatgen would misread
+            ("diamond_origin2.cif", cif("data_Si\n_symmetry_space_group_name_H-M 'F d -3 m'\n" + cell(5.43),
+                                        "Si1 Si 0.125 0.125 0.125 1\n")),                # 16 atoms, not 8
+            ("vacancy.cif", cif("data_NaCl\n" + cell(5.64), "Na1 Na 0 0 0 1\nCl1 Cl 0.5 0.5 0.5 1\n"
+                                "V1 Va 0.25 0.25 0.25 1\n")),                                 # read as V
+            ("no_c.cif", cif("data_NaCl\n" + cell(5.64, 0), "Na1 Na 0 0 0 1\nCl1 Cl 0.5 0.5 0.5 1\n")),
+            ("on_one_spot.cif", cif("data_Na2\n" + cell(4.0), "Na1 Na 0 0 0 1\nNa2 Na 0.0005 0 0 1\n"))):
+        (root / "misread").mkdir(exist_ok=True)
+        (root / "misread" / name).write_text(text)
+    (root / "utf16.cif").write_bytes((root / "misread" / "vacancy.cif").read_text().encode("utf-16"))
+    (root / "two_cif_columns.csv").write_text("material_id,cif,cif\nmp-1,x,y\n")
+    (root / "empty.csv").write_text("")
+    lock_link = root / "lock_link"                               # train.lock a link to a file of the user's
+    lock_link.mkdir()
+    (root / "notes.txt").write_text("my notes")
+    os.symlink(root / "notes.txt", lock_link / "train.lock")
     long_cell = Structure(Lattice.orthorhombic(3.0, 3.0, 60.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     roundtrip = root / "roundtrip"
     roundtrip.mkdir()
@@ -1566,6 +1591,29 @@ def bad_inputs(tmp_path_factory, mp20):
 
 
 BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's folder, {run} the tiny run
+    (["generate", "--elements", "Mg", "--elements", "O"], 2, "--elements given twice: give it once (with every value"),
+    (["generate", "--formula", "Fe2O3", "--formula", "NaCl"], 2, "--formula given twice"),
+    (["train", "--preset", "quick", "--preset", "long"], 2, "--preset given twice"),
+    (["generate", "--formula", "Li" + "9" * 4400 + "O"], 2, "--formula: Li" + "9" * 35 + "... has more than 16 "
+     "atoms"),                                                    # not Python's limit of 4300 digits
+    (["generate", "--elements", "Mg", "O", "--guidance", "-inf"], 2, "--guidance: '-inf' is not a guidance scale"),
+    (["generate", "--elements", "Mg", "O", "--guidance", "-1e5"], 2, "--guidance: '-1e5' is not a guidance scale"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/step_abc.pt"], 1, "(its step 'abc': not what PCCD writes)"),
+    (["export", "{r}/step_abc.pt", "--out", "{r}/x.pt"], 1, "(its step 'abc': not what PCCD writes)"),
+    (["csp", "--checkpoint", "{r}/guidance_minus5.pt"], 1, "(its guidance -5.0: not what PCCD writes)"),
+    (["reconstruct", "--checkpoint", "{r}/conditions_x.pt"], 1, "(its trained conditions 'x': not what PCCD writes)"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/nan.pt"], 1, "not finite numbers (a run that diverged): "
+     "train again with a smaller learning rate"),
+    (["evaluate", "{r}/misread/diamond_origin2.cif"], 1, "(skipped: 1 with a space group named whose origin or axes "
+     "its name leaves open (write out its _symmetry_equiv_pos_as_xyz))"),
+    (["evaluate", "{r}/misread/vacancy.cif"], 1, "(skipped: 1 with a type symbol that is not an element (Va, a vacancy?))"),
+    (["evaluate", "{r}/misread/no_c.cif"], 1, "(skipped: 1 with a degenerate cell)"),
+    (["train", "--data", "{r}/misread/on_one_spot.cif"], 1, "(skipped: 1 with two atoms under 0.5 A apart (decoded as one))"),
+    (["evaluate", "{r}/utf16.cif"], 1, "(skipped: 1 not UTF-8 text (UTF-16?): save it as UTF-8)"),
+    (["evaluate", "{r}/two_cif_columns.csv"], 1, "two_cif_columns.csv has two 'cif' columns (which is meant?)"),
+    (["evaluate", "{r}/empty.csv"], 1, "empty.csv is empty (expected the CDVAE CSV format"),
+    (["train", "--out", "{r}/lock_link", "--data", "{r}/mixed/good.cif"], 1, "lock_link/train.lock is not a lock file "
+     "(a link or a folder): move it away"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/pipe.pt"], 1, "{r}/pipe.pt is not a regular file"),
     (["evaluate", "{r}/mixed", "--csv", "{r}/mixed/x.cif"], 2, "--csv: '{r}/mixed/x.cif': name a .csv file"),
     (["evaluate", "{r}/mixed", "--csv", "{r}/.csv"], 2, "--csv: '{r}/.csv': name a .csv file"),       # no name
@@ -1679,10 +1727,10 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/nowhere.csv"], 1,
      "--reference {r}/nowhere.csv: no such file"),
     (["evaluate", "{r}/mixed", "--reference", "{r}/nowhere.csv"], 1, "--reference {r}/nowhere.csv: no such file"),
-    (["evaluate", "{r}/only_bad"], 1, "kept 0 of 2 structures (skipped: 1 unreadable, 1 with a degenerate cell)"),
-    (["reconstruct", "--checkpoint", "{run}", "--data", "{r}/only_bad"], 1, "1 unreadable"),
+    (["evaluate", "{r}/only_bad"], 1, "kept 0 of 2 structures (skipped: 1 binary (not text), 1 with a degenerate cell)"),
+    (["reconstruct", "--checkpoint", "{run}", "--data", "{r}/only_bad"], 1, "1 binary (not text)"),
     (["train", "--data", "{r}/only_bad", "--out", "{r}/run"], 1, "kept 0 of 2"),
-    (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structure (skipped: 1 unreadable)"),
+    (["show", "{r}/binary.cif", "--out", "{r}/cloud.png"], 1, "binary.cif: kept 0 of 1 structure (skipped: 1 binary (not text))"),
     (["train", "--resume", "--out", "{r}/nowhere"], 1, "no checkpoint at {r}/nowhere/checkpoint.pt: --resume continues the run in --out"),
     (["export", "{r}/nowhere", "--out", "{r}/x.pt"], 1, "no checkpoint at {r}/nowhere: name a run folder"),
     (["train", "--resume", "--out", "{run}", "--seed", "7"], 1, "random state, network, objective, optimiser and "
@@ -1748,16 +1796,30 @@ def test_good_values_of_every_checked_flag_parse():
     assert [parser.parse_args(["csp", "--symmetrise", v]).symmetrise for v in ("0", "1")] == [0.0, 1.0]
 
 
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):                                   # unpickled: os.mkdir(tmp_path / "ran")
+            return os.mkdir, (str(tmp_path / "ran"),)
+    torch.save({"ema": Payload()}, tmp_path / "evil.pt")
+    for argv in (["generate", "--elements", "Mg", "--checkpoint"], ["export", "--out", str(tmp_path / "x.pt")]):
+        code, err, _ = run_pccd(argv[:1] + [str(tmp_path / "evil.pt")] * (argv[0] == "export") + argv[1:] +
+                                [str(tmp_path / "evil.pt")] * (argv[0] == "generate"), capsys)
+        assert code == 1 and err[-1].endswith("evil.pt is not a PCCD checkpoint (UnpicklingError: it holds objects "
+                                              "other than tensors, numbers and text: a pickle that could run code, "
+                                              "not loaded)"), err
+    assert not (tmp_path / "ran").exists()
+
+
 def test_good_files_beside_bad_ones_are_still_used(bad_inputs, tmp_path, capsys):
     crystals = data.load_structures(str(bad_inputs / "mixed"))
     assert len(crystals) == 1 and crystals[0].material_id == "good.cif"
     said = capsys.readouterr().err
-    assert "kept 1 of 4 structures (skipped: 1 empty, 1 unreadable, 1 with a degenerate cell)" in said
+    assert "kept 1 of 4 structures (skipped: 1 binary (not text), 1 empty, 1 with a degenerate cell)" in said
     out = tmp_path / "flags.csv"
     code, err, printed = run_pccd(["evaluate", str(bad_inputs / "mixed"), "--csv", str(out)], capsys)
     assert code == 0 and [(r["name"], r["decoded"], r["reason"]) for r in csv.DictReader(open(out))] == [
         ("good.cif", "True", ""), ("POSCAR_flat", "False", "with a degenerate cell"),   # each file, and why
-        ("binary.cif", "False", "unreadable"), ("empty.cif", "False", "empty")]
+        ("binary.cif", "False", "binary (not text)"), ("empty.cif", "False", "empty")]
     assert re.search(r"^screened +4$", printed, re.M)                      # the bad files count as failed
     assert re.search(r"^decodable +1 +25.00%$", printed, re.M)
     code, err, _ = run_pccd(["train", "--data", str(bad_inputs / "mixed"), "--out", str(tmp_path / "run"),
@@ -2136,6 +2198,10 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     a.to(filename=str(folder / "x.vasp"), fmt="poscar")           # what generate writes beside x.cif
     a.to(filename=str(folder / "y.cif"))
     b.to(filename=str(folder / "y.vasp"), fmt="poscar")           # another crystal beside y.cif: read
+    a.to(filename=str(folder / "z.cif"))
+    moved = a.copy()
+    moved.translate_sites([0], [0.1, 0, 0])                        # its cell and composition, not its atoms: read
+    moved.to(filename=str(folder / "z.vasp"), fmt="poscar")
     (folder / "POSCAR_no_species").write_text("no names\n1.0\n4 0 0\n0 4 0\n0 0 4\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
     cif = Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(fmt="cif")
     (folder / "negative.cif").write_text(cif.replace("0.00000000  0.00000000  0.00000000  1", "0.00000000  0.00000000  0.00000000  -1"))
@@ -2192,10 +2258,11 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
     kept = data.load_structures(str(folder), verbose=False, only_encodable=False, skipped=skipped)
     assert [c.material_id for c in kept] == ["MgO_POSCAR", "POSCAR_comment", "half.cif#1", "journal.cif", "old_mac.cif",
                                              "poscar_lower", "publication.cif", "rock_salt.cif", "two_blocks.cif#1", "two_blocks.cif#2", "water.cif",
-                                             "x.cif", "y.cif", "y.vasp", "\ufffd.cif"]
+                                             "x.cif", "y.cif", "y.vasp", "z.cif", "z.vasp", "\ufffd.cif"]
     assert [c.structure.composition for c in kept] == [Composition(f) for f in ("NaCl", "NaCl", "Na4Cl4", "NaCl", "NaCl",
                                                        "NaCl", "Na4Cl4", "Na4Cl4")] + [a.composition, b.composition,
-                                                       Composition("O4H4"), a.composition, a.composition, b.composition, a.composition]
+                                                       Composition("O4H4"), a.composition, a.composition, b.composition, a.composition, a.composition,
+                                                       a.composition]
     assert skipped == {"not a regular file": 2, "a POSCAR beside its CIF": 1,
                        "without element names (a POSCAR with no species line)": 1,
                        "whose space group pymatgen cannot read (it would read the crystal as P1)": 1,
@@ -2552,7 +2619,7 @@ def test_a_reference_folder_says_what_it_skipped(bad_inputs, capsys):
     reference = pccd.load_reference(str(bad_inputs / "mixed"))
     said = capsys.readouterr().err.strip().splitlines()
     assert len(reference) == 1 and said[0].startswith(f"--reference {bad_inputs / 'mixed'}: skipped ")
-    assert "unreadable" in said[0] and "holds 1 crystal: per-element volumes" in said[1]     # too few for volumes
+    assert "1 binary (not text)" in said[0] and "holds 1 crystal: per-element volumes" in said[1]     # too few for volumes
 
 
 def test_generate_says_when_a_crystal_lacks_an_element_it_asked_for(tiny_run, tmp_path, capsys, monkeypatch):
