@@ -518,7 +518,7 @@ class RunLock:
             self.file.close()
 
 
-def data_digest(crystals):
+def data_digest(crystals, decimals=None):
     """A digest of the training crystals (names, conditions, species, lattice parameters and
     positions as float32): --resume refuses data that changed under the same names, and sampling
     checks novelty only against the data the model trained on.
@@ -527,14 +527,25 @@ def data_digest(crystals):
     CPUs (AVX2 and AVX-512 numpy, say) can differ in the last bits of the float64 results. Rounded to
     1e-6, every number given to 7 decimals ending in 5 (4,107 of MP-20's, given to 8) sits on a tie
     that those bits decide; a decimal of up to 8 digits is never a tie of float32. Positions go to
-    [1, 2) first, so that 1e-17 and -1e-17 (a hair below 1 once wrapped) are the same 0."""
+    [1, 2) first, so that 1e-17 and -1e-17 (a hair below 1 once wrapped) are the same 0. With
+    decimals=6: the digest of runs saved before, still accepted from them (`holds_digest`)."""
     h = hashlib.sha256()
     for c in crystals:
         st = c.structure
         h.update(f"{c.material_id}|{c.band_gap_class}|{c.ordering}|{' '.join(str(x.species) for x in st)}".encode())
-        positions = (st.frac_coords % 1.0 + 1.0).astype(np.float32) % np.float32(1.0)
-        h.update(np.concatenate([np.float32(st.lattice.parameters), positions.ravel()]).tobytes())
+        if decimals:
+            numbers = np.concatenate([st.lattice.parameters, (np.round(st.frac_coords % 1.0, decimals) % 1.0).ravel()])
+            h.update((np.round(numbers, decimals) + 0.0).tobytes())              # + 0.0: -0.0 is 0.0
+        else:
+            positions = (st.frac_coords % 1.0 + 1.0).astype(np.float32) % np.float32(1.0)
+            h.update(np.concatenate([np.float32(st.lattice.parameters), positions.ravel()]).tobytes())
     return h.hexdigest()
+
+
+def holds_digest(saved, crystals):
+    """Whether a checkpoint's digest is of these crystals: today's, or the decimals of a run saved
+    before it (read on the CPU that saved it); None, a run saved before digests, holds any."""
+    return saved is None or saved == data_digest(crystals) or saved == data_digest(crystals, decimals=6)
 
 
 def train(args):
@@ -611,7 +622,7 @@ def train(args):
     if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
         raise UserError(f"{where} is not the run's data: {how} ({len(resumed['train_ids'])} crystals "
                         f"then, {len(crystals)} now): --resume would train on other data; start a new run")
-    if resumed and resumed.get("data_digest", digest) != digest:     # runs saved before the digest: names only
+    if resumed and not holds_digest(resumed.get("data_digest"), crystals):      # runs saved before: names only
         raise UserError(f"{where} is not the run's data: {how} (other structures under the same names): "
                         f"--resume would train on other data; start a new run")
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
@@ -634,7 +645,7 @@ def train(args):
                   f"loss", file=sys.stderr)
             loss_name = "--val loss (not held out)"
         val_digest = data_digest(val)
-        if resumed and resumed.get("val_digest") not in (None, val_digest):             # older runs: any
+        if resumed and not holds_digest(resumed.get("val_digest"), val):                # older runs: any
             raise UserError(f"{shown_path(resolve_path(s['val']))} is not the run's held-out set (it has changed "
                             f"since this run began, or is another): its held-out losses would not "
                             f"compare with the run's earlier ones; start a new run")
@@ -1090,7 +1101,7 @@ def trained_on(crystals, ckpt):
     keys = occurrences(c.material_id for c in crystals)                                 # crystals, learned alike
     crystals = [c for _, c in sorted(zip(keys, crystals), key=lambda kc: position[kc[0]])]
     return [c.structure.composition.formula for c in crystals] == ckpt["train_compositions"] and \
-        ckpt.get("data_digest") in (None, data_digest(crystals))          # older checkpoints hold none
+        holds_digest(ckpt.get("data_digest"), crystals)                   # older checkpoints hold none
 
 
 def untrained_conditions(band_gaps, orderings, crystals, ckpt):

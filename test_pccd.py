@@ -2157,6 +2157,15 @@ def test_resume_refuses_data_that_changed_since_the_run_began(tmp_path, capsys):
     code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
     assert code == 1 and len(err) == 2 and "fall outside the length range" in err[-1], err   # the load line, then it
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    write_rows(tmp_path / "six.csv", rows)                       # its own data again, and a run saved before the
+    crystals = data.load_structures(str(tmp_path / "six.csv"), verbose=False)     # float32 digest: its decimals
+    saved["data_digest"] = pccd.data_digest(crystals, decimals=6)
+    saved["optimizer"]["param_groups"][0]["lr"] = np.float64(saved["optimizer"]["param_groups"][0]["lr"])  # numpy's
+    torch.save(saved, out / "checkpoint.pt")
+    assert pccd.trained_on(crystals, saved) and pccd.data_digest(crystals) != saved["data_digest"]
+    code, err, _ = run_pccd(["train", "--resume", "--out", str(out), "--steps", "4", "--val", "none"], capsys)
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)               # now as PCCD writes them
+    assert code == 0 and resumed["step"] == 4 and resumed["data_digest"] == pccd.data_digest(crystals)
 
 
 def test_resume_follows_moved_data_and_refuses_a_changed_held_out_set_or_seed(tmp_path, capsys):
