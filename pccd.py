@@ -1060,10 +1060,12 @@ def reference_path(path, named):
 FEW_FOR_VOLUMES = 100       # reference crystals below which the per-element volumes are said to be unreliable
 
 
-def load_reference(path, named="--reference"):
+def load_reference(path, named="--reference", notes=None):
     """The training crystals novelty is judged against (and atomic volumes fitted to): every
     readable one, whatever its size or number of elements (a copy of any of them is not novel).
-    `named`: what the errors call it (the flag, or where the path came from)."""
+    `named`: what the errors call it (the flag, or where the path came from); `notes`, a list to
+    hold what it says until the caller knows it will not fail (then one line, the error, is all)."""
+    say = notes.append if notes is not None else lambda line: print(line, file=sys.stderr)
     if not path:
         return []
     skipped = {}
@@ -1076,11 +1078,11 @@ def load_reference(path, named="--reference"):
         raise UserError(f"{named} {path} holds no readable structure{f' (skipped: {said})' if said else ''}: "
                         f"novelty cannot be judged against it")
     if skipped:
-        print(f"{named} {path}: skipped {said}", file=sys.stderr)
+        say(f"{named} {path}: skipped {said}")
     if len(reference) < FEW_FOR_VOLUMES:     # EXPERIMENTS.md, Per-element volumes from a small reference
-        print(f"warning: {named} {path} holds {len(reference)} crystal{'s' * (len(reference) != 1)}: per-element "
-              f"volumes fitted to fewer than {FEW_FOR_VOLUMES} judge V / V_pred (and scale physics-aware cells) "
-              f"unreliably", file=sys.stderr)
+        say(f"warning: {named} {path} holds {len(reference)} crystal{'s' * (len(reference) != 1)}: per-element "
+            f"volumes fitted to fewer than {FEW_FOR_VOLUMES} judge V / V_pred (and scale physics-aware cells) "
+            f"unreliably")
     return reference
 
 
@@ -1257,9 +1259,12 @@ def cmd_evaluate(args):
         make_parents(path, args)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):         # found now, not after screening
         raise UserError(f"cannot write {path}: {parent} is not a folder, or is read-only")
-    skipped, reference = {}, load_reference(reference_path(args.reference, named=True))   # a bad one: first
+    notes = []                                # a bad reference fails first; what it says waits for the folder
+    skipped, reference = {}, load_reference(reference_path(args.reference, named=True), notes=notes)
     named = []                                # (file, why) of each one skipped
     crystals = load_or_fail(folder, only_encodable=False, skipped=skipped, named=named)
+    for note in notes:
+        print(note, file=sys.stderr)
     failed = [(name, why) for name, why in named if why not in data.NOT_A_CRYSTAL]
     structures = [c.structure for c in crystals] + [None] * len(failed)     # counted as failed samples
     try:                                          # a generate folder: its undecoded samples left no file
@@ -1424,6 +1429,8 @@ def cmd_bench(args):
 
 
 def cmd_roundtrip(args):
+    if missing := [path for path in args.data if not os.path.exists(path)]:      # said before any is loaded
+        raise UserError(f"no such file or folder: {missing[0]}")
     loaded = [(path, load_or_fail(path, length_range=data.DEFAULT_LENGTH_RANGE)) for path in args.data]  # all first
     print(f"{'data':<40} {'noise':>6} {'matched':>13} {'rate':>8} {'ms/decode':>10}", flush=True)
     progress = Progress(sum(len(crystals) for _, crystals in loaded) * len(args.noise), "structures")

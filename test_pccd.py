@@ -1612,6 +1612,8 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["evaluate", "{r}/utf16.cif"], 1, "(skipped: 1 not UTF-8 text (UTF-16?): save it as UTF-8)"),
     (["evaluate", "{r}/two_cif_columns.csv"], 1, "two_cif_columns.csv has two 'cif' columns (which is meant?)"),
     (["evaluate", "{r}/empty.csv"], 1, "empty.csv is empty (expected the CDVAE CSV format"),
+    (["evaluate", "{r}/empty.csv", "--reference", "{r}/mixed"], 1, "empty.csv is empty"),   # the reference's notes unsaid
+    (["roundtrip", "--data", "{r}/mixed/good.cif", "{r}/nothere"], 1, "no such file or folder: {r}/nothere"),
     (["train", "--out", "{r}/lock_link", "--data", "{r}/mixed/good.cif"], 1, "lock_link/train.lock is not a lock file "
      "(a link or a folder): move it away"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/pipe.pt"], 1, "{r}/pipe.pt is not a regular file"),
