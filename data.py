@@ -72,7 +72,7 @@ def encode(structure, elements=None, length_range=DEFAULT_LENGTH_RANGE):
     `elements` fixes the slot order of channel 1 (default: by electronegativity). Raises
     ValueError for a structure PCCD cannot encode.
     """
-    reason = unencodable_reason(structure, decodable=False)     # a model's crowded crystal is encoded too
+    reason = unencodable_reason(structure)        # a model's crowded crystal is encoded too
     if reason:
         raise ValueError(f"{structure.composition.reduced_formula} ({len(structure)} sites) "
                          f"cannot be encoded: {reason.replace('with ', 'it has ')}")
@@ -352,7 +352,7 @@ def decode_lattice(cloud, length_range=DEFAULT_LENGTH_RANGE):
 # What encode needs: which structures fit, element slots, the length scale, point ownership
 # ----------------------------------------------------------------------------------------------
 
-def unencodable_reason(structure, length_range=None, decodable=True):
+def unencodable_reason(structure, length_range=None, decodable=False):
     """Why PCCD cannot encode this structure (with a model's length range, if given), in a few
     words, or '' when it can; with `decodable`, also two atoms closer than MIN_SEPARATION, which
     the cloud holds but decoding reads as one (nothing to learn from, or to come back to)."""
@@ -734,6 +734,12 @@ def _cif_misread(block):
     for column in (data.get(key, []) for key in FRACTIONAL):
         if any(value.strip() == "." for value in ([column] if isinstance(column, str) else column)):
             return "with a coordinate written as '.' (not a number)", data
+    symbols = data.get("_atom_site_type_symbol", [])
+    for symbol in [symbols] if isinstance(symbols, str) else symbols:      # pymatgen reads Va as V, Uuo as U
+        letters = re.match(r"[A-Za-z]*", symbol.strip(" '\"")).group()     # Fe of Fe3+, Fe1a; fe; O of Ow (water)
+        if letters and letters[0] not in "Xx" and not any(Element.is_valid_symbol(x.capitalize()) for x in
+                                                           (letters, letters[:-1] if letters.endswith("w") else "")):
+            return "with a type symbol that is not an element (Va, a vacancy?)", data     # X: a dummy, said below
     if not any(key in data for key in SYMMETRY_OPERATORS):              # the group named, not written out
         group = _group_number(data)
         angles = [_number(data.get(f"_cell_angle_{angle}")) for angle in ("alpha", "beta", "gamma")]
@@ -824,10 +830,6 @@ def _parse_structures(block, fmt):
         for says, reason in MISREAD + [STOICHIOMETRY] * ordered:
             if says in str(warning.message):
                 raise Misread(reason)
-        unread = re.search(r"Can't parse Element or Species from '|^Cannot determine chemical composition "
-                           r"from CIF! .*[A-Za-z].* is an invalid formula", str(warning.message))
-        if unread:                              # then read as what its first letters spell: Va as V, Uuo as U
-            raise Misread("with a type symbol that is not an element (Va, a vacancy?)")
         guessed = re.fullmatch(r"(\S+) parsed as (\S*)", str(warning.message))   # from a site's label
         if guessed and not (guessed[2] and _label_names(guessed[1], guessed[2])):
             raise Misread(LABEL_GUESS)
@@ -921,7 +923,8 @@ def _read_rows(path):
                 for i, row in enumerate(reader):
                     yield row.get("material_id") or f"row {i}", "cif", row["cif"], row, \
                         "a CSV row without its cif field (cut short?)" if row["cif"] is None else \
-                        "a CSV row with more fields than its header (a comma outside quotes?)" if None in row else ""
+                        "a CSV row with more fields than its header (a comma outside quotes?)" if any(
+                            field.strip() for field in row.get(None, [])) else ""         # a trailing comma: none
         except csv.Error as e:
             raise ValueError(f"{path} is not a well-formed CSV (line {reader.reader.line_num}: {e}): "
                              f"a stray quote, or cut short?") from None
@@ -1081,7 +1084,7 @@ def _cached_rows(path, tick=None):
 
 
 def load_structures(path, verbose=True, only_encodable=True, skipped=None, length_range=None, named=None,
-                    progress=None):
+                    progress=None, decodable=False):
     """Read the structures PCCD can encode from a CDVAE-style CSV (a `cif` column, optional
     `material_id`, `band_gap`, `ordering`; plain or .csv.gz; its parsed rows are cached, see
     CACHE_FOLDER), a folder of CIF/POSCAR files, or one such file.
@@ -1091,7 +1094,7 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
     row or file (unparsable, binary, empty, a degenerate cell, partial occupancies) is counted
     and skipped, never fatal. Prints one line saying what was kept and skipped (or, with
     verbose=False, fills the dict `skipped` with {reason: count}; a list `named` gets (name, reason)
-    for each). Parsing that takes long says how far it has come every 10 s (progress: default verbose).
+    for each). decodable: no two atoms closer than MIN_SEPARATION either (what train learns from). Parsing that takes long says how far it has come every 10 s (progress: default verbose).
     Returns a list of `Crystal`.
     """
     if not os.path.exists(path):
@@ -1109,7 +1112,7 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
             said[0] = time.monotonic()
     for name, structure, reason, band_gap, ordering, unread in (_cached_rows if cached else _parse_rows)(path, tick):
         if not reason and only_encodable:
-            reason = unencodable_reason(structure, length_range)
+            reason = unencodable_reason(structure, length_range, decodable)
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             if named is not None:

@@ -170,13 +170,14 @@ class QuietPipe:
         return getattr(self.stream, name)
 
 
-def load_or_fail(path, only_encodable=True, skipped=None, length_range=None, named=None):
+def load_or_fail(path, only_encodable=True, skipped=None, length_range=None, named=None, decodable=False):
     """The structures of a CSV, folder or file (that a model of this length range can encode), and one
     line saying what was skipped and why (also counted into `skipped`, and listed as (name, why) in
     `named` if given); the error if nothing is left."""
     skipped = {} if skipped is None else skipped
     try:
-        crystals = data.load_structures(path, False, only_encodable, skipped, length_range, named, progress=True)
+        crystals = data.load_structures(path, False, only_encodable, skipped, length_range, named, progress=True,
+                                        decodable=decodable)
     except (OSError, ValueError) as e:
         raise UserError(str(e))
     if not crystals:
@@ -272,7 +273,8 @@ def read_checkpoint(source, device="cpu"):
     pickle would run code is refused, not run), and numpy's scalars, which runs saved before their
     learning rates were Python floats hold."""
     scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
-    with torch.serialization.safe_globals([scalar, np.dtype, type(np.dtype(np.float64))]):
+    names = [(scalar, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]    # numpy 1 or 2 saved it
+    with torch.serialization.safe_globals([*names, np.dtype, type(np.dtype(np.float64))]):
         return torch.load(source, map_location=device, weights_only=True)
 
 
@@ -295,8 +297,10 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
     except Exception as e:  # a truncated or foreign file: say so in one line
         said = re.sub(r"^\[enforce fail at [^]]*\] \.? *", "", str(e).strip())   # torch's C++ source line: not for users
         said = (said.splitlines() or [""])[0].split(". ")[0]                   # its first sentence
-        if "Weights only load failed" in said:
-            said = "it holds objects other than tensors, numbers and text: a pickle that could run code, not loaded"
+        if "Weights only load failed" in said:         # torch names what it refused
+            refused = re.search(r"GLOBAL (\S+)", str(e))       # "unsupported GLOBAL posix.system whose ..."
+            said = f"it holds {refused[1] if refused else 'objects'}, not only tensors, numbers and text: a pickle " \
+                "that could run code, not loaded"
         raise UserError(f"{path} is not a PCCD checkpoint ({type(e).__name__}: {said})")
     if "sampling" not in ckpt:
         raise UserError(f"{path} was written by an earlier PCCD (no 'sampling' entry): train it again")
@@ -487,7 +491,11 @@ class RunLock:
             import fcntl                                  # POSIX; elsewhere runs are not locked
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
-            held, named = os.fstat(self.file.fileno()), os.stat(self.lock) if os.path.exists(self.lock) else None
+            held = os.fstat(self.file.fileno())
+            try:
+                named = os.stat(self.lock)
+            except FileNotFoundError:
+                named = None
             if not named or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):   # a run that ended
                 raise BlockingIOError                     # removed it as this opened it: a third may hold a new one
         except ImportError:
@@ -497,6 +505,7 @@ class RunLock:
             self.file = None
             self.args.made = None                         # the folder is the other run's now
             raise UserError(f"another train is running in {self.args.out}: wait for it, or choose another --out")
+        self.locked = locked
         stale = glob.glob(os.path.join(glob.escape(self.args.out), f".{CHECKPOINT}.*.tmp")) if locked else []
         stale.sort()
         for tmp in stale:                                 # a save cut short by SIGKILL or a crash: never whole
@@ -509,6 +518,8 @@ class RunLock:
 
     def __exit__(self, kind, error, traceback):
         if self.file:
+            if not self.locked:                           # Windows: an open file cannot be removed
+                self.file.close()
             try:                                          # removed while still held, unless it holds
                 if os.path.getsize(self.lock) == 0:       # something: then it was not this run's
                     os.remove(self.lock)
@@ -610,7 +621,7 @@ def train(args):
     s["val"] = portable_val(args.val) if args.val is not None else \
         resumed["settings"].get("val", portable_val(BUNDLED_VAL)) if resumed else portable_val(BUNDLED_VAL)
     device = pick_device(args.device)
-    crystals = load_or_fail(resolve_path(s["data"]))
+    crystals = load_or_fail(resolve_path(s["data"]), decodable=True)
     digest, where = data_digest(crystals), shown_path(resolve_path(s["data"]))
     if resumed and sorted(c.material_id for c in crystals) == sorted(resumed["train_ids"]) and \
             [c.material_id for c in crystals] != resumed["train_ids"]:
@@ -1171,7 +1182,7 @@ def cmd_generate(args):
     out = fresh_dir(args)                   # a bad --out fails first, then a bad reference: not after sampling
     reference_file = reference_path(args.reference or ckpt["settings"]["data"], named=args.reference is not None)
     reference = load_reference(reference_file, "--reference" if args.reference else "the training data")
-    training = [c for c in reference if not data.unencodable_reason(c.structure)]      # what train kept
+    training = [c for c in reference if not data.unencodable_reason(c.structure, decodable=True)]  # what train kept
     if reference and args.reference is None and not trained_on(training, ckpt):
         print(f"warning: {reference_file} has changed since the model was trained on it: novelty not checked "
               f"(name the training data with --reference)", file=sys.stderr)

@@ -1806,10 +1806,38 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
     for argv in (["generate", "--elements", "Mg", "--checkpoint"], ["export", "--out", str(tmp_path / "x.pt")]):
         code, err, _ = run_pccd(argv[:1] + [str(tmp_path / "evil.pt")] * (argv[0] == "export") + argv[1:] +
                                 [str(tmp_path / "evil.pt")] * (argv[0] == "generate"), capsys)
-        assert code == 1 and err[-1].endswith("evil.pt is not a PCCD checkpoint (UnpicklingError: it holds objects "
-                                              "other than tensors, numbers and text: a pickle that could run code, "
-                                              "not loaded)"), err
+        assert code == 1 and err[-1].endswith(f"evil.pt is not a PCCD checkpoint (UnpicklingError: it holds "
+                                              f"{os.name}.mkdir, not only tensors, numbers and text: a pickle that "
+                                              f"could run code, not loaded)"), err
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_type_symbol_is_an_element_in_any_case_or_with_a_label_after_it_and_nothing_else(tmp_path):
+    """pymatgen reads an unknown type symbol as what its first letters spell: Va (a vacancy) as V."""
+    def nacl_with(symbol):
+        return (f"data_x\n_cell_length_a 5.64\n_cell_length_b 5.64\n_cell_length_c 5.64\n_cell_angle_alpha 90\n"
+                f"_cell_angle_beta 90\n_cell_angle_gamma 90\nloop_\n_atom_site_label\n_atom_site_type_symbol\n"
+                f"_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n"
+                f"Na1 Na 0 0 0 1\nCl1 Cl 0.5 0.5 0.5 1\nX1 {symbol} 0.25 0.25 0.25 1\n")
+    read = {"fe": "Fe", "o": "O", "Ow": "O", "Fe1a": "Fe", "Fe3+": "Fe", "O2-": "O"}
+    refused = ["Va", "Vac", "vac", "Uuo", "Ua", "Nax"]
+    for i, symbol in enumerate([*read, *refused]):
+        (tmp_path / f"{i}.cif").write_text(nacl_with(symbol))
+    named = []
+    kept = data.load_structures(str(tmp_path), verbose=False, only_encodable=False, skipped={}, named=named)
+    assert [c.structure.composition for c in kept] == [Composition(f"NaCl{e}") for e in read.values()]
+    assert sorted(why for _, why in named) == ["with a type symbol that is not an element (Va, a vacancy?)"] * 6
+
+
+def test_a_csv_row_with_a_trailing_comma_is_read_and_one_with_more_fields_is_said(tmp_path):
+    rows = bundled_rows(2)
+    quoted = [f'{r["material_id"]},"{r["cif"]}"' for r in rows]
+    (tmp_path / "a.csv").write_text("material_id,cif\n" + quoted[0] + ",\n" + quoted[1] + ",  ,\n")
+    (tmp_path / "b.csv").write_text("material_id,cif\n" + quoted[0] + ",mp-9\n" + quoted[1] + "\n")
+    assert len(data.load_structures(str(tmp_path / "a.csv"), verbose=False)) == 2
+    skipped = {}
+    assert len(data.load_structures(str(tmp_path / "b.csv"), verbose=False, skipped=skipped)) == 1
+    assert skipped == {"a CSV row with more fields than its header (a comma outside quotes?)": 1}
 
 
 def test_good_files_beside_bad_ones_are_still_used(bad_inputs, tmp_path, capsys):
