@@ -364,11 +364,11 @@ def unencodable_reason(structure, length_range=None, decodable=False):
         return f"with > {MAX_SITES} sites"
     if length_range and not length_range[0] <= min(structure.lattice.abc) <= max(structure.lattice.abc) <= length_range[1]:
         return f"with a lattice length outside {length_range[0]:.3g}-{length_range[1]:.3g} A"
-    f = structure.frac_coords
-    gaps = cartesian_gap(f[:, None], f[None], structure.lattice.matrix)[~np.eye(len(f), dtype=bool)] \
-        if decodable else np.array([])
-    if gaps.size and gaps.min() < MIN_SEPARATION:
-        return f"with two atoms under {MIN_SEPARATION} A apart (decoded as one)"
+    if decodable and len(structure) > 1:
+        f = structure.frac_coords
+        gaps = cartesian_gap(f[:, None], f[None], structure.lattice.matrix)[~np.eye(len(f), dtype=bool)]
+        if gaps.min() < MIN_SEPARATION:
+            return f"with two atoms under {MIN_SEPARATION} A apart (decoded as one)"
     return ""
 
 
@@ -742,9 +742,8 @@ def _cif_misread(block):
             return "with a type symbol that is not an element (Va, a vacancy?)", data     # X: a dummy, said below
     if not any(key in data for key in SYMMETRY_OPERATORS):              # the group named, not written out
         group = _group_number(data)
-        angles = [_number(data.get(f"_cell_angle_{angle}")) for angle in ("alpha", "beta", "gamma")]
         if group in TWO_ORIGINS or group in RHOMBOHEDRAL and \
-                not np.allclose([a or 0 for a in angles], [90, 90, 120], atol=0.01):      # not hexagonal axes
+                not np.allclose([a or 0 for a in cell[3:]], [90, 90, 120], atol=0.01):      # not hexagonal axes
             return "with a space group named whose origin or axes its name leaves open (write out its " \
                    "_symmetry_equiv_pos_as_xyz)", data
     return "", data
@@ -1094,7 +1093,8 @@ def load_structures(path, verbose=True, only_encodable=True, skipped=None, lengt
     row or file (unparsable, binary, empty, a degenerate cell, partial occupancies) is counted
     and skipped, never fatal. Prints one line saying what was kept and skipped (or, with
     verbose=False, fills the dict `skipped` with {reason: count}; a list `named` gets (name, reason)
-    for each). decodable: no two atoms closer than MIN_SEPARATION either (what train learns from). Parsing that takes long says how far it has come every 10 s (progress: default verbose).
+    for each). decodable: no two atoms closer than MIN_SEPARATION either (what train learns from).
+    Parsing that takes long says how far it has come every 10 s (progress: default verbose).
     Returns a list of `Crystal`.
     """
     if not os.path.exists(path):

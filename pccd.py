@@ -371,8 +371,12 @@ def load_for_sampling(args):
                   f"the shipped model: --checkpoint {shown_path(SHIPPED_CHECKPOINT)} names that", file=sys.stderr)
     planned = ckpt.get("settings", {}).get("steps")
     if planned and ckpt.get("step", planned) < planned:     # a train stopped early (Ctrl-C, SIGTERM)
-        named = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint) or "." \
-            if os.path.basename(args.checkpoint) == CHECKPOINT else None         # the run's folder, if it is one
+        if os.path.isdir(args.checkpoint):                # the run's folder, if it is one
+            named = args.checkpoint
+        elif os.path.basename(args.checkpoint) == CHECKPOINT:
+            named = os.path.dirname(args.checkpoint) or "."
+        else:                                             # a copy under another name: no folder to resume
+            named = None
         advice = "an export of an unfinished run" if "optimizer" not in ckpt else \
             f"a stopped one continues with python pccd.py train --resume --out {named}" if named else \
             f"a stopped run's copy: as {CHECKPOINT} in a folder, train --resume continues it there"
@@ -553,10 +557,11 @@ def data_digest(crystals, decimals=None):
     return h.hexdigest()
 
 
-def holds_digest(saved, crystals):
-    """Whether a checkpoint's digest is of these crystals: today's, or the decimals of a run saved
-    before it (read on the CPU that saved it); None, a run saved before digests, holds any."""
-    return saved is None or saved == data_digest(crystals) or saved == data_digest(crystals, decimals=6)
+def holds_digest(saved, crystals, digest=None):
+    """Whether a checkpoint's digest is of these crystals (`digest`, their data_digest, if known):
+    today's, or the decimals of a run saved before it (read on the CPU that saved it); None, a run
+    saved before digests, holds any."""
+    return saved is None or saved == (digest or data_digest(crystals)) or saved == data_digest(crystals, decimals=6)
 
 
 def train(args):
@@ -633,7 +638,7 @@ def train(args):
     if resumed and [c.material_id for c in crystals] != resumed["train_ids"]:
         raise UserError(f"{where} is not the run's data: {how} ({len(resumed['train_ids'])} crystals "
                         f"then, {len(crystals)} now): --resume would train on other data; start a new run")
-    if resumed and not holds_digest(resumed.get("data_digest"), crystals):      # runs saved before: names only
+    if resumed and not holds_digest(resumed.get("data_digest"), crystals, digest):     # saved before: names only
         raise UserError(f"{where} is not the run's data: {how} (other structures under the same names): "
                         f"--resume would train on other data; start a new run")
     length_range = resumed["length_range"] if resumed else data.fit_length_range([c.structure for c in crystals])
@@ -656,7 +661,7 @@ def train(args):
                   f"loss", file=sys.stderr)
             loss_name = "--val loss (not held out)"
         val_digest = data_digest(val)
-        if resumed and not holds_digest(resumed.get("val_digest"), val):                # older runs: any
+        if resumed and not holds_digest(resumed.get("val_digest"), val, val_digest):    # older runs: any
             raise UserError(f"{shown_path(resolve_path(s['val']))} is not the run's held-out set (it has changed "
                             f"since this run began, or is another): its held-out losses would not "
                             f"compare with the run's earlier ones; start a new run")
