@@ -652,8 +652,7 @@ class Misread(ValueError):
 
 
 # What pymatgen only warns about, but makes a different crystal of: (its warning, our reason)
-MISREAD = [("Missing elements", "with atoms pymatgen dropped (an element it does not know or not given, or "
-                                 "occupancy <= 0?)"),
+MISREAD = [("Missing elements", "with atoms pymatgen dropped (an element it does not know or not given?)"),
            ("Elements in POSCAR cannot be determined", "without element names (a POSCAR with no species line)"),
            ("sum to > 1", "with occupancies above 1 (two atoms on one spot?)"),     # a refusal, said why
            ("implicit hydrogens", "with hydrogens not written as atoms (_atom_site_attached_hydrogens)")]
@@ -734,6 +733,10 @@ def _cif_misread(block):
     for column in (data.get(key, []) for key in FRACTIONAL):
         if any(value.strip() == "." for value in ([column] if isinstance(column, str) else column)):
             return "with a coordinate written as '.' (not a number)", data
+    occupancies = data.get("_atom_site_occupancy", [])
+    occupancies = [_number(value) for value in ([occupancies] if isinstance(occupancies, str) else occupancies)]
+    if any(value is not None and value <= 0 for value in occupancies):
+        return "with an occupancy of 0 or below (a site that holds no atom?)", data    # pymatgen drops it, unsaid
     symbols = data.get("_atom_site_type_symbol", [])
     for symbol in [symbols] if isinstance(symbols, str) else symbols:      # pymatgen reads Va as V, Uuo as U
         letters = re.match(r"[A-Za-z]*", symbol.strip(" '\"")).group()     # Fe of Fe3+, Fe1a; fe; O of Ow (water)
@@ -1018,7 +1021,7 @@ def _parse_rows(path, tick=None):
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 8      # a new version when the reasons for skipping change
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 9      # a new version when the reasons for skipping change
 
 
 def cache_path(path):
@@ -1142,7 +1145,7 @@ def describe_load(path, kept, skipped):
         ("subfolders", any(os.path.isdir(os.path.join(path, n)) for n in names)),
         ("CSV files", any(is_csv(n) for n in names))) if there) if total == 0 else ""
     passed = [(kind, [n for n in names if not n.startswith(".") and test(n)]) for kind, test in (   # not outputs
-        ("subfolder", lambda n: os.path.isdir(os.path.join(path, n))),
+        ("subfolder", lambda n: os.path.isdir(os.path.join(path, n)) and not _is_structure_file(n)),   # x.cif/: said
         ("CSV file", lambda n: is_csv(n) and n not in PROJECT_CSVS and not n.endswith("_screening.csv")))]
     passed = [(kind + "s" * (len(found) > 1), ", ".join(found[:3]) + ", ..." * (len(found) > 3))
               for kind, found in passed if found] if total else []

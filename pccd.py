@@ -299,8 +299,8 @@ def load_checkpoint(path, device="cpu", advice="train one first (python pccd.py 
         said = (said.splitlines() or [""])[0].split(". ")[0]                   # its first sentence
         if "Weights only load failed" in said:         # torch names what it refused
             refused = re.search(r"GLOBAL (\S+)", str(e))       # "unsupported GLOBAL posix.system whose ..."
-            said = f"it holds {refused[1] if refused else 'objects'}, not only tensors, numbers and text: a pickle " \
-                "that could run code, not loaded"
+            said = f"it holds {refused[1]}, not only tensors, numbers and text: a pickle that could run code, " \
+                "not loaded" if refused else "not a file torch saved"             # text, an image: no pickle at all
         raise UserError(f"{path} is not a PCCD checkpoint ({type(e).__name__}: {said})")
     if "sampling" not in ckpt:
         raise UserError(f"{path} was written by an earlier PCCD (no 'sampling' entry): train it again")

@@ -1724,7 +1724,8 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["generate", "--formula", "Na1e1Cl"], 2, "cannot read the formula 'Na1e1Cl'"),
     (["csp", "--k", "0"], 2, "--k: '0' is not a number of samples from 1 to 100"),
     (["generate", "--elements", "Mg", "--checkpoint", "{r}/nowhere.pt"], 1, "no checkpoint at"),
-    (["generate", "--elements", "Mg", "--checkpoint", "{r}/binary.cif"], 1, "is not a PCCD checkpoint"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{r}/binary.cif"], 1,
+     "is not a PCCD checkpoint (UnpicklingError: not a file torch saved)"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--out", "{r}/a_file"], 1, "is a file, not a folder"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/nowhere.csv"], 1,
      "--reference {r}/nowhere.csv: no such file"),
@@ -1755,7 +1756,8 @@ BAD = [   # (argv, exit code, what the one line must say); {r} is the fixture's 
     (["evaluate", "{r}/mixed", "--reference", "latin1.csv"], 1, "--reference latin1.csv: latin1.csv is not UTF-8 text"),
     (["generate", "--elements", "Mg", "--checkpoint", "{run}", "--reference", "{r}/no_cif.csv"], 1,
      "--reference {r}/no_cif.csv: {r}/no_cif.csv has no 'cif' column"),
-    (["generate", "--elements", "Mg", "--checkpoint", "{run}/loss.png"], 1, "{run}/loss.png is not a PCCD checkpoint"),
+    (["generate", "--elements", "Mg", "--checkpoint", "{run}/loss.png"], 1,
+     "{run}/loss.png is not a PCCD checkpoint (UnpicklingError: not a file torch saved)"),
     (["train", "--data", "{r}/only_dummy", "--out", "{r}/run"], 1,
      "{r}/only_dummy: kept 0 of 1 structure (skipped: 1 with a dummy species (not an element))"),
     (["csp", "--checkpoint", "{run}", "--data", "{r}/only_dummy"], 1, "skipped: 1 with a dummy species (not an element)"),
@@ -2310,7 +2312,7 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
                        "with hydrogens not written as atoms (_atom_site_attached_hydrogens)": 1,
                        "with a site whose element pymatgen guesses from its label (NO3 as N?)": 1,
                        "whose species line and counts disagree (elements without atoms?)": 1,
-                       "with atoms pymatgen dropped (an element it does not know or not given, or occupancy <= 0?)": 1,
+                       "with atoms pymatgen dropped (an element it does not know or not given?)": 1,
                        "disordered (partial occupancies)": 2, "unreadable": 1,     # each data block alone
                        "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
                        "with a negative cell length": 2, "with coordinates or a cell that are not finite numbers": 1,
@@ -2340,6 +2342,8 @@ def test_a_cif_is_read_as_written_or_skipped_with_its_reason(tmp_path, capsys):
                                       "_atom_site_occupancy\n").replace("Fe1 Fe 0 0 0", "Fe1 0 0 0 0.5\nFe2 0 0 0 0.5")
                                       .replace("Na1 0.5 0.5 0.5", "Na1 0.5 0.5 0.5 1"))   # one Fe, split in two rows
     (folder / "ammonium.cif").write_text(no_symbols.replace("Fe1 Fe", "NH4"))      # NH4 read as nihonium
+    (folder / "empty_site.cif").write_text((folder / "split.cif").read_text().replace("Fe2 0 0 0 0.5",
+                                           "Fe2 0.25 0.25 0.25 0").replace("0 0 0 0.5", "0 0 0 1"))   # pymatgen drops it
     (folder / "ops.cif").write_text(cif.replace("loop_", "loop_\n_symmetry_equiv_pos_site_id\n"
                                                 "_symmetry_equiv_pos_as_xyz\n1 x, y, z\n2 -x, -y, -z\nloop_", 1))
     (folder / "notepad.cif").write_bytes(b"\xef\xbb\xbf" + cif.encode())          # a byte-order mark
@@ -2352,7 +2356,8 @@ def test_a_cif_is_read_as_written_or_skipped_with_its_reason(tmp_path, capsys):
     assert [(c.material_id, c.structure.composition.formula) for c in kept] == [
         ("notepad.cif", "Na1 Fe1"), ("old.cif", "Na1 Fe1"), ("shelx.cif", "Na1 O1"),
         ("split.cif", "Na1 Fe1")]
-    assert skipped == {"with atoms pymatgen dropped (an element it does not know or not given, or occupancy <= 0?)": 1,
+    assert skipped == {"with atoms pymatgen dropped (an element it does not know or not given?)": 1,
+                       "with an occupancy of 0 or below (a site that holds no atom?)": 1,
                        "with a site whose element pymatgen guesses from its label (NO3 as N?)": 2,
                        "with a symmetry operator that is not x,y,z (written with spaces but no quotes?)": 1}
     assert data.describe_load(str(folder), kept, skipped).endswith(
@@ -2361,6 +2366,9 @@ def test_a_cif_is_read_as_written_or_skipped_with_its_reason(tmp_path, capsys):
     alone.mkdir()
     (alone / "a.cif").write_text(cif)
     assert data.describe_load(str(alone), kept[:1], {}) == f"{alone}: kept 1 of 1 structure (skipped: none)"
+    (alone / "b.cif").mkdir()                                          # said once: not also as a subfolder
+    assert data.describe_load(str(alone), kept[:1], {"not a regular file": 1}) == \
+        f"{alone}: kept 1 of 1 structure (skipped: none; not read: 1 not a regular file)"
     field = cif.replace("data_FeNa\n", "data_FeNa\n_publ_section_comment\n;\ndata_ were collected at 100 K\n;\n")
     assert data._blocks(field + "  DATA_two\n" + cif[10:], "cif") == [field, "data_two\n" + cif[10:]]   # not in a field
     import gzip
