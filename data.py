@@ -675,17 +675,18 @@ TWO_ORIGINS = (48, 50, 59, 68, 70, 85, 86, 88, 125, 126, 129, 130, 133, 134, 137
 RHOMBOHEDRAL = (146, 148, 155, 160, 161, 166, 167)
 
 
-def _group_number(data):
-    """The space group a CIF names by its Hermann-Mauguin symbol or number (None if neither)."""
+def _group_numbers(data):
+    """The space groups a CIF names, one for each Hermann-Mauguin symbol or number it writes."""
     from pymatgen.symmetry.groups import SpaceGroup
+    numbers = []
     for tag in SPACE_GROUP_TAGS:
         value = data.get(tag)
         if isinstance(value, str) and "hall" not in tag and ":" not in value:      # F d -3 m :2 names its origin
             try:
-                return int(value) if tag.endswith("number") else SpaceGroup(value.strip(" '\"")).int_number
+                numbers.append(int(value) if tag.endswith("number") else SpaceGroup(value.strip(" '\"")).int_number)
             except ValueError:
                 continue
-    return None
+    return numbers
 
 
 def _number(value):
@@ -744,7 +745,10 @@ def _cif_misread(block):
                                                            (letters, letters[:-1] if letters.endswith("w") else "")):
             return "with a type symbol that is not an element (Va, a vacancy?)", data     # X: a dummy, said below
     if not any(key in data for key in SYMMETRY_OPERATORS):              # the group named, not written out
-        group = _group_number(data)
+        groups = _group_numbers(data)
+        if len(set(groups)) > 1:                   # pymatgen reads the name, unsaid
+            return "whose space group name and number disagree (which is meant?)", data
+        group = groups[0] if groups else None
         if group in TWO_ORIGINS or group in RHOMBOHEDRAL and \
                 not np.allclose([a or 0 for a in cell[3:]], [90, 90, 120], atol=0.01):      # not hexagonal axes
             return "with a space group named whose origin or axes its name leaves open (write out its " \
@@ -762,14 +766,35 @@ def _label_names(label, element):
 
 
 def _poscar_misread(text):
-    """Why pymatgen would read this POSCAR as another crystal, or '': it takes as many names from
-    the species line as there are counts, and drops the rest."""
+    """Why pymatgen would read this POSCAR as another crystal, or not at all, or '': it takes as
+    many names from the species line as there are counts, and drops the rest."""
     lines = [re.split(r"[#!]", line)[0] for line in text.splitlines()]      # comments after # or !
+    if len(lines) > 1 and len(lines[1].split()) == 3 and all(_number(x) is not None for x in lines[1].split()):
+        return "with three scale factors (VASP 6; pymatgen reads one)"
     names, counts = (lines[5].split(), lines[6].split()) if len(lines) > 6 else ([], [])
     if names and counts and not any(_number(n) is not None for n in names) and \
             all(c.isdigit() for c in counts) and len(names) != len(counts):
         return "whose species line and counts disagree (elements without atoms?)"
+    if any(n.isalpha() and not Element.is_valid_symbol(n) and Element.is_valid_symbol(n.capitalize()) for n in names):
+        return "with an element name not written as its symbol (na or NA for Na)"
     return ""
+
+
+def _volume_as_scale(text):
+    """A POSCAR whose scale is negative gives its cell's volume instead: pymatgen scales the cell to
+    it, but multiplies Cartesian coordinates by the negative number itself (a crowded crystal, unsaid).
+    The scale it means, (volume / |det L|)^(1/3), is written in its place, for both to be read alike."""
+    lines = text.split("\n")
+    try:
+        scale = float(re.split(r"[#!]", lines[1])[0])
+        cell = np.array([[float(x) for x in line.split()] for line in lines[2:5]])
+        volume = abs(np.linalg.det(cell))
+    except (IndexError, ValueError, np.linalg.LinAlgError):       # pymatgen's to refuse
+        return text
+    if not (scale < 0 and volume > 0):
+        return text
+    lines[1] = repr(float((-scale / volume) ** (1 / 3)))
+    return "\n".join(lines)
 
 
 def _blocks(text, fmt):
@@ -819,6 +844,7 @@ def _parse_structures(block, fmt):
     failure = None
     with warnings.catch_warnings(record=True) as caught:     # it warns about rounding in most CIFs
         warnings.simplefilter("always")
+        block = block if fmt == "cif" else _volume_as_scale(block)
         reason, items = _cif_misread(block) if fmt == "cif" else (_poscar_misread(block), {})
         if reason:
             raise Misread(reason)
@@ -1021,7 +1047,7 @@ def _parse_rows(path, tick=None):
 # numbers and fractional coordinates per row): 11,359 MP-20 crystals parse in ~15 s and come back
 # from the cache in ~1 s. The key is the file's content (SHA-256), so an edited file is parsed
 # again; the length range is applied after loading, so one cache serves every model.
-CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 9      # a new version when the reasons for skipping change
+CACHE_FOLDER, CACHE_VERSION = ".pccd_cache", 10     # a new version when the reasons for skipping change
 
 
 def cache_path(path):

@@ -1030,7 +1030,7 @@ def cmd_reconstruct(args):
     write_npz(os.path.join(out, "noised.npz"), x_t=x_t.numpy(), t=t,
               material_id=[c.material_id for c, _, _ in usable])
     conditions = [(elements, c.band_gap_class, c.ordering) for c, _, elements in usable]
-    warn_never_learned(conditions, everything if learned else None, ckpt, ddpm)
+    warn_never_learned(conditions, everything if learned else None, ckpt, ddpm, args.guidance)
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, x_T=x_t, t_start=t - 1)
     write_npz(os.path.join(out, "denoised.npz"), clouds=clouds,
               elements=np.array([" ".join(e) for e, _, _ in conditions]))
@@ -1138,14 +1138,15 @@ def untrained_conditions(band_gaps, orderings, crystals, ckpt):
         for value in sorted(set(asked)) if value not in trained(set(seen))]
 
 
-def warn_never_learned(conditions, crystals, ckpt, ddpm):
+def warn_never_learned(conditions, crystals, ckpt, ddpm, guidance):
     """Say what sampling asks of the model that it never learned: a band-gap class or ordering
-    (untrained_conditions), any condition at all (trained with --condition-above T), an element."""
+    (untrained_conditions), any condition at all (trained with --condition-above T), an element.
+    Guidance 0 never tells the network its condition: only an unseen element is said."""
     band_gaps, orderings = [b for _, b, _ in conditions], [m for _, _, m in conditions]
-    if untrained := untrained_conditions(band_gaps, orderings, crystals, ckpt):
+    if guidance != 0 and (untrained := untrained_conditions(band_gaps, orderings, crystals, ckpt)):
         print(f"warning: the model never trained on {' or '.join(untrained)}: that condition is untrained "
               f"(random) in this model", file=sys.stderr)
-    if ckpt["settings"].get("condition_above", 0) >= ddpm.T:
+    if guidance != 0 and ckpt["settings"].get("condition_above", 0) >= ddpm.T:
         print(f"warning: this model was trained without its condition (--condition-above "
               f"{ckpt['settings']['condition_above']}): the condition's embeddings are untrained", file=sys.stderr)
     unseen = sorted({e for s, _, _ in conditions for e in s}
@@ -1202,7 +1203,8 @@ def cmd_generate(args):
         print(f"warning: {unused}: the network is not told the elements, band gap or ordering asked for "
               f"(--formula holds a composition without it)", file=sys.stderr)
     conditions = [(s, args.band_gap, args.magnetic) for s in element_sets]
-    warn_never_learned(conditions, training if reference and args.reference is None else None, ckpt, ddpm)
+    warn_never_learned(conditions, training if reference and args.reference is None else None, ckpt, ddpm,
+                       args.guidance)
     trajectory = {} if args.trajectory else None
     lay = data.element_layout(elements, counts) if counts else None      # --formula: channel 1 held
     known = diffusion.known_channels(np.stack([[0 * lay, lay, 0 * lay]] * args.n), [1]) if counts else None
@@ -1336,7 +1338,7 @@ def cmd_csp(args):
     training = load_reference(training, "the training data") if os.path.exists(training) and not args.no_physics else []
     physics = None if args.no_physics else (count_lists, length_range,
                                             evaluate.atomic_volumes([c.structure for c in training]))
-    warn_never_learned(conditions[:n], None, ckpt, ddpm)
+    warn_never_learned(conditions[:n], None, ckpt, ddpm, args.guidance)
     clouds, seconds, _ = sample_in_batches(model, ddpm, conditions, args, device, known=known, physics=physics)
     predicted, _ = data.decode_all(clouds, [e for e, _ in compositions] * args.k, length_range, count_lists)
     warn_at_length_limit(predicted, length_range)

@@ -221,6 +221,32 @@ def test_a_folder_of_cif_and_poscar_files_loads(tmp_path, mp20):
     assert StructureMatcher().fit(crystals[0].structure, mp20[0].structure)
 
 
+def test_a_poscar_giving_its_volume_is_read_as_the_same_crystal_and_what_pymatgen_misreads_is_said(tmp_path):
+    head = "NaCl\n{}\n{}\nNa Cl\n4 4\n{}\n"
+    spots = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0], [.5, 0, 0], [0, .5, 0], [0, 0, .5], [.5, .5, .5]])
+    rows = lambda xyz: "".join(" ".join(map(str, p)) + "\n" for p in xyz)    # noqa: E731
+    files = {"scale.vasp": head.format(5.64, "1 0 0\n0 1 0\n0 0 1", "Direct") + rows(spots),
+             "volume.vasp": head.format(-5.64 ** 3, "1 0 0\n0 1 0\n0 0 1", "Direct") + rows(spots),
+             "volume_cartesian.vasp": head.format(-5.64 ** 3, "2 0 0\n0 2 0\n0 0 2", "Cartesian") + rows(spots * 2),
+             "three_scales.vasp": head.format("1 1 1", "5.64 0 0\n0 5.64 0\n0 0 5.64", "Direct") + rows(spots),
+             "lower.vasp": head.format(5.64, "1 0 0\n0 1 0\n0 0 1", "Direct").replace("Na Cl", "na cl") + rows(spots),
+             "both_groups.cif": "data_NaCl\n_symmetry_space_group_name_H-M 'F m -3 m'\n_space_group_IT_number 221\n"
+             + "".join(f"_cell_length_{x} 5.64\n_cell_angle_{y} 90\n" for x, y in zip("abc", ("alpha", "beta", "gamma")))
+             + "loop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n"
+               "_atom_site_fract_z\nNa1 Na 0 0 0\nCl1 Cl 0.5 0.5 0.5\n"}   # Fm-3m is 225: which is meant?
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    skipped = {}
+    kept = data.load_structures(str(tmp_path), verbose=False, only_encodable=False, skipped=skipped)
+    assert [c.material_id for c in kept] == ["scale.vasp", "volume.vasp", "volume_cartesian.vasp"]
+    for c in kept:        # pymatgen alone read volume_cartesian.vasp with atoms 0.54 A apart (P-43m)
+        assert np.allclose(c.structure.lattice.abc, 5.64) and c.structure.get_space_group_info()[1] == 225
+        assert np.isclose(np.sort(c.structure.distance_matrix[0])[1], 2.82)
+    assert skipped == {"with three scale factors (VASP 6; pymatgen reads one)": 1,
+                       "with an element name not written as its symbol (na or NA for Na)": 1,
+                       "whose space group name and number disagree (which is meant?)": 1}
+
+
 def write_rows(path, rows):
     """rows (dicts) -> a CDVAE CSV at path, gzip-compressed when path ends in .gz."""
     import gzip
@@ -2312,7 +2338,7 @@ def test_a_folder_counts_every_file_it_cannot_use_and_never_reads_a_link_to_a_fo
                        "with hydrogens not written as atoms (_atom_site_attached_hydrogens)": 1,
                        "with a site whose element pymatgen guesses from its label (NO3 as N?)": 1,
                        "whose species line and counts disagree (elements without atoms?)": 1,
-                       "with atoms pymatgen dropped (an element it does not know or not given?)": 1,
+                       "with an occupancy of 0 or below (a site that holds no atom?)": 1,
                        "disordered (partial occupancies)": 2, "unreadable": 1,     # each data block alone
                        "with a dummy species (not an element)": 1, "compressed (unpack it first)": 1,
                        "with a negative cell length": 2, "with coordinates or a cell that are not finite numbers": 1,
@@ -2851,9 +2877,11 @@ def test_sampling_warns_of_what_the_model_never_learned(small_csv, tmp_path, cap
     assert "warning: the condition acts at steps >= 1000 only, and none is: the network is not told the elements, " \
         "band gap or ordering asked for (--formula holds a composition without it)" in err
     code, err, _ = run_pccd(["generate", "--elements", "Mg", "O", "--n", "1", "--sampler", "ddim", "--steps", "2",
-                             "--checkpoint", str(run), "--guidance", "0", "--out", str(tmp_path / "g0")], capsys)
+                             "--checkpoint", str(run), "--guidance", "0", "--band-gap", "metal", "--out",
+                             str(tmp_path / "g0")], capsys)
     assert code == 0 and "warning: --guidance 0 takes the network's unconditional output alone: the network is " \
         "not told the elements, band gap or ordering asked for (--formula holds a composition without it)" in err
+    assert not any("never trained on" in e for e in err)    # a condition never told is no untrained one
     run = tmp_path / "metals"                         # every training crystal a metal, its condition never dropped
     rows = [dict(r, band_gap="0") for r in bundled_rows(6)]
     write_rows(tmp_path / "metals.csv", rows)
